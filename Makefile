@@ -1,0 +1,38 @@
+# dreamer-jax: every entry point a researcher or CI needs.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TASK ?= atari_pong
+SEED ?= 0
+LOGDIR ?= runs/$(TASK)/$(SEED)
+
+.PHONY: install install-gpu test lint format bench train
+
+install:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install -r requirements.txt
+	$(BIN)/pip install -e . --no-deps
+
+# CUDA 12 hosts by default; on CUDA 13 hosts: make install-gpu CUDA_EXTRA=cuda13
+CUDA_EXTRA ?= cuda12
+install-gpu: install
+	$(BIN)/pip install "jax[$(CUDA_EXTRA)]"
+
+test:
+	$(BIN)/python -m pytest -n 2 --durations=15 tests
+
+lint:
+	$(BIN)/ruff check dreamer_jax scripts tests experiments
+	$(BIN)/ruff format --check dreamer_jax scripts tests experiments
+
+format:
+	$(BIN)/ruff check --fix dreamer_jax scripts tests experiments
+	$(BIN)/ruff format dreamer_jax scripts tests experiments
+
+bench:
+	$(BIN)/python scripts/bench.py --configs atari
+
+train:
+	@echo "logs go to $(LOGDIR)"
+	$(BIN)/python -m dreamer_jax.train --configs atari --task $(TASK) --logdir $(LOGDIR) --seed $(SEED)
