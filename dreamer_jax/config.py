@@ -185,9 +185,7 @@ def _merge_preset(data: dict, preset: Mapping, schema: dict, prefix: str = "") -
         _set_dotted(data, f"{prefix}{key}", value, schema)
 
 
-def make_config(
-    presets: Sequence[str] = (), overrides: Mapping[str, Any] | None = None
-) -> Config:
+def make_config(presets: Sequence[str] = (), overrides: Mapping[str, Any] | None = None) -> Config:
     """`defaults`, then each named preset in order, then `{"dotted.key": value}` overrides."""
     available = read_presets()
     schema = available["defaults"]

@@ -1,0 +1,270 @@
+"""The agent: one `TrainState` pytree, one jitted `train_step`, one jitted `policy_step`.
+
+    agent = Agent(config, obs_space, num_actions, discrete)
+    state = agent.init(jax.random.key(config.seed))
+    state, metrics = agent.train_step(state, batch)          # batch leaves [B, T, ...]
+    action, carry = agent.policy_step(state, obs, carry, key, mode="train")
+
+`train_step` is world model + actor + critic in one XLA program with the state buffers
+donated; it keeps its PRNG key in the state. An update whose loss or gradient is not finite
+is skipped (state unchanged apart from the counters) and counted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from dreamer_jax.actor_critic import (
+    actor_loss,
+    critic_loss,
+    critic_value,
+    imagination_targets,
+    imagine,
+    make_actor,
+    make_critic,
+    resolve_actor_grad,
+)
+from dreamer_jax.config import Config
+from dreamer_jax.networks import RSSMState, actor_mode, actor_sample, get_feat, initial_state
+from dreamer_jax.world_model import WorldModel, preprocess, rssm_sizes, world_model_loss
+
+Params = Any
+ObsSpace = dict[str, tuple[tuple[int, ...], Any]]
+sg = jax.lax.stop_gradient
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything the learner needs to continue exactly: params, optimizer states, the slow
+    critic, counters and the PRNG key."""
+
+    wm_params: Params
+    actor_params: Params
+    critic_params: Params
+    slow_critic_params: Params
+    wm_opt_state: optax.OptState
+    actor_opt_state: optax.OptState
+    critic_opt_state: optax.OptState
+    updates: jax.Array  # int32, applied (finite) updates
+    nonfinite_streak: jax.Array  # int32, consecutive skipped updates
+    nonfinite_total: jax.Array  # int32, all skipped updates
+    key: jax.Array
+
+
+def make_optimizer(opt: Config) -> optax.GradientTransformation:
+    """Global-norm clip, Adam, then decoupled weight decay `w ← (1 − wd)·w` (not scaled by
+    the learning rate, as the official code)."""
+    return optax.chain(
+        optax.clip_by_global_norm(opt.clip),
+        optax.scale_by_adam(eps=opt.eps),
+        optax.scale(-opt.lr),
+        optax.add_decayed_weights(-opt.wd),
+    )
+
+
+def _all_finite(tree) -> jax.Array:
+    leaves = jax.tree.leaves(tree)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+class Agent:
+    """Holds the (static) networks, optimizers and config; all array work is in pure
+    functions of `TrainState`, compiled once."""
+
+    def __init__(self, config: Config, obs_space: ObsSpace, num_actions: int, discrete: bool):
+        (self.obs_key,) = [k for k in ("image", "vector") if k in obs_space]
+        self.obs_shape = tuple(obs_space[self.obs_key][0])
+        self.config = config
+        self.num_actions = num_actions
+        self.discrete = discrete
+        dtype = jnp.bfloat16 if config.precision == "bf16" else jnp.float32
+        self.world_model = WorldModel(self.obs_key, self.obs_shape, config, dtype)
+        self.actor = make_actor(config, num_actions, discrete, dtype)
+        self.critic = make_critic(config, dtype)
+        self.actor_grad = resolve_actor_grad(config, discrete)
+        self.wm_opt = make_optimizer(config.model_opt)
+        self.actor_opt = make_optimizer(config.actor_opt)
+        self.critic_opt = make_optimizer(config.critic_opt)
+        self.train_step = jax.jit(self._train_step, donate_argnums=0)
+        self.policy_step = jax.jit(self._policy_step, static_argnames="mode")
+
+    # ------------------------------------------------------------------ init
+    def init(self, key: jax.Array) -> TrainState:
+        wm_key, actor_key, critic_key, sample_key, state_key = jax.random.split(key, 5)
+        obs = jnp.zeros((1, *self.obs_shape), jnp.float32)
+        action = jnp.zeros((1, self.num_actions), jnp.float32)
+        is_first = jnp.ones((1,), bool)
+        wm_params = self.world_model.init(wm_key, obs, action, is_first, sample_key)
+        feat = jnp.zeros((1, self.feat_size), jnp.float32)
+        actor_params = self.actor.init(actor_key, feat)
+        critic_params = self.critic.init(critic_key, feat)
+        # Fresh buffers everywhere: the state is donated, and XLA refuses aliased donations.
+        zero = lambda: jnp.zeros((), jnp.int32)
+        return TrainState(
+            wm_params=wm_params,
+            actor_params=actor_params,
+            critic_params=critic_params,
+            slow_critic_params=jax.tree.map(jnp.copy, critic_params),
+            wm_opt_state=self.wm_opt.init(wm_params),
+            actor_opt_state=self.actor_opt.init(actor_params),
+            critic_opt_state=self.critic_opt.init(critic_params),
+            updates=zero(),
+            nonfinite_streak=zero(),
+            nonfinite_total=zero(),
+            key=state_key,
+        )
+
+    @property
+    def feat_size(self) -> int:
+        r = self.config.rssm
+        return r.stoch * r.discrete + r.deter
+
+    # ------------------------------------------------------------ train step
+    def _train_step(
+        self, state: TrainState, batch: dict[str, jax.Array]
+    ) -> tuple[TrainState, dict[str, jax.Array]]:
+        """One update of world model, actor and critic on a batch `[B, T, ...]`."""
+        config = self.config
+        key, wm_key, imag_key, ent_key = jax.random.split(state.key, 4)
+        data = preprocess(batch, config)
+
+        # World model.
+        (_, (posterior, metrics)), wm_grads = jax.value_and_grad(world_model_loss, has_aux=True)(
+            state.wm_params, self.world_model, data, wm_key, config
+        )
+        wm_updates, wm_opt_state = self.wm_opt.update(wm_grads, state.wm_opt_state, state.wm_params)
+        wm_params = optax.apply_updates(state.wm_params, wm_updates)
+
+        # Slow critic: copied (fraction 1) every `slow_target_update` updates, first at 0.
+        refresh = state.updates % config.slow_target_update == 0
+        mix = jnp.where(state.updates == 0, 1.0, config.slow_target_fraction)
+        slow_critic_params = jax.tree.map(
+            lambda s, d: jnp.where(refresh, mix * s + (1 - mix) * d, d),
+            state.critic_params,
+            state.slow_critic_params,
+        )
+
+        # Actor, through imagination from every posterior state of the batch.
+        start = jax.tree.map(lambda x: sg(x.reshape(-1, *x.shape[2:])), posterior)
+        start_is_terminal = batch["is_terminal"].reshape(-1)
+
+        def actor_objective(actor_params):
+            # REINFORCE needs no gradient through the rollout: cut it so XLA skips that work.
+            rollout_params = actor_params if self.actor_grad != "reinforce" else sg(actor_params)
+            seq = imagine(
+                self.world_model,
+                sg(wm_params),
+                self.actor,
+                rollout_params,
+                start,
+                start_is_terminal,
+                config.imag_horizon,
+                imag_key,
+                config,
+            )
+            slow_values = critic_value(self.critic, slow_critic_params, seq.feats)
+            returns = imagination_targets(seq, slow_values, config.discount_lambda)
+            loss, actor_metrics = actor_loss(
+                self.actor, actor_params, seq, returns, slow_values, ent_key,
+                self.actor_grad, config,
+            )  # fmt: skip
+            return loss, (seq, returns, actor_metrics)
+
+        (_, (seq, returns, actor_metrics)), actor_grads = jax.value_and_grad(
+            actor_objective, has_aux=True
+        )(state.actor_params)
+        actor_updates, actor_opt_state = self.actor_opt.update(
+            actor_grads, state.actor_opt_state, state.actor_params
+        )
+        actor_params = optax.apply_updates(state.actor_params, actor_updates)
+
+        # Critic, on the same imagined states and λ-returns (both gradient-stopped).
+        (_, critic_metrics), critic_grads = jax.value_and_grad(
+            critic_loss, argnums=1, has_aux=True
+        )(self.critic, state.critic_params, seq, returns)
+        critic_updates, critic_opt_state = self.critic_opt.update(
+            critic_grads, state.critic_opt_state, state.critic_params
+        )
+        critic_params = optax.apply_updates(state.critic_params, critic_updates)
+
+        metrics.update(actor_metrics)
+        metrics.update(critic_metrics)
+        metrics.update(
+            model_grad_norm=optax.global_norm(wm_grads),
+            actor_grad_norm=optax.global_norm(actor_grads),
+            critic_grad_norm=optax.global_norm(critic_grads),
+            imag_reward_mean=seq.rewards.mean(),
+            lambda_return_mean=returns.mean(),
+        )
+
+        finite = _all_finite((metrics, wm_grads, actor_grads, critic_grads))
+        updated = state.replace(
+            wm_params=wm_params,
+            actor_params=actor_params,
+            critic_params=critic_params,
+            slow_critic_params=slow_critic_params,
+            wm_opt_state=wm_opt_state,
+            actor_opt_state=actor_opt_state,
+            critic_opt_state=critic_opt_state,
+            updates=state.updates + 1,
+        )
+        # A non-finite update leaves every learned quantity as it was; the key still moves on
+        # so the next batch is not retried with the same noise.
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
+        streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
+        new_state = new_state.replace(
+            key=key,
+            nonfinite_streak=streak,
+            nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
+        )
+        metrics.update(
+            nonfinite=(~finite).astype(jnp.float32),
+            nonfinite_streak=streak,
+            nonfinite_total=new_state.nonfinite_total,
+            updates=new_state.updates,
+        )
+        return new_state, metrics
+
+    # ----------------------------------------------------------- policy step
+    def initial_carry(self, num_envs: int) -> tuple[RSSMState, jax.Array]:
+        """`(latent, prev_action)` for `num_envs` environments; reset by `is_first` anyway."""
+        latent = initial_state(num_envs, *rssm_sizes(self.config))
+        return latent, jnp.zeros((num_envs, self.num_actions), jnp.float32)
+
+    def _policy_step(
+        self,
+        state: TrainState,
+        obs: dict[str, jax.Array],
+        carry: tuple[RSSMState, jax.Array],
+        key: jax.Array,
+        mode: str = "train",
+    ) -> tuple[jax.Array, tuple[RSSMState, jax.Array]]:
+        """Act in `N` environments: filter the observation `[N, ...]` (with `is_first` `[N]`)
+        into the latent, then sample (`train`) or take the mode (`eval`) of the actor.
+
+        Returns the action `[N, A]` and the new carry.
+        """
+        latent, prev_action = carry
+        obs_key, action_key = jax.random.split(key)
+        data = preprocess({self.obs_key: obs[self.obs_key]}, self.config)
+        embed = self.world_model.apply(
+            state.wm_params, data[self.obs_key], method=WorldModel.encode
+        )
+        posterior, _ = self.world_model.apply(
+            state.wm_params, latent, prev_action, embed, obs["is_first"], obs_key,
+            method=WorldModel.obs_step,
+        )  # fmt: skip
+        policy = self.actor.apply(state.actor_params, get_feat(posterior))
+        if mode == "train":
+            action = actor_sample(policy, action_key)
+        elif mode == "eval":
+            action = actor_mode(policy)
+        else:
+            raise ValueError(f"policy mode must be 'train' or 'eval', got {mode!r}")
+        action = sg(action)
+        return action, (posterior, action)

@@ -1,0 +1,284 @@
+"""Flax (linen) networks of DreamerV2 (SPEC §2-§3) and the distributions they output.
+
+Shapes: `B` batch, `S` stochastic latents, `K` classes per latent, `D` deterministic size,
+`A` action size. Modules accept any number of leading dims unless a docstring says otherwise.
+Parameters are always fp32; `dtype` is the compute dtype (bf16 under mixed precision). Every
+distribution is built in fp32 so losses are fp32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import distrax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = jnp.dtype
+
+
+class RSSMState(NamedTuple):
+    """The latent state of the RSSM; a pytree. Leading dims are whatever the caller uses."""
+
+    deter: jax.Array  # [..., D] GRU state h
+    stoch: jax.Array  # [..., S, K] one-hot sample z (straight-through)
+    logits: jax.Array  # [..., S, K] logits of the distribution z was drawn from
+
+
+def initial_state(batch: int, deter: int, stoch: int, discrete: int) -> RSSMState:
+    """The all-zeros state `[batch, ...]` every sequence starts from."""
+    zeros = jnp.zeros((batch, stoch, discrete), jnp.float32)
+    return RSSMState(jnp.zeros((batch, deter), jnp.float32), zeros, zeros)
+
+
+def straight_through_onehot(logits: jax.Array, key: jax.Array) -> jax.Array:
+    """One-hot sample of `OneHotCategorical(logits)` over the last axis with straight-through
+    gradients: the forward value is the one-hot sample, the gradient is the softmax's.
+    """
+    dist = distrax.OneHotCategorical(logits=logits.astype(jnp.float32), dtype=jnp.float32)
+    probs = dist.probs
+    return dist.sample(seed=key) + probs - jax.lax.stop_gradient(probs)
+
+
+def latent_dist(logits: jax.Array) -> distrax.Distribution:
+    """`[..., S, K]` logits -> S independent one-hot categoricals (event shape `[S, K]`)."""
+    return distrax.Independent(
+        distrax.OneHotCategorical(logits=logits.astype(jnp.float32), dtype=jnp.float32), 1
+    )
+
+
+def get_feat(state: RSSMState) -> jax.Array:
+    """`[..., S*K + D]` features the heads read: flattened sample and deterministic state."""
+    stoch = state.stoch.reshape(*state.stoch.shape[:-2], -1)
+    return jnp.concatenate([stoch, state.deter.astype(stoch.dtype)], -1)
+
+
+def unit_normal(mean: jax.Array, event_dims: int) -> distrax.Distribution:
+    """Normal(mean, 1) whose last `event_dims` axes form the event (log-prob summed)."""
+    mean = mean.astype(jnp.float32)
+    dist = distrax.Normal(mean, jnp.ones_like(mean))
+    return distrax.Independent(dist, event_dims) if event_dims else dist
+
+
+class MLP(nn.Module):
+    """`layers` Dense layers of `units` with ELU."""
+
+    layers: int
+    units: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(self.dtype)
+        for _ in range(self.layers):
+            x = nn.elu(nn.Dense(self.units, dtype=self.dtype)(x))
+        return x
+
+
+class ConvEncoder(nn.Module):
+    """`[..., 64, 64, C]` image in [-0.5, 0.5] -> `[..., 2*2*8*depth]` embedding."""
+
+    depth: int = 48
+    kernels: Sequence[int] = (4, 4, 4, 4)
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, image: jax.Array) -> jax.Array:
+        lead = image.shape[:-3]
+        x = image.reshape(-1, *image.shape[-3:]).astype(self.dtype)
+        for i, kernel in enumerate(self.kernels):
+            conv = nn.Conv(2**i * self.depth, (kernel, kernel), 2, "VALID", dtype=self.dtype)
+            x = nn.elu(conv(x))
+        return x.reshape(*lead, -1)
+
+
+class ConvDecoder(nn.Module):
+    """`[..., F]` features -> `[..., 64, 64, channels]` mean image."""
+
+    channels: int
+    depth: int = 48
+    kernels: Sequence[int] = (5, 5, 6, 6)
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, feat: jax.Array) -> jax.Array:
+        lead = feat.shape[:-1]
+        x = nn.Dense(32 * self.depth, dtype=self.dtype)(feat.astype(self.dtype))
+        x = x.reshape(-1, 1, 1, 32 * self.depth)
+        for i, kernel in enumerate(self.kernels):
+            last = i == len(self.kernels) - 1
+            depth = self.channels if last else 2 ** (len(self.kernels) - i - 2) * self.depth
+            x = nn.ConvTranspose(depth, (kernel, kernel), (2, 2), "VALID", dtype=self.dtype)(x)
+            x = x if last else nn.elu(x)
+        return x.reshape(*lead, *x.shape[1:])
+
+
+class MLPDecoder(nn.Module):
+    """`[..., F]` features -> `[..., size]` mean of a vector observation."""
+
+    size: int
+    layers: int
+    units: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, feat: jax.Array) -> jax.Array:
+        x = MLP(self.layers, self.units, self.dtype)(feat)
+        return nn.Dense(self.size, dtype=self.dtype)(x)
+
+
+class ScalarHead(nn.Module):
+    """MLP -> one scalar per input: `[..., F]` -> `[...]` (reward/value mean or logit)."""
+
+    layers: int
+    units: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, feat: jax.Array) -> jax.Array:
+        x = MLP(self.layers, self.units, self.dtype)(feat)
+        return nn.Dense(1, dtype=self.dtype)(x)[..., 0].astype(jnp.float32)
+
+
+class GRUCell(nn.Module):
+    """The DreamerV2 GRU: one bias-free Dense over `[x, h]`, LayerNorm (fp32), update bias -1."""
+
+    size: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, h: jax.Array) -> jax.Array:
+        parts = nn.Dense(3 * self.size, use_bias=False, dtype=self.dtype)(
+            jnp.concatenate([x.astype(self.dtype), h.astype(self.dtype)], -1)
+        )
+        parts = nn.LayerNorm(dtype=jnp.float32)(parts.astype(jnp.float32))
+        reset, cand, update = jnp.split(parts, 3, -1)
+        reset = jax.nn.sigmoid(reset)
+        cand = jnp.tanh(reset * cand)
+        update = jax.nn.sigmoid(update - 1.0)
+        return update * cand + (1.0 - update) * h.astype(jnp.float32)
+
+
+class RSSM(nn.Module):
+    """Recurrent state-space model with `stoch` categorical latents of `discrete` classes.
+
+    `img_step` is the prior (imagination) step, `obs_step` adds the posterior from an
+    embedding. Both take the previous state and action with leading dims `[B]`.
+    """
+
+    hidden: int
+    deter: int
+    stoch: int = 32
+    discrete: int = 32
+    dtype: Dtype = jnp.float32
+
+    def setup(self):
+        self.img_in = nn.Dense(self.hidden, dtype=self.dtype)
+        self.cell = GRUCell(self.deter, dtype=self.dtype)
+        self.img_out = nn.Dense(self.hidden, dtype=self.dtype)
+        self.img_logits = nn.Dense(self.stoch * self.discrete, dtype=self.dtype)
+        self.obs_out = nn.Dense(self.hidden, dtype=self.dtype)
+        self.obs_logits = nn.Dense(self.stoch * self.discrete, dtype=self.dtype)
+
+    def _logits(self, layer: nn.Dense, x: jax.Array) -> jax.Array:
+        logits = layer(x).astype(jnp.float32)
+        return logits.reshape(*logits.shape[:-1], self.stoch, self.discrete)
+
+    def img_step(self, prev: RSSMState, prev_action: jax.Array, key: jax.Array) -> RSSMState:
+        """Prior: `(h, z)_{t-1}, a_{t-1} -> (h_t, ẑ_t)`."""
+        prev_stoch = prev.stoch.reshape(*prev.stoch.shape[:-2], -1)
+        x = jnp.concatenate([prev_stoch, prev_action.astype(prev_stoch.dtype)], -1)
+        x = nn.elu(self.img_in(x.astype(self.dtype)))
+        deter = self.cell(x, prev.deter)
+        logits = self._logits(self.img_logits, nn.elu(self.img_out(deter.astype(self.dtype))))
+        return RSSMState(deter, straight_through_onehot(logits, key), logits)
+
+    def obs_step(
+        self,
+        prev: RSSMState,
+        prev_action: jax.Array,
+        embed: jax.Array,
+        is_first: jax.Array,
+        key: jax.Array,
+    ) -> tuple[RSSMState, RSSMState]:
+        """Posterior and prior for one step. `is_first` `[B]` zeroes the previous state and
+        action, so every episode (and every replayed chunk) starts from the initial state.
+        """
+        keep = 1.0 - is_first.astype(jnp.float32)
+        prev, prev_action = jax.tree.map(
+            lambda x: x * keep.reshape(-1, *[1] * (x.ndim - 1)), (prev, prev_action)
+        )
+        prior_key, post_key = jax.random.split(key)
+        prior = self.img_step(prev, prev_action, prior_key)
+        x = jnp.concatenate([prior.deter.astype(self.dtype), embed.astype(self.dtype)], -1)
+        logits = self._logits(self.obs_logits, nn.elu(self.obs_out(x)))
+        posterior = RSSMState(prior.deter, straight_through_onehot(logits, post_key), logits)
+        return posterior, prior
+
+    def __call__(self, prev, prev_action, embed, is_first, key):
+        """Used only by `init`: touches every layer."""
+        return self.obs_step(prev, prev_action, embed, is_first, key)
+
+
+class Actor(nn.Module):
+    """`[..., F]` features -> action distribution (one-hot categorical or tanh-Normal)."""
+
+    num_actions: int
+    discrete: bool
+    layers: int
+    units: int
+    min_std: float = 0.1
+    init_std: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, feat: jax.Array) -> distrax.Distribution:
+        x = MLP(self.layers, self.units, self.dtype)(feat)
+        if self.discrete:
+            logits = nn.Dense(self.num_actions, dtype=self.dtype)(x).astype(jnp.float32)
+            return distrax.OneHotCategorical(logits=logits, dtype=jnp.float32)
+        out = nn.Dense(2 * self.num_actions, dtype=self.dtype)(x).astype(jnp.float32)
+        mean, std = jnp.split(out, 2, -1)
+        mean = 5.0 * jnp.tanh(mean / 5.0)  # keep pre-tanh means in a range tanh can resolve
+        std = jax.nn.softplus(std + self.init_std) + self.min_std
+        return distrax.Independent(
+            distrax.Transformed(distrax.Normal(mean, std), distrax.Tanh()), 1
+        )
+
+
+def actor_sample(dist: distrax.Distribution, key: jax.Array) -> jax.Array:
+    """A differentiable action sample: straight-through one-hot, or reparameterized tanh-Normal."""
+    if isinstance(dist, distrax.OneHotCategorical):
+        return straight_through_onehot(dist.logits, key)
+    return dist.sample(seed=key)
+
+
+def actor_mode(dist: distrax.Distribution) -> jax.Array:
+    """The greedy action: arg-max one-hot, or tanh of the Normal's mean.
+
+    DEVIATION: the official code estimates the tanh-Normal mode from 100 samples; tanh(mean)
+    is its deterministic limit.
+    """
+    if isinstance(dist, distrax.OneHotCategorical):
+        return jax.nn.one_hot(jnp.argmax(dist.logits, -1), dist.logits.shape[-1])
+    return jnp.tanh(dist.distribution.distribution.loc)
+
+
+def actor_entropy(dist: distrax.Distribution, key: jax.Array) -> jax.Array:
+    """Entropy `[...]`: exact for categoricals, a one-sample reparameterized estimate
+    `-log π(a)` for the tanh-Normal (whose entropy has no closed form).
+    """
+    if isinstance(dist, distrax.OneHotCategorical):
+        return dist.entropy()
+    sample, log_prob = dist.sample_and_log_prob(seed=key)
+    del sample
+    return -log_prob
+
+
+def action_log_prob(dist: distrax.Distribution, action: jax.Array) -> jax.Array:
+    """`log π(action)`; tanh-Normal actions are pulled inside (-1, 1) where log-prob is finite."""
+    if isinstance(dist, distrax.OneHotCategorical):
+        return dist.log_prob(action)
+    return dist.log_prob(jnp.clip(action, -1 + 1e-6, 1 - 1e-6))

@@ -1,0 +1,398 @@
+"""Episodic replay on the host (numpy), as in the official DreamerV2 `common/replay.py`.
+
+    replay = Replay("logdir/train_eps", capacity=2_000_000, minlen=50, length=50, batch=16,
+                    prioritize_ends=True, seed=0)
+    finished = replay.add(step_batch)   # each value [N, ...], one call per env step
+    batch = next(replay.dataset())      # each value [16, 50, ...]
+
+A step is a dict of arrays (`image` uint8 [64, 64, 1], `action` [A], `reward` float32 [],
+`is_first`, `is_last`, `is_terminal` bool []). Arrays are stored in the dtype given and
+never copied again once an episode is finished.
+
+Episodes are stored in memory, for sampling, only if their length is at least
+`max(minlen, length)`; shorter ones are still written to disk (and returned by `add`) but
+never stored, so they do not count toward `capacity` or `stats`.
+
+Every finished episode is written to `<directory>/{index:08d}-{length}.npz` (compressed),
+where `index` continues from the largest index already in the directory, so lexicographic
+order is chronological order across restarts. Files are written to a hidden temp name and
+renamed atomically. The replay never deletes or modifies a file it did not just write, so
+two replays must not share a directory.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import pathlib
+import queue
+import re
+import threading
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+REQUIRED_KEYS = ("action", "reward", "is_first", "is_last", "is_terminal")
+# Final names and the temp names of interrupted writes; both count for the next index.
+_FILENAME = re.compile(r"^\.?(\d+)-(\d+)\.npz(\.tmp)?$")
+
+
+class ReplayDirectoryError(OSError):
+    """The replay directory cannot be created or written. The message is one line."""
+
+
+class Replay:
+    """Finished episodes in memory, uniform episode sampling, fixed-length chunks.
+
+    Args:
+      directory: where episodes are saved and loaded from; None keeps everything in memory.
+      capacity: the most steps stored; the oldest episodes are dropped first.
+      minlen: episodes shorter than this are not sampled; also the end bonus of
+        `prioritize_ends`.
+      length: chunk length T of a sample.
+      batch: chunks per sample B.
+      prioritize_ends: over-sample chunks that end an episode (official default on Atari).
+      seed: seeds the numpy Generator used for all sampling.
+      prefetch: batches the `dataset()` thread keeps ready.
+    """
+
+    def __init__(
+        self,
+        directory: str | pathlib.Path | None,
+        capacity: int,
+        minlen: int,
+        length: int,
+        batch: int,
+        prioritize_ends: bool,
+        seed: int,
+        prefetch: int = 4,
+    ):
+        if min(capacity, minlen, length, batch, prefetch) < 1:
+            raise ValueError("replay capacity, minlen, length, batch and prefetch must be >= 1")
+        self._directory = None if directory is None else pathlib.Path(directory)
+        self._capacity = int(capacity)
+        self._minlen = int(minlen)
+        self._length = int(length)
+        self._batch = int(batch)
+        self._prioritize_ends = bool(prioritize_ends)
+        self._prefetch = int(prefetch)
+        self._rng = np.random.default_rng(seed)
+
+        # Guarded by `_cond`: the stored episodes (oldest first) and their lengths.
+        self._cond = threading.Condition()
+        self._episodes: list[dict[str, np.ndarray]] = []
+        self._lengths: list[int] = []
+        self._keys: frozenset[str] | None = None
+        self._num_steps = 0
+        self._bytes = 0
+
+        self._ongoing: list[list[dict[str, np.ndarray]]] | None = None  # per env, its steps
+        self._next_index = 0
+        self._loaded = 0
+        self._skipped_files = 0
+
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        # Generator state after the last batch the learner took from `dataset()`; the
+        # prefetched batches beyond it are drawn again after a resume.
+        self._consumed_rng_state: dict | None = None
+
+        if self._directory is not None:
+            _check_writable(self._directory)
+            self.load()
+
+    # ----------------------------------------------------------------------------- adding
+
+    def add(self, step_batch: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+        """Appends one step per env; returns the episodes this step finished.
+
+        Args:
+          step_batch: each value [N, ...] for N envs; env i's steps form its own episode,
+            which finishes at its step with `is_last[i]`.
+        Returns:
+          The finished episodes, each value [L, ...] (read-only, shared with storage).
+        """
+        num_envs = len(step_batch["is_last"])
+        if self._ongoing is None:
+            self._ongoing = [[] for _ in range(num_envs)]
+        if len(self._ongoing) != num_envs:
+            raise ValueError(f"add() got {num_envs} envs, earlier calls had {len(self._ongoing)}")
+        finished = []
+        for i, steps in enumerate(self._ongoing):
+            # Copy: the collector may reuse its step buffers.
+            steps.append({key: np.array(value[i]) for key, value in step_batch.items()})
+            if step_batch["is_last"][i]:
+                episode = {key: np.stack([step[key] for step in steps]) for key in steps[0]}
+                steps.clear()
+                self.add_episode(episode)
+                finished.append(episode)
+        return finished
+
+    def add_episode(self, episode: dict[str, np.ndarray]) -> None:
+        """Saves a finished episode, stores it if long enough, evicts the oldest beyond capacity.
+
+        Args:
+          episode: each value [L, ...]. The replay takes the arrays without copying and marks
+            them read-only.
+        """
+        length = _validate(episode)
+        with self._cond:
+            if self._keys is not None and frozenset(episode) != self._keys:
+                raise ValueError(f"episode keys {sorted(episode)} != stored {sorted(self._keys)}")
+        for value in episode.values():
+            value.flags.writeable = False
+        if self._directory is not None:
+            self._save(episode, length)
+        self._store(episode, length)
+
+    def _store(self, episode: dict[str, np.ndarray], length: int) -> None:
+        if length < max(self._minlen, self._length):
+            return
+        with self._cond:
+            self._keys = frozenset(episode)
+            self._episodes.append(episode)
+            self._lengths.append(length)
+            self._num_steps += length
+            self._bytes += sum(value.nbytes for value in episode.values())
+            while self._num_steps > self._capacity:
+                dropped = self._episodes.pop(0)
+                self._num_steps -= self._lengths.pop(0)
+                self._bytes -= sum(value.nbytes for value in dropped.values())
+            self._cond.notify_all()
+
+    # ------------------------------------------------------------------------------ disk
+
+    def _save(self, episode: dict[str, np.ndarray], length: int) -> None:
+        name = f"{self._next_index:08d}-{length}.npz"
+        self._next_index += 1
+        final = self._directory / name
+        temp = self._directory / f".{name}.tmp"
+        # Compressed: Atari frames shrink ~10x, which matters over 2e6+ steps on disk.
+        with open(temp, "wb") as f:
+            np.savez_compressed(f, **episode)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, final)
+
+    def load(self) -> None:
+        """Loads the newest episode files that fit into capacity, and sets the next index.
+
+        Called once by `__init__` when a directory is given.
+
+        Files are read newest first (by name) until the next one would exceed capacity,
+        then stored oldest first: the same result as loading every file in order and
+        evicting, without reading files that would be evicted. Unreadable files (truncated,
+        corrupt, missing keys) are skipped with one warning each and left untouched.
+        """
+        if self._directory is None:
+            return
+        paths = sorted(p for p in self._directory.iterdir() if _FILENAME.match(p.name))
+        indices = [int(_FILENAME.match(p.name).group(1)) for p in paths]
+        self._next_index = max([self._next_index - 1, *indices]) + 1
+        episodes = []
+        budget = self._capacity - self._num_steps
+        keys = self._keys
+        for path in reversed([p for p in paths if not p.name.startswith(".")]):
+            try:
+                # Our own handle: np.load leaks its own when the zip is corrupt.
+                with open(path, "rb") as f, np.load(f, allow_pickle=False) as data:
+                    episode = {key: data[key] for key in data.files}
+                length = _validate(episode)
+                keys = keys or frozenset(episode)
+                if frozenset(episode) != keys:
+                    raise ValueError(f"keys {sorted(episode)} differ from {sorted(keys)}")
+            except Exception as error:  # whatever np.load raises: skip the file, never fatal
+                reason = " ".join(str(error).split()) or type(error).__name__
+                message = f"replay: skipping unreadable episode file {path}: {reason}"
+                warnings.warn(message, stacklevel=2)
+                self._skipped_files += 1
+                continue
+            if length < max(self._minlen, self._length):
+                continue
+            if length > budget:
+                break
+            budget -= length
+            episodes.append(episode)
+        for episode in reversed(episodes):
+            for value in episode.values():
+                value.flags.writeable = False
+            self._store(episode, len(episode["is_first"]))
+        self._loaded += len(episodes)
+
+    # -------------------------------------------------------------------------- sampling
+
+    def sample(self) -> dict[str, np.ndarray]:
+        """One batch of chunks, each value [batch, length, ...]; `is_first[:, 0]` is True.
+
+        Raises:
+          RuntimeError: no episode is stored yet.
+        """
+        with self._cond:
+            if not self._episodes:
+                raise RuntimeError(
+                    f"replay has no episode of length >= {max(self._minlen, self._length)} yet"
+                )
+            episodes, starts = self._draw()
+        return self._gather(episodes, starts)
+
+    def _draw(self) -> tuple[list[dict[str, np.ndarray]], np.ndarray]:
+        """Chooses episodes uniformly and start indices; call with `_cond` held."""
+        index = self._rng.integers(0, len(self._episodes), size=self._batch)
+        totals = np.asarray(self._lengths)[index]
+        upper = totals - self._length + 1
+        if self._prioritize_ends:
+            upper += self._minlen
+        starts = np.minimum(self._rng.integers(0, upper), totals - self._length)
+        return [self._episodes[i] for i in index], starts
+
+    def _gather(
+        self, episodes: list[dict[str, np.ndarray]], starts: np.ndarray
+    ) -> dict[str, np.ndarray]:
+        """Copies the chunks; safe without the lock since stored arrays are read-only."""
+        batch = {}
+        for key, value in episodes[0].items():
+            out = np.empty((self._batch, self._length, *value.shape[1:]), value.dtype)
+            for b, (episode, start) in enumerate(zip(episodes, starts, strict=True)):
+                out[b] = episode[key][start : start + self._length]
+            batch[key] = out
+        batch["is_first"][:, 0] = True
+        return batch
+
+    def dataset(self) -> Iterator[dict[str, np.ndarray]]:
+        """Batches from a background thread that keeps `prefetch` of them ready.
+
+        The thread waits until an episode is stored, samples under the lock only briefly,
+        and blocks on the full queue without the lock, so `add` never waits for it. The
+        iterator ends after `close()`; an error in the thread is raised here.
+        """
+        if self._thread is not None:
+            raise RuntimeError("replay.dataset() is already running; call close() first")
+        # Per call, so an iterator left over from an earlier dataset() stays stopped.
+        self._stop = threading.Event()
+        self._error = None
+        self._consumed_rng_state = self.get_rng_state()
+        batches: queue.Queue = queue.Queue(self._prefetch)
+        self._thread = threading.Thread(
+            target=self._produce, args=(batches, self._stop), name="replay-prefetch", daemon=True
+        )
+        self._thread.start()
+        return self._consume(batches, self._stop)
+
+    def _produce(self, batches: queue.Queue, stop: threading.Event) -> None:
+        try:
+            while not stop.is_set():
+                with self._cond:
+                    while not self._episodes and not stop.is_set():
+                        self._cond.wait()  # add and close notify
+                    if stop.is_set():
+                        return
+                    episodes, starts = self._draw()
+                    state = copy.deepcopy(self._rng.bit_generator.state)
+                item = (self._gather(episodes, starts), state)
+                # Time out to notice close() while the learner is not consuming.
+                while not stop.is_set():
+                    try:
+                        batches.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except Exception as error:  # handed to the consumer, which raises it
+            self._error = error
+
+    def _consume(
+        self, batches: queue.Queue, stop: threading.Event
+    ) -> Iterator[dict[str, np.ndarray]]:
+        while not stop.is_set():
+            try:
+                batch, state = batches.get(timeout=0.1)
+            except queue.Empty:
+                if self._error is not None:
+                    raise RuntimeError("replay prefetch thread failed") from self._error
+                continue
+            self._consumed_rng_state = state
+            yield batch
+
+    def close(self) -> None:
+        """Stops and joins the `dataset()` thread; the Generator rewinds to the state after
+        the last batch consumed, so a resume redraws the prefetched, unconsumed ones."""
+        if self._thread is None:
+            return
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        self._thread.join()
+        self._thread = None
+        with self._cond:
+            self._rng.bit_generator.state = self._consumed_rng_state
+            self._consumed_rng_state = None
+
+    # ------------------------------------------------------------------------ state, stats
+
+    def get_rng_state(self) -> dict[str, Any]:
+        """The sampling Generator's `bit_generator.state` (JSON-serialisable).
+
+        While `dataset()` runs, this is the state after the last batch the learner consumed.
+        Mixing `sample()` calls with a running `dataset()` breaks that accounting.
+        """
+        with self._cond:
+            if self._consumed_rng_state is not None:
+                return copy.deepcopy(self._consumed_rng_state)
+            return copy.deepcopy(self._rng.bit_generator.state)
+
+    def set_rng_state(self, state: dict[str, Any]) -> None:
+        """Restores a state from `get_rng_state`; call it before `dataset()`."""
+        if self._thread is not None:
+            raise RuntimeError("set_rng_state() while dataset() runs; call close() first")
+        with self._cond:
+            self._rng.bit_generator.state = copy.deepcopy(state)
+
+    @property
+    def episodes(self) -> list[dict[str, np.ndarray]]:
+        """The stored episodes, oldest first (read-only arrays, shared with storage)."""
+        with self._cond:
+            return list(self._episodes)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """num_episodes and num_steps stored, bytes of their arrays, episodes loaded from
+        disk, and files skipped as unreadable."""
+        with self._cond:
+            return {
+                "num_episodes": len(self._episodes),
+                "num_steps": self._num_steps,
+                "bytes": self._bytes,
+                "loaded": self._loaded,
+                "skipped_files": self._skipped_files,
+            }
+
+
+def _validate(episode: dict[str, np.ndarray]) -> int:
+    """The episode's length L; raises ValueError unless it has the required keys, every
+    value is a numpy array [L, ...] with L >= 1, and no value is an object array."""
+    missing = [key for key in REQUIRED_KEYS if key not in episode]
+    if missing:
+        raise ValueError(f"episode lacks keys {missing}")
+    lengths = {key: np.shape(value)[:1] for key, value in episode.items()}
+    if any(
+        not isinstance(value, np.ndarray) or value.dtype == object for value in episode.values()
+    ):
+        raise ValueError("episode values must be numeric numpy arrays")
+    if len(set(lengths.values())) != 1 or lengths["is_first"] in ((), (0,)):
+        raise ValueError(f"episode values need one shared length >= 1, got {lengths}")
+    return lengths["is_first"][0]
+
+
+def _check_writable(directory: pathlib.Path) -> None:
+    """Creates `directory` and proves it writable with a probe file, else raises one line."""
+    probe = directory / f".write-probe-{os.getpid()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise ReplayDirectoryError(
+            f"replay directory {directory} is not writable: {error.strerror or error}"
+        ) from error

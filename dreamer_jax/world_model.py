@@ -1,0 +1,203 @@
+"""The DreamerV2 world model (SPEC §2): encoder, RSSM, decoder, reward and discount heads,
+and the pure functions that observe a batch and compute its loss.
+
+Batches are dicts of `[B, T, ...]` arrays as replay returns them: the observation
+(`image` uint8 `[B, T, 64, 64, C]` or `vector` float `[B, T, D]`), `action` `[B, T, A]`
+(the action that led to each step), `reward`, `is_first`, `is_last`, `is_terminal` `[B, T]`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import distrax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dreamer_jax.config import Config
+from dreamer_jax.losses import kl_balance
+from dreamer_jax.networks import (
+    MLP,
+    RSSM,
+    ConvDecoder,
+    ConvEncoder,
+    Dtype,
+    MLPDecoder,
+    RSSMState,
+    ScalarHead,
+    get_feat,
+    initial_state,
+    latent_dist,
+    unit_normal,
+)
+
+Params = Any
+
+
+class WorldModel(nn.Module):
+    """All world-model networks under one parameter tree. Call its methods through
+    `model.apply(params, ..., method=WorldModel.<name>)`.
+    """
+
+    obs_key: str  # 'image' or 'vector'
+    obs_shape: tuple[int, ...]
+    config: Config
+    dtype: Dtype = jnp.float32
+
+    def setup(self):
+        c, dtype = self.config, self.dtype
+        if self.obs_key == "image":
+            self.encoder = ConvEncoder(c.encoder.cnn_depth, c.encoder.cnn_kernels, dtype)
+            self.decoder = ConvDecoder(
+                self.obs_shape[-1], c.decoder.cnn_depth, c.decoder.cnn_kernels, dtype
+            )
+        else:
+            layers, units = len(c.encoder.mlp_layers), c.encoder.mlp_layers[0]
+            self.encoder = MLP(layers, units, dtype)
+            layers, units = len(c.decoder.mlp_layers), c.decoder.mlp_layers[0]
+            self.decoder = MLPDecoder(self.obs_shape[-1], layers, units, dtype)
+        self.rssm = RSSM(c.rssm.hidden, c.rssm.deter, c.rssm.stoch, c.rssm.discrete, dtype)
+        self.reward_head = ScalarHead(c.reward_head.layers, c.reward_head.units, dtype)
+        if c.pred_discount:
+            self.discount_head = ScalarHead(c.discount_head.layers, c.discount_head.units, dtype)
+
+    def encode(self, obs: jax.Array) -> jax.Array:
+        return self.encoder(obs)
+
+    def obs_step(self, prev, prev_action, embed, is_first, key):
+        return self.rssm.obs_step(prev, prev_action, embed, is_first, key)
+
+    def img_step(self, prev, prev_action, key):
+        return self.rssm.img_step(prev, prev_action, key)
+
+    def decode(self, feat: jax.Array) -> jax.Array:
+        """Mean of the observation `[..., *obs_shape]`."""
+        return self.decoder(feat).astype(jnp.float32)
+
+    def reward(self, feat: jax.Array) -> jax.Array:
+        """Predicted (transformed) reward mean `[...]`."""
+        return self.reward_head(feat)
+
+    def discount_logits(self, feat: jax.Array) -> jax.Array:
+        """Bernoulli logits `[...]` whose mean predicts `γ·(1 − is_terminal)`."""
+        return self.discount_head(feat)
+
+    def __call__(self, obs, action, is_first, key):
+        """Used only by `init`: touches every layer with a `[B, ...]` step."""
+        embed = self.encode(obs)
+        post, _ = self.obs_step(
+            initial_state(obs.shape[0], *rssm_sizes(self.config)), action, embed, is_first, key
+        )
+        feat = get_feat(post)
+        self.decode(feat)
+        self.reward(feat)
+        if self.config.pred_discount:
+            self.discount_logits(feat)
+
+
+def rssm_sizes(config: Config) -> tuple[int, int, int]:
+    """`(deter, stoch, discrete)` of the configured RSSM."""
+    return config.rssm.deter, config.rssm.stoch, config.rssm.discrete
+
+
+def preprocess(batch: dict[str, jax.Array], config: Config) -> dict[str, jax.Array]:
+    """Inside jit (SPEC §1): image → x/255 − 0.5, reward → tanh(r) on Atari, and the
+    discount target `(1 − is_terminal)·γ`. Other keys pass through (actions as float32).
+    """
+    out = dict(batch)
+    if "image" in batch:
+        out["image"] = batch["image"].astype(jnp.float32) / 255.0 - 0.5
+    if "vector" in batch:
+        out["vector"] = batch["vector"].astype(jnp.float32)
+    if "action" in batch:
+        out["action"] = batch["action"].astype(jnp.float32)
+    if "reward" in batch:
+        reward = batch["reward"].astype(jnp.float32)
+        out["reward"] = jnp.tanh(reward) if config.clip_rewards == "tanh" else reward
+    if "is_terminal" in batch:
+        out["discount"] = (1.0 - batch["is_terminal"].astype(jnp.float32)) * config.discount
+    return out
+
+
+def observe(
+    model: WorldModel,
+    params: Params,
+    embed: jax.Array,
+    action: jax.Array,
+    is_first: jax.Array,
+    key: jax.Array,
+    initial: RSSMState | None = None,
+) -> tuple[RSSMState, RSSMState]:
+    """Filter a batch of sequences with `lax.scan` over time.
+
+    Args:
+      embed: `[B, T, E]`; action: `[B, T, A]` (led to each step); is_first: `[B, T]`.
+      initial: state before the first step `[B, ...]`; zeros if None.
+    Returns:
+      `(posterior, prior)`, each an `RSSMState` with leaves `[B, T, ...]`.
+    """
+    batch, length = action.shape[:2]
+    if initial is None:
+        initial = initial_state(batch, *rssm_sizes(model.config))
+    keys = jax.random.split(key, length)
+    time_major = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), (action, embed, is_first))
+
+    def step(prev, inputs):
+        act, emb, first, step_key = inputs
+        post, prior = model.apply(params, prev, act, emb, first, step_key, method=model.obs_step)
+        return post, (post, prior)
+
+    _, (posterior, prior) = jax.lax.scan(step, initial, (*time_major, keys))
+    return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), (posterior, prior))
+
+
+def world_model_loss(
+    params: Params,
+    model: WorldModel,
+    data: dict[str, jax.Array],
+    key: jax.Array,
+    config: Config,
+) -> tuple[jax.Array, tuple[RSSMState, dict[str, jax.Array]]]:
+    """The model loss (SPEC §2) on a preprocessed batch `[B, T, ...]`.
+
+    loss = kl_scale·kl + image + reward_scale·reward + discount_scale·discount, each term the
+    mean negative log-likelihood over `B×T`. Heads not in `config.grad_heads` see features
+    with stopped gradients.
+
+    Returns:
+      `(loss, (posterior, metrics))`; posterior leaves `[B, T, ...]`.
+    """
+    embed = model.apply(params, data[model.obs_key], method=WorldModel.encode)
+    posterior, prior = observe(model, params, embed, data["action"], data["is_first"], key)
+    kl_loss, kl_value = kl_balance(posterior.logits, prior.logits, **config.kl)
+    feat = get_feat(posterior)
+
+    def head_feat(name):
+        return feat if name in config.grad_heads else jax.lax.stop_gradient(feat)
+
+    obs_mean = model.apply(params, head_feat("decoder"), method=WorldModel.decode)
+    obs_event_dims = len(model.obs_shape)
+    losses = {
+        "kl": kl_loss,
+        model.obs_key: -unit_normal(obs_mean, obs_event_dims).log_prob(data[model.obs_key]).mean(),
+        "reward": -unit_normal(
+            model.apply(params, head_feat("reward"), method=WorldModel.reward), 0
+        )
+        .log_prob(data["reward"])
+        .mean(),
+    }
+    if config.pred_discount:
+        logits = model.apply(params, head_feat("discount"), method=WorldModel.discount_logits)
+        # The target is γ or 0, a soft label: Bernoulli log-likelihood is defined for it.
+        losses["discount"] = -distrax.Bernoulli(logits=logits).log_prob(data["discount"]).mean()
+    scales = config.loss_scales
+    model_loss = sum(scales.get(name, 1.0) * value for name, value in losses.items())
+    metrics = {f"{name}_loss": value for name, value in losses.items()}
+    metrics.update(
+        model_loss=model_loss,
+        kl=kl_value.mean(),
+        prior_entropy=latent_dist(prior.logits).entropy().mean(),
+        post_entropy=latent_dist(posterior.logits).entropy().mean(),
+    )
+    return model_loss, (posterior, metrics)

@@ -1,0 +1,207 @@
+"""VectorEnv: the Atari protocol, episode boundaries, task names, seeding."""
+
+import envpool
+import numpy as np
+import pytest
+
+from dreamer_jax.envs import (
+    ATARI_GAMES,
+    UnknownTaskError,
+    VectorEnv,
+    _task_ids,
+    available_tasks,
+)
+
+KEYS = {"reward", "is_first", "is_last", "is_terminal"}
+
+
+@pytest.fixture
+def make_env():
+    """VectorEnv factory that closes every env it made."""
+    envs = []
+
+    def make(*args, **kwargs):
+        envs.append(VectorEnv(*args, **kwargs))
+        return envs[-1]
+
+    yield make
+    for env in envs:
+        env.close()
+
+
+def run(env, steps, seed=0):
+    """Random actions for `steps` steps after a reset: dict of [steps+1, N] arrays."""
+    rng = np.random.default_rng(seed)
+    out = [env.reset()]
+    out += [env.step(env.random_actions(rng)) for _ in range(steps)]
+    return {k: np.stack([o[k] for o in out]) for k in out[0]}
+
+
+def test_atari_protocol_settings(make_env):
+    env = make_env("atari_pong", num_envs=1, seed=0, action_repeat=4)
+    assert env.settings == {
+        "img_height": 64,
+        "img_width": 64,
+        "gray_scale": True,
+        "stack_num": 1,
+        "frame_skip": 4,
+        "action_repeat": 4,
+        "repeat_action_probability": 0.25,
+        "noop_max": 30,
+        "full_action_space": False,
+        "episodic_life": False,
+        "use_fire_reset": False,
+        "reward_clip": False,
+        "max_episode_steps": 27000,
+        "time_limit": 27000,
+    }
+    assert env.discrete and env.num_actions == 6  # Pong's minimal action set
+
+
+def test_atari_observations(make_env):
+    env = make_env("atari_pong", num_envs=2, seed=0, action_repeat=4)
+    assert env.obs_space == {"image": ((64, 64, 1), np.dtype(np.uint8))}
+    first = env.reset()
+    assert set(first) == KEYS | {"image"}
+    assert first["image"].shape == (2, 64, 64, 1) and first["image"].dtype == np.uint8
+    assert first["image"].std() > 0  # a real frame, not an empty buffer
+    assert first["is_first"].all() and not first["is_last"].any()
+    assert (first["reward"] == 0).all() and first["reward"].dtype == np.float32
+    step = env.step(env.random_actions(np.random.default_rng(0)))
+    assert step["image"].shape == (2, 64, 64, 1) and not step["is_first"].any()
+
+
+def test_atari_time_limit_counts_policy_steps(make_env):
+    env = make_env("atari_pong", num_envs=2, seed=0, time_limit=5, action_repeat=4)
+    data = run(env, 7)
+    assert (data["is_last"][5] & ~data["is_terminal"][5]).all()  # truncated, not terminal
+    assert not data["is_last"][:5].any()
+    assert data["is_first"][6].all() and (data["reward"][6] == 0).all()
+
+
+def test_atari_game_over_on_time_limit_step_is_terminal(make_env):
+    # envpool flags a game over that falls on the time-limit step as truncation only.
+    def episode(time_limit):
+        env = make_env("atari_breakout", num_envs=1, seed=0, time_limit=time_limit, action_repeat=4)
+        data = run(env, 300)
+        end = np.flatnonzero(data["is_last"][:, 0])[0]
+        return end, data["is_terminal"][end, 0]
+
+    length, terminal = episode(0)
+    assert terminal and 0 < length < 300
+    assert episode(length) == (length, True)
+
+
+def test_envpool_atari_max_pools_last_two_frames():
+    # One frame_skip=4 step must equal the max of frames 3 and 4 of a frame_skip=1 env.
+    # Full-size frames: resizing after the max does not commute with the max.
+    kwargs = dict(
+        num_envs=1, seed=0, img_height=210, img_width=160, stack_num=1, noop_max=1,
+        repeat_action_probability=0.0, use_fire_reset=False,
+    )  # fmt: skip
+    single = envpool.make("Breakout-v5", env_type="gymnasium", frame_skip=1, **kwargs)
+    skip = envpool.make("Breakout-v5", env_type="gymnasium", frame_skip=4, **kwargs)
+    single.reset(), skip.reset()
+    differ = 0
+    for action in np.random.default_rng(0).integers(0, 4, 10):
+        frames = [single.step(np.array([action]))[0] for _ in range(4)]
+        pooled = skip.step(np.array([action]))[0]
+        np.testing.assert_array_equal(pooled, np.maximum(frames[2], frames[3]))
+        differ += (frames[2] != frames[3]).any()
+    assert differ  # the frames pooled were not all identical
+    single.close(), skip.close()
+
+
+def test_cartpole_episode_boundaries(make_env):
+    limit, n = 20, 3
+    env = make_env("classic_cartpole", num_envs=n, seed=0, time_limit=limit)
+    assert env.obs_space == {"vector": ((4,), np.dtype(np.float32))}
+    assert env.discrete and env.num_actions == 2
+    data = run(env, 300)
+    first, last, terminal = data["is_first"], data["is_last"], data["is_terminal"]
+    assert not (first & last).any()
+    assert not (terminal & ~last).any()
+    assert (first[1:] == last[:-1]).all()  # the step after is_last starts the next episode
+    assert (data["reward"][first] == 0).all()
+    assert (data["reward"][~first] == 1).all()
+    truncated, terminated = 0, 0
+    for i in range(n):
+        starts, ends = np.flatnonzero(first[:, i]), np.flatnonzero(last[:, i])
+        for start, end in zip(starts, ends, strict=False):
+            length = end - start  # policy steps from the first observation
+            if terminal[end, i]:
+                terminated += 1
+                assert length < limit
+                x, theta = data["vector"][end, i, [0, 2]]
+                assert abs(x) > 2.4 or abs(theta) > 0.2095  # the pole really fell
+            else:
+                truncated += 1
+                assert length == limit
+    assert truncated >= 3 and terminated >= 3
+
+
+def test_action_repeat_loop_stops_at_episode_end(make_env):
+    # classic tasks repeat in Python: the time limit counts policy steps, rewards are summed.
+    env = make_env("classic_cartpole", num_envs=4, seed=1, time_limit=8, action_repeat=3)
+    assert env.settings["max_episode_steps"] == 24 and env.settings["time_limit"] == 8
+    data = run(env, 60)
+    first, last = data["is_first"], data["is_last"]
+    assert (first[1:] == last[:-1]).all()
+    assert (data["reward"][first] == 0).all()
+    mid = ~first & ~last
+    assert (data["reward"][mid] == 3).all()
+    truncated = last & ~data["is_terminal"]
+    assert set(np.unique(data["reward"][truncated])) == {3.0}
+    steps, envs = np.nonzero(truncated)
+    starts = [np.flatnonzero(first[: t + 1, i])[-1] for t, i in zip(steps, envs, strict=True)]
+    assert set(steps - starts) == {8}  # every truncated episode lasted exactly 8 policy steps
+
+
+def test_unknown_task_suggests_close_matches():
+    with pytest.raises(UnknownTaskError, match="atari_pongg.*close matches: atari_pong") as err:
+        VectorEnv("atari_pongg", num_envs=1, seed=0)
+    assert isinstance(err.value, ValueError) and "\n" not in str(err.value)
+    with pytest.raises(UnknownTaskError, match="close matches: none"):
+        VectorEnv("nothing_like_it", num_envs=1, seed=0)
+
+
+def test_atari_games_exist_in_envpool():
+    assert len(ATARI_GAMES) == len(set(ATARI_GAMES)) == 55
+    assert not {"defender", "surround"} & set(ATARI_GAMES)
+    ids = _task_ids()
+    atari = {ids[f"atari_{game}"] for game in ATARI_GAMES}
+    assert len(atari) == 55
+    assert atari <= set(envpool.list_all_envs())
+    tasks = available_tasks()
+    assert {"classic_cartpole", "classic_acrobot", "dmc_walker_walk"} <= set(tasks)
+    assert len(tasks) == len(set(tasks))
+
+
+def test_same_seed_same_observations(make_env):
+    a, b = (make_env("atari_pong", num_envs=2, seed=3, action_repeat=4) for _ in range(2))
+    data_a, data_b = run(a, 30, seed=1), run(b, 30, seed=1)
+    for key in data_a:
+        np.testing.assert_array_equal(data_a[key], data_b[key])
+
+
+def test_seeds_give_independent_envs(make_env):
+    # envpool's default seeds env i with seed + i; pools of seeds 0 and 1 must not share envs.
+    obs = [make_env("classic_cartpole", num_envs=4, seed=s).reset()["vector"] for s in (0, 1)]
+    pairs = obs[0][:, None] == obs[1][None]  # [4, 4, D]
+    assert not pairs.all(-1).any()
+
+
+def test_dmc_continuous_actions(make_env):
+    if "dmc_cartpole_balance" not in available_tasks():
+        pytest.skip("envpool has no dm_control tasks")
+    env = make_env("dmc_cartpole_balance", num_envs=2, seed=0, time_limit=5, action_repeat=2)
+    assert env.obs_space == {"vector": ((5,), np.dtype(np.float32))}  # position 3 + velocity 2
+    assert not env.discrete and env.num_actions == 1
+    actions = env.random_actions(np.random.default_rng(0))
+    assert actions.shape == (2, 1) and actions.dtype == np.float32
+    assert (np.abs(actions) <= 1).all()
+    data = run(env, 7)
+    assert data["vector"].shape == (8, 2, 5) and data["vector"].dtype == np.float32
+    assert (data["is_last"][5] & ~data["is_terminal"][5]).all()  # 5 policy steps = 10 env steps
+    assert not data["is_last"][:5].any() and data["is_first"][6].all()
+    assert (data["reward"][1:5] > 1.5).all()  # two upright control steps of reward ~1 each

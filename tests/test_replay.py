@@ -1,0 +1,291 @@
+"""Tests for the episodic replay: reassembly, chunk sampling, eviction, disk, threading."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from dreamer_jax.replay import Replay, ReplayDirectoryError
+
+
+def make_episode(length: int, offset: int = 0, image_shape=(8, 8, 1)) -> dict[str, np.ndarray]:
+    """A fake finished episode [length, ...]; `reward` holds `offset + t`, so every step of
+    every episode made with distinct offsets is identifiable."""
+    steps = np.arange(length)
+    action = np.zeros((length, 4), np.uint8)
+    action[steps, steps % 4] = 1
+    return {
+        "image": ((offset + steps) % 256).astype(np.uint8)[:, None, None, None]
+        * np.ones(image_shape, np.uint8),
+        "action": action,
+        "reward": (offset + steps).astype(np.float32),
+        "is_first": steps == 0,
+        "is_last": steps == length - 1,
+        "is_terminal": steps == length - 1,
+    }
+
+
+def make_replay(directory=None, **kwargs) -> Replay:
+    args = dict(capacity=10_000, minlen=5, length=5, batch=4, prioritize_ends=False, seed=0)
+    return Replay(directory, **{**args, **kwargs})
+
+
+def assert_episodes_equal(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert a[key].dtype == b[key].dtype, key
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_add_reassembles_interleaved_envs():
+    replay = make_replay(minlen=2, length=2)
+    lengths = [[5, 3], [7, 2], [4, 6]]  # per env, its episodes in order
+    steps = 10
+    expected, streams = [], []
+    for i, lens in enumerate(lengths):
+        episodes = [make_episode(n, offset=1000 * i + 100 * j) for j, n in enumerate(lens)]
+        unfinished = make_episode(steps + 1, offset=1000 * i + 500)  # is_last only past the end
+        expected += [(sum(lens[: j + 1]) - 1, i, ep) for j, ep in enumerate(episodes)]
+        streams.append({key: np.concatenate([ep[key] for ep in [*episodes, unfinished]])
+                        for key in unfinished})  # fmt: skip
+    buffers = {key: np.stack([s[key][0] for s in streams]) for key in streams[0]}
+    for t in range(steps):
+        for key, buffer in buffers.items():  # the collector reuses its step buffers
+            buffer[...] = np.stack([s[key][t] for s in streams])
+        finished = replay.add(buffers)
+        want = [ep for end, _, ep in sorted(expected, key=lambda e: e[1]) if end == t]
+        assert len(finished) == len(want), t
+        for got, ref in zip(finished, want, strict=True):
+            assert_episodes_equal(got, ref)
+    assert replay.stats["num_episodes"] == 6
+    assert replay.stats["num_steps"] == sum(map(sum, lengths))
+
+
+def test_add_rejects_changing_env_count():
+    replay = make_replay()
+    step = {key: value[:1] for key, value in make_episode(3).items()}
+    replay.add({key: np.repeat(value, 2, 0) for key, value in step.items()})
+    with pytest.raises(ValueError, match="envs"):
+        replay.add(step)
+
+
+def test_add_episode_rejects_other_keys():
+    replay = make_replay()
+    replay.add_episode(make_episode(10))
+    episode = make_episode(10)
+    episode["vector"] = episode.pop("image").reshape(10, -1).astype(np.float32)
+    with pytest.raises(ValueError, match="keys"):
+        replay.add_episode(episode)
+
+
+def test_sample_chunks_are_contiguous_slices():
+    replay = make_replay(batch=16, length=6, minlen=6, prioritize_ends=True)
+    lengths = [6, 9, 20, 33]
+    for j, n in enumerate(lengths):
+        replay.add_episode(make_episode(n, offset=1000 * j))
+    stored = [{key: value.copy() for key, value in ep.items()} for ep in replay.episodes]
+    for _ in range(20):
+        batch = replay.sample()
+        assert batch["image"].shape == (16, 6, 8, 8, 1)
+        assert batch["image"].dtype == np.uint8
+        assert batch["action"].shape == (16, 6, 4) and batch["action"].dtype == np.uint8
+        assert batch["reward"].shape == (16, 6) and batch["reward"].dtype == np.float32
+        assert batch["is_first"].dtype == bool and batch["is_first"][:, 0].all()
+        for b in range(16):
+            j, start = divmod(int(batch["reward"][b, 0]), 1000)
+            assert start + 6 <= lengths[j]
+            for key, value in stored[j].items():
+                chunk = value[start : start + 6].copy()
+                if key == "is_first":
+                    chunk[0] = True
+                np.testing.assert_array_equal(batch[key][b], chunk, err_msg=key)
+    for ep, ref in zip(replay.episodes, stored, strict=True):
+        assert_episodes_equal(ep, ref)  # sampling did not touch storage
+    assert not replay.episodes[0]["image"].flags.writeable
+
+
+def test_sample_without_data_raises():
+    replay = make_replay(minlen=10, length=5)
+    replay.add_episode(make_episode(9))  # shorter than minlen: not sampleable
+    with pytest.raises(RuntimeError, match="no episode"):
+        replay.sample()
+
+
+def start_probabilities(total: int, length: int, minlen: int, prioritize_ends: bool) -> np.ndarray:
+    """P(start = s) by enumerating the draws: uniform u over `upper` values, start = min(u, .)."""
+    upper = total - length + 1 + (minlen if prioritize_ends else 0)
+    probs = np.zeros(total - length + 1)
+    for u in range(upper):
+        probs[min(u, total - length)] += 1 / upper
+    return probs
+
+
+@pytest.mark.parametrize("prioritize_ends", [True, False])
+def test_start_distribution(prioritize_ends):
+    replay = make_replay(batch=1000, length=10, minlen=10, prioritize_ends=prioritize_ends)
+    replay.add_episode(make_episode(100))
+    starts = np.concatenate([replay.sample()["reward"][:, 0] for _ in range(100)]).astype(int)
+    freq = np.bincount(starts, minlength=91) / len(starts)
+    probs = start_probabilities(100, 10, 10, prioritize_ends)
+    if prioritize_ends:
+        np.testing.assert_allclose(probs[90], 11 / 101)
+        np.testing.assert_allclose(probs[:90], 1 / 101)
+    else:
+        np.testing.assert_allclose(probs, 1 / 91)
+    assert len(freq) == 91
+    sigma = np.sqrt(probs * (1 - probs) / len(starts))
+    assert np.all(np.abs(freq - probs) < 5 * sigma), np.max(np.abs(freq - probs) / sigma)
+
+
+def test_capacity_drops_oldest_first():
+    replay = make_replay(capacity=50)
+    lengths = [10, 20, 15, 12, 8, 30]
+    kept_after = [[0], [0, 1], [0, 1, 2], [1, 2, 3], [2, 3, 4], [3, 4, 5]]
+    for j, (n, want) in enumerate(zip(lengths, kept_after, strict=True)):
+        replay.add_episode(make_episode(n, offset=1000 * j))
+        assert [int(ep["reward"][0]) // 1000 for ep in replay.episodes] == want
+        assert replay.stats["num_steps"] == sum(lengths[k] for k in want) <= 50
+
+
+def test_atari_step_bytes():
+    replay = make_replay(minlen=50, length=50)
+    episode = make_episode(200, image_shape=(64, 64, 1))
+    episode["action"] = np.eye(18, dtype=np.uint8)[np.arange(200) % 18]
+    replay.add_episode(episode)
+    stored = replay.episodes[0]
+    assert stored["image"].dtype == np.uint8 and stored["action"].dtype == np.uint8
+    assert stored["image"] is episode["image"]  # stored as given, not copied
+    stats = replay.stats
+    assert stats["bytes"] / stats["num_steps"] <= 4.5 * 1024
+    assert stats["bytes"] / stats["num_steps"] == 4096 + 18 + 4 + 3
+
+
+def test_save_load_round_trip(tmp_path):
+    replay = make_replay(tmp_path, minlen=4, length=4)
+    for j, n in enumerate([6, 3, 8]):  # the 3-step episode is saved but not stored
+        replay.add_episode(make_episode(n, offset=1000 * j))
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["00000000-6.npz", "00000001-3.npz", "00000002-8.npz"]
+    originals = {name: (tmp_path / name).read_bytes() for name in names}
+
+    reloaded = make_replay(tmp_path, minlen=4, length=4)
+    assert reloaded.stats == {**replay.stats, "loaded": 2}
+    for got, ref in zip(reloaded.episodes, replay.episodes, strict=True):
+        assert_episodes_equal(got, ref)
+    reloaded.add_episode(make_episode(5, offset=5000))
+    assert (tmp_path / "00000003-5.npz").exists()
+    assert {name: (tmp_path / name).read_bytes() for name in names} == originals
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temp files left
+
+
+def test_load_keeps_newest_within_capacity(tmp_path):
+    replay = make_replay(tmp_path)
+    for j, n in enumerate([10, 10, 10, 10]):
+        replay.add_episode(make_episode(n, offset=1000 * j))
+    reloaded = make_replay(tmp_path, capacity=25)
+    assert [int(ep["reward"][0]) // 1000 for ep in reloaded.episodes] == [2, 3]
+    assert reloaded.stats["loaded"] == 2 and len(list(tmp_path.iterdir())) == 4
+
+
+def test_unreadable_files_are_skipped_and_untouched(tmp_path):
+    replay = make_replay(tmp_path)
+    replay.add_episode(make_episode(10))
+    valid = (tmp_path / "00000000-10.npz").read_bytes()
+    bad = {
+        "00000005-10.npz": valid[: len(valid) // 2],
+        "00000006-7.npz": b"not an npz file at all",
+    }
+    for name, data in bad.items():
+        (tmp_path / name).write_bytes(data)
+    np.savez(tmp_path / "00000007-10.npz", image=np.zeros((10, 8, 8, 1), np.uint8))  # no keys
+
+    with pytest.warns(UserWarning) as record:
+        reloaded = make_replay(tmp_path)
+    messages = [str(w.message) for w in record]
+    for name in [*bad, "00000007-10.npz"]:
+        assert sum(name in m for m in messages) == 1, (name, messages)
+    assert all("\n" not in m for m in messages)
+    assert reloaded.stats["skipped_files"] == 3 and reloaded.stats["loaded"] == 1
+    for name, data in bad.items():
+        assert (tmp_path / name).read_bytes() == data
+    reloaded.add_episode(make_episode(10))
+    assert (tmp_path / "00000008-10.npz").exists()  # the index skips past unreadable files
+
+
+def test_same_seed_same_batches():
+    def batches(seed):
+        replay = make_replay(seed=seed, prioritize_ends=True)
+        for j, n in enumerate([7, 12, 30]):
+            replay.add_episode(make_episode(n, offset=1000 * j))
+        return [replay.sample()["reward"] for _ in range(5)]
+
+    np.testing.assert_array_equal(batches(3), batches(3))
+    assert not np.array_equal(batches(3), batches(4))
+
+
+def test_rng_state_round_trip():
+    replay = make_replay()
+    replay.add_episode(make_episode(40))
+    state = json.loads(json.dumps(replay.get_rng_state()))
+    first = replay.sample()["reward"]
+    replay.set_rng_state(state)
+    np.testing.assert_array_equal(replay.sample()["reward"], first)
+
+
+def test_dataset_prefetches_and_closes():
+    replay = make_replay(prefetch=2)
+    replay.add_episode(make_episode(20))
+    batches = replay.dataset()
+    for _ in range(5):
+        assert next(batches)["image"].shape == (4, 5, 8, 8, 1)
+    replay.close()
+    assert not any(t.name == "replay-prefetch" for t in threading.enumerate())
+    assert list(batches) == []  # the iterator ends after close()
+
+
+def test_dataset_waits_for_data_and_never_blocks_add():
+    replay = make_replay(prefetch=1)
+    batches = replay.dataset()
+    time.sleep(0.2)  # the thread waits: no episode yet
+    replay.add_episode(make_episode(20))
+    assert next(batches)["reward"].shape == (4, 5)
+    time.sleep(0.3)  # the queue is full again and the thread blocks on it
+    start = time.perf_counter()
+    for j in range(20):
+        replay.add_episode(make_episode(20, offset=1000 * j))
+    assert time.perf_counter() - start < 1.0
+    replay.close()
+
+
+def test_dataset_resume_redraws_unconsumed_batches():
+    def fresh():
+        replay = make_replay(prefetch=3, seed=7)
+        for j, n in enumerate([9, 14, 25]):
+            replay.add_episode(make_episode(n, offset=1000 * j))
+        return replay
+
+    reference = fresh()
+    expected = [reference.sample()["reward"] for _ in range(4)]
+    replay = fresh()
+    batches = replay.dataset()
+    for want in expected[:2]:
+        np.testing.assert_array_equal(next(batches)["reward"], want)
+    time.sleep(0.2)  # let the thread prefetch beyond what was consumed
+    state = json.loads(json.dumps(replay.get_rng_state()))
+    replay.close()
+    resumed = fresh()
+    resumed.set_rng_state(state)
+    np.testing.assert_array_equal(resumed.sample()["reward"], expected[2])
+    np.testing.assert_array_equal(replay.sample()["reward"], expected[2])  # close() rewound
+
+
+def test_unwritable_directory_raises(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ReplayDirectoryError, match="replay directory .*file/replay"):
+        make_replay(blocker / "replay")
+    assert issubclass(ReplayDirectoryError, OSError)

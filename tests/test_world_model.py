@@ -1,0 +1,73 @@
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from helpers import structured_batch, tiny_config, vector_agent
+
+from dreamer_jax.world_model import WorldModel, observe, preprocess, world_model_loss
+
+
+def test_preprocess_image_reward_discount():
+    config = tiny_config(clip_rewards="tanh", discount=0.9)
+    batch = {
+        "image": np.array([[0, 255]], np.uint8),
+        "reward": np.array([[2.0, -0.5]], np.float32),
+        "is_terminal": np.array([[False, True]]),
+    }
+    out = preprocess(batch, config)
+    np.testing.assert_allclose(out["image"], [[-0.5, 0.5]])
+    np.testing.assert_allclose(out["reward"], np.tanh([[2.0, -0.5]]), rtol=1e-6)
+    np.testing.assert_allclose(out["discount"], [[0.9, 0.0]])
+    identity = preprocess(batch, tiny_config(clip_rewards="identity"))
+    np.testing.assert_allclose(identity["reward"], batch["reward"])
+
+
+def test_posterior_prior_shapes_and_chunk_reset():
+    agent = vector_agent()
+    config = agent.config
+    state = agent.init(jax.random.key(0))
+    batch = structured_batch(config.dataset.batch, config.dataset.length)
+    data = preprocess(batch, config)
+    model, params = agent.world_model, state.wm_params
+    embed = model.apply(params, data["vector"], method=WorldModel.encode)
+    posterior, prior = observe(
+        model, params, embed, data["action"], data["is_first"], jax.random.key(1)
+    )
+    b, t, s, k = (
+        config.dataset.batch,
+        config.dataset.length,
+        config.rssm.stoch,
+        config.rssm.discrete,
+    )
+    chex.assert_shape([posterior.stoch, posterior.logits, prior.stoch, prior.logits], (b, t, s, k))
+    chex.assert_shape([posterior.deter, prior.deter], (b, t, config.rssm.deter))
+    # is_first at step 3 makes everything from step 3 on independent of steps 0..2.
+    first = jnp.asarray(data["is_first"]).at[:, 3].set(True)
+    action = jnp.asarray(data["action"])
+    changed = action.at[:, :3].set(1.0 - action[:, :3])
+    embed_changed = embed.at[:, :3].add(1.0)
+    key = jax.random.key(1)
+    post_a, _ = observe(model, params, embed, data["action"], first, key)
+    post_b, _ = observe(model, params, embed_changed, changed, first, key)
+    np.testing.assert_allclose(post_a.logits[:, 3:], post_b.logits[:, 3:], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(post_a.logits[:, :3], post_b.logits[:, :3])
+
+
+def test_world_model_loss_terms_finite_and_consistent():
+    agent = vector_agent()
+    state = agent.init(jax.random.key(0))
+    config = agent.config
+    data = preprocess(structured_batch(config.dataset.batch, config.dataset.length), config)
+    loss, (posterior, metrics) = world_model_loss(
+        state.wm_params, agent.world_model, data, jax.random.key(2), config
+    )
+    scales = config.loss_scales
+    expected = (
+        scales.kl * metrics["kl_loss"]
+        + metrics["vector_loss"]
+        + scales.reward * metrics["reward_loss"]
+        + scales.discount * metrics["discount_loss"]
+    )
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+    assert all(np.isfinite(v) for v in jax.tree.leaves(metrics))
+    assert jnp.all(posterior.stoch.sum(-1) > 0.99)
