@@ -201,3 +201,40 @@ def world_model_loss(
         post_entropy=latent_dist(posterior.logits).entropy().mean(),
     )
     return model_loss, (posterior, metrics)
+
+
+def open_loop_prediction(
+    model: WorldModel,
+    params: Params,
+    data: dict[str, jax.Array],
+    key: jax.Array,
+    context: int = 5,
+) -> tuple[jax.Array, jax.Array]:
+    """SPEC §6: observe the first `context` steps with the posterior, then imagine the rest
+    with the prior under the recorded actions, and decode both.
+
+    Args:
+      data: a preprocessed batch `[B, T, ...]`.
+    Returns:
+      `(truth, prediction)`, each `[B, T, *obs_shape]` in the preprocessed scale.
+    """
+    observe_key, imagine_key = jax.random.split(key)
+    embed = model.apply(params, data[model.obs_key][:, :context], method=WorldModel.encode)
+    posterior, _ = observe(
+        model, params, embed, data["action"][:, :context], data["is_first"][:, :context],
+        observe_key,
+    )  # fmt: skip
+    last = jax.tree.map(lambda x: x[:, -1], posterior)
+    future_actions = jnp.swapaxes(data["action"][:, context:], 0, 1)  # [T - context, B, A]
+    keys = jax.random.split(imagine_key, future_actions.shape[0])
+
+    def step(state, inputs):
+        action, step_key = inputs
+        state = model.apply(params, state, action, step_key, method=WorldModel.img_step)
+        return state, state
+
+    _, imagined = jax.lax.scan(step, last, (future_actions, keys))
+    imagined = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), imagined)
+    feats = jnp.concatenate([get_feat(posterior), get_feat(imagined)], 1)
+    prediction = model.apply(params, feats, method=WorldModel.decode)
+    return data[model.obs_key], prediction

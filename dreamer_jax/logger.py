@@ -1,0 +1,326 @@
+"""The project's one logger: one object, several outputs (in the spirit of dreamerv3 `embodied`).
+
+    logger = Logger("runs/pong/0", config.flat(), total_steps=..., action_repeat=4)
+    logger.scalars({"model_loss": 1.2, "train_return": -20.0})
+    logger.video("openl", frames)   # uint8 [T, H, W, C]; saved and logged at once
+    logger.write(step)              # one log step: jsonl + TensorBoard + wandb
+    logger.progress(step, {"updates_per_s": 3.1, "train_return": -20.0})
+    logger.close()
+
+Outputs, all under `logdir`:
+  metrics.jsonl      one JSON line per `write()`: {"step", "frames", **scalars}, flushed and
+                     fsynced. JSON cannot hold NaN or inf, so non-finite scalars are written
+                     as `null` (TensorBoard and wandb still get the float).
+  events.out.tfevents.*  TensorBoard (tensorboardX), global_step = step.
+  <name>_<step>.gif  one file per `video()` call, 10 fps.
+  wandb/             wandb offline run (mode "offline", the default); "online" syncs to
+                     project/entity; "disabled" skips wandb. The run id is kept in
+                     wandb_run_id.txt so a restarted run continues the same wandb run.
+
+Resume: an existing metrics.jsonl is appended to. With `resume_step`, lines with
+step > resume_step are dropped first (the file is rewritten atomically) and TensorBoard
+purges its events from later steps, so a run restarted from a checkpoint at `resume_step`
+does not log any step twice. A malformed last line (a crash mid-write) is dropped with a
+warning.
+
+Terminal: a tqdm bar over frames when stderr is a TTY (or `progress=True`); otherwise no bar,
+and each `write()` prints one compact plain line to stdout so CI logs stay readable.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import secrets
+import sys
+import warnings
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from tensorboardX import SummaryWriter
+
+METRICS_FILE = "metrics.jsonl"
+WANDB_ID_FILE = "wandb_run_id.txt"
+VIDEO_FPS = 10
+# Shown first in the plain per-write line; every other scalar follows in insertion order.
+_HEADLINE = ("train_return", "eval_return", "fps", "updates_per_s")
+_RESERVED = ("step", "frames")
+
+
+class LogdirError(OSError):
+    """The log directory cannot be created or written. The message is one line."""
+
+
+class Logger:
+    """Buffers scalars and writes them, once per log step, to every output.
+
+    Args:
+      logdir: created if missing; must be writable (else `LogdirError`, before any write).
+      config_flat: flat config (`{"rssm.deter": 600, ...}`), stored as the wandb config.
+      wandb_mode: "offline" (default, under `logdir`, no network), "online" or "disabled".
+      wandb_project, wandb_entity: used by wandb ("" entity means wandb's default).
+      run_name: wandb display name; None lets wandb choose.
+      total_steps: agent steps of the whole run, for the progress bar total (0: unknown).
+      action_repeat: env frames per agent step; `frames = step * action_repeat`.
+      progress: True forces the tqdm bar, False forces plain lines, None picks the bar
+        iff stderr is a TTY.
+      resume_step: the checkpoint step a restarted run continues from; logged steps
+        after it are dropped (see the module docstring).
+    """
+
+    def __init__(
+        self,
+        logdir: str | pathlib.Path,
+        config_flat: dict,
+        wandb_mode: str = "offline",
+        wandb_project: str = "dreamer-jax",
+        wandb_entity: str = "",
+        run_name: str | None = None,
+        total_steps: int = 0,
+        action_repeat: int = 1,
+        progress: bool | None = None,
+        resume_step: int | None = None,
+    ):
+        if wandb_mode not in ("offline", "online", "disabled"):
+            raise ValueError(f"wandb_mode must be offline, online or disabled, not {wandb_mode!r}")
+        self.logdir = pathlib.Path(logdir)
+        _check_writable(self.logdir)
+        self.metrics_path = self.logdir / METRICS_FILE
+        self.action_repeat = action_repeat
+        self.total_steps = total_steps
+        # The step of the latest write()/progress(); the default step of video().
+        self.step = resume_step or 0
+        self._scalars: dict[str, float] = {}
+        self._postfix: dict[str, float] = {}
+        self._bar = None
+        self._use_bar = sys.stderr.isatty() if progress is None else progress
+        # tensorboardX's add_video needs moviepy; without it, videos go in as a frame strip.
+        self._tb_video = importlib.util.find_spec("moviepy") is not None
+
+        _truncate_metrics(self.metrics_path, resume_step)
+        # wandb first: an online init that raises then leaves no TensorBoard writer open.
+        self._wandb = None
+        if wandb_mode != "disabled":
+            self._wandb = _init_wandb(
+                self.logdir, config_flat, wandb_mode, wandb_project, wandb_entity, run_name
+            )
+        purge = None if resume_step is None else resume_step + 1
+        self._tb = SummaryWriter(logdir=str(self.logdir), purge_step=purge)
+
+    def scalar(self, name: str, value: float) -> None:
+        """Buffers one scalar until `write()`; a later value for the same name replaces it."""
+        if name in _RESERVED:
+            raise ValueError(f"scalar name {name!r} is reserved for the step counters")
+        self._scalars[name] = float(value)
+
+    def scalars(self, mapping: dict[str, float]) -> None:
+        """Buffers every `name: value` of `mapping` (see `scalar`)."""
+        for name, value in mapping.items():
+            self.scalar(name, value)
+
+    def video(self, name: str, frames: np.ndarray, step: int | None = None) -> None:
+        """Saves `frames` (uint8 [T, H, W, C], C 1 or 3) as `<logdir>/<name>_<step>.gif` and
+        logs it to TensorBoard and wandb now. `step` defaults to `self.step`; "/" in `name`
+        becomes "_" in the file name. Pillow merges identical consecutive frames (adding
+        their durations), so the GIF plays for the right time but may hold fewer frames."""
+        frames = np.asarray(frames)
+        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] not in (1, 3):
+            raise ValueError(
+                f"video {name!r} must be uint8 [T, H, W, C] with C 1 or 3, "
+                f"got {frames.dtype} {frames.shape}"
+            )
+        step = self.step if step is None else step
+        path = self.logdir / f"{name.replace('/', '_')}_{step}.gif"
+        _save_gif(path, frames)
+        if self._tb_video:
+            # tensorboardX wants [N, T, C, H, W].
+            clip = frames[None].transpose(0, 1, 4, 2, 3)
+            self._tb.add_video(name, clip, global_step=step, fps=VIDEO_FPS)
+        else:
+            strip = np.concatenate(list(frames), axis=1)  # [H, T*W, C]
+            self._tb.add_image(name, strip, global_step=step, dataformats="HWC")
+        if self._wandb is not None:
+            import wandb
+
+            # From the GIF path: encoding a numpy array would need moviepy.
+            self._wandb.log({name: wandb.Video(str(path))}, step=step)
+
+    def write(self, step: int) -> dict[str, Any]:
+        """Writes the buffered scalars as one log step to every output and clears the buffer.
+
+        Returns the record appended to metrics.jsonl (non-finite values as None)."""
+        self.step = step
+        scalars, self._scalars = self._scalars, {}
+        record = {"step": step, "frames": step * self.action_repeat}
+        record.update({k: v if math.isfinite(v) else None for k, v in scalars.items()})
+        with open(self.metrics_path, "a", encoding="utf-8") as file:
+            file.write(json.dumps(record) + "\n")
+            file.flush()
+            os.fsync(file.fileno())  # a crash after write() returns loses nothing
+        for name, value in scalars.items():
+            self._tb.add_scalar(name, value, global_step=step)
+        self._tb.flush()
+        if self._wandb is not None and scalars:
+            self._wandb.log(scalars, step=step)
+        if not self._use_bar:
+            print(_plain_line(step, record["frames"], scalars), flush=True)
+        return record
+
+    def progress(self, step: int, info: dict[str, float]) -> None:
+        """Moves the progress bar to `step * action_repeat` frames and shows `info` (e.g.
+        updates/s, last train/eval return; the latest value of each key stays shown). tqdm
+        itself shows frames/s and the ETA. Without a bar this only records the step."""
+        self.step = step
+        if not self._use_bar:
+            return
+        frames = step * self.action_repeat
+        if self._bar is None:
+            from tqdm import tqdm
+
+            total = self.total_steps * self.action_repeat or None
+            # `initial` keeps a resumed run's rate and ETA from counting frames done before.
+            self._bar = tqdm(
+                total=total, initial=frames, unit="frame", unit_scale=True, dynamic_ncols=True
+            )
+        self._postfix.update({k: float(v) for k, v in info.items()})
+        self._bar.set_postfix({k: f"{v:.4g}" for k, v in self._postfix.items()}, refresh=False)
+        self._bar.update(frames - self._bar.n)
+
+    def close(self) -> None:
+        """Flushes and closes TensorBoard, finishes wandb and closes the bar. Idempotent."""
+        self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def read_metrics(path: str | pathlib.Path) -> list[dict[str, Any]]:
+    """Parses a metrics.jsonl file into one dict per line (non-finite values are None).
+
+    A malformed last line (an interrupted write) is skipped with a warning; a malformed
+    line anywhere else raises ValueError."""
+    path = pathlib.Path(path)
+    return [record for _, record in _parse_metrics(path, path.read_text(encoding="utf-8"))]
+
+
+def _parse_metrics(path: pathlib.Path, text: str) -> list[tuple[str, dict[str, Any]]]:
+    """(line, record) for every non-blank line of `text`; see `read_metrics` for errors."""
+    lines = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+    parsed = []
+    for index, (number, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("not an object with an integer step")
+        except ValueError as error:
+            if index < len(lines) - 1:
+                raise ValueError(f"{path}:{number}: malformed metrics line: {error}") from error
+            warnings.warn(
+                f"dropping malformed last line {number} of {path} (interrupted write?)",
+                stacklevel=3,
+            )
+            break
+        parsed.append((line, record))
+    return parsed
+
+
+def _truncate_metrics(path: pathlib.Path, resume_step: int | None) -> None:
+    """Drops lines after `resume_step` and a malformed last line, rewriting atomically."""
+    if not path.exists():
+        return
+    text = path.read_text(encoding="utf-8")
+    parsed = _parse_metrics(path, text)
+    kept = [line for line, record in parsed if resume_step is None or record["step"] <= resume_step]
+    expected = "".join(line + "\n" for line in kept)
+    if text != expected:
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "w", encoding="utf-8") as file:
+            file.write(expected)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+
+
+def _check_writable(directory: pathlib.Path) -> None:
+    """Creates `directory` and proves it writable with a probe file, else raises one line."""
+    probe = directory / f".write-probe-{os.getpid()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise LogdirError(
+            f"log directory {directory} is not writable: {error.strerror or error}"
+        ) from error
+
+
+def _init_wandb(
+    logdir: pathlib.Path,
+    config_flat: dict,
+    mode: str,
+    project: str,
+    entity: str,
+    run_name: str | None,
+):
+    """Starts (or resumes) the wandb run of `logdir`; in offline mode a failure only warns."""
+    try:
+        import wandb
+
+        id_path = logdir / WANDB_ID_FILE
+        if id_path.exists():
+            run_id = id_path.read_text(encoding="utf-8").strip()
+        else:
+            run_id = secrets.token_hex(4)  # wandb ids: short, lowercase alphanumeric
+            id_path.write_text(run_id + "\n", encoding="utf-8")
+        return wandb.init(
+            project=project,
+            entity=entity or None,
+            name=run_name,
+            config=config_flat,
+            dir=str(logdir),
+            mode=mode,
+            id=run_id,
+            resume="allow",
+            # silent: no banners in CI logs; console off: the tqdm bar's carriage returns
+            # would only clutter wandb's copy of the terminal.
+            settings=wandb.Settings(silent=True, console="off"),
+        )
+    except Exception as error:
+        if mode != "offline":
+            raise
+        message = (str(error).splitlines() or [""])[0]
+        warnings.warn(
+            f"wandb offline init failed, continuing without wandb: {type(error).__name__}: "
+            f"{message}",
+            stacklevel=3,
+        )
+        return None
+
+
+def _save_gif(path: pathlib.Path, frames: np.ndarray) -> None:
+    """Writes `frames` [T, H, W, C] as a looping GIF via a temp file and an atomic rename."""
+    images = [Image.fromarray(frame[..., 0] if frame.shape[-1] == 1 else frame) for frame in frames]
+    tmp = path.with_name(f".{path.name}.tmp")
+    images[0].save(
+        tmp,
+        format="GIF",
+        save_all=True,
+        append_images=images[1:],
+        duration=1000 // VIDEO_FPS,
+        loop=0,
+    )
+    os.replace(tmp, path)
+
+
+def _plain_line(step: int, frames: int, scalars: dict[str, float]) -> str:
+    """'[step 12000 | frames 48000] train_return 12 fps 2100 model_loss 1.23 ...'."""
+    order = [k for k in _HEADLINE if k in scalars] + [k for k in scalars if k not in _HEADLINE]
+    parts = [f"{k} {scalars[k]:.4g}" for k in order]
+    return " ".join([f"[step {step} | frames {frames}]", *parts])

@@ -1,0 +1,124 @@
+"""Benchmark the learner: compile time, train_step updates/s, peak memory, XLA FLOPs.
+
+    python scripts/bench.py --configs atari [--precision bf16] [--updates 20] [--no-record]
+
+Any config preset/override is accepted as for training. Prints one result block and appends
+it, with the exact command, machine and date, to docs/benchmarks.md (unless --no-record).
+Uses a synthetic batch with the shapes of the configured task (Atari: 64×64×1 uint8, 18
+actions), so it needs no environment.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import pathlib
+import platform
+import resource
+import shlex
+import sys
+import time
+
+import jax
+import numpy as np
+
+from dreamer_jax.agent import Agent
+from dreamer_jax.config import ConfigError, load_config
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def synthetic_batch(config, obs_key, obs_shape, num_actions, seed=0):
+    rng = np.random.default_rng(seed)
+    b, t = config.dataset.batch, config.dataset.length
+    if obs_key == "image":
+        obs = rng.integers(0, 256, (b, t, *obs_shape), dtype=np.uint8)
+    else:
+        obs = rng.normal(size=(b, t, *obs_shape)).astype(np.float32)
+    return {
+        obs_key: obs,
+        "action": np.eye(num_actions, dtype=np.float32)[rng.integers(0, num_actions, (b, t))],
+        "reward": rng.normal(size=(b, t)).astype(np.float32),
+        "is_first": np.zeros((b, t), bool),
+        "is_last": np.zeros((b, t), bool),
+        "is_terminal": np.zeros((b, t), bool),
+    }
+
+
+def machine() -> str:
+    device = jax.devices()[0]
+    cpu = platform.processor() or platform.machine()
+    return f"{device.device_kind} ({jax.default_backend()}), {os.cpu_count()} CPU cores {cpu}"
+
+
+def peak_memory_bytes() -> tuple[str, int]:
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return "device peak", int(stats["peak_bytes_in_use"])
+    return "host max RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def main(argv: list[str]) -> int:
+    record = "--no-record" not in argv
+    argv = [a for a in argv if a != "--no-record"]
+    updates = 20
+    if "--updates" in argv:
+        i = argv.index("--updates")
+        updates = int(argv[i + 1])
+        argv = argv[:i] + argv[i + 2 :]
+    try:
+        config = load_config(argv)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    image = config.task.startswith("atari")
+    obs_space = {"image": ((64, 64, 1), np.uint8)} if image else {"vector": ((4,), np.float32)}
+    num_actions = 18 if image else 2
+    agent = Agent(config, obs_space, num_actions, discrete=True)
+    state = agent.init(jax.random.key(config.seed))
+    batch = synthetic_batch(config, agent.obs_key, agent.obs_shape, num_actions)
+
+    start = time.perf_counter()
+    compiled = agent.train_step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+
+    state, metrics = agent.train_step(state, batch)  # warm-up (first execution)
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for _ in range(updates):
+        state, metrics = agent.train_step(state, batch)
+    jax.block_until_ready((state, metrics))
+    elapsed = time.perf_counter() - start
+    memory_kind, memory = peak_memory_bytes()
+
+    b, t = config.dataset.batch, config.dataset.length
+    command = "python scripts/bench.py " + shlex.join(sys.argv[1:])
+    rows = [
+        ("date", datetime.date.today().isoformat()),
+        ("command", f"`{command}`"),
+        ("machine", machine()),
+        ("jax", jax.__version__),
+        ("precision", config.precision),
+        ("batch", f"{b}×{t}"),
+        ("compile time", f"{compile_s:.1f} s"),
+        ("train_step", f"{updates / elapsed:.2f} updates/s ({1000 * elapsed / updates:.0f} ms)"),
+        (memory_kind, f"{memory / 2**30:.2f} GiB"),
+        ("XLA FLOPs/update", f"{flops / 1e9:.1f} GFLOP"),
+    ]
+    text = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    block = f"\n### {config.task} {config.precision} ({rows[0][1]})\n\n| what | value |\n|---|---|\n{text}\n"
+    print(block)
+    if record:
+        path = ROOT / "docs" / "benchmarks.md"
+        with path.open("a") as file:
+            file.write(block)
+        print(f"appended to {path.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
