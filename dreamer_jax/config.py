@@ -262,6 +262,8 @@ def parse_args(argv: Sequence[str]) -> tuple[list[str], dict[str, Any]]:
 
 
 def _parse_scalar(text: str) -> Any:
+    if not text.strip():
+        return text  # YAML reads "" as null; an empty option value means an empty string
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:

@@ -1,0 +1,100 @@
+"""End to end through the real CLI (`python -m dreamer_jax.train`) on tiny configs."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+from dreamer_jax.logger import read_metrics
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args, timeout=900):
+    env = dict(os.environ, WANDB_SILENT="true", PYTHONUNBUFFERED="1")
+    return subprocess.run(
+        [sys.executable, "-m", "dreamer_jax.train", *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+def test_classic_debug_run_end_to_end(tmp_path):
+    logdir = tmp_path / "run"
+    result = run_cli(
+        "--configs", "classic", "debug", "--task", "classic_cartpole",
+        "--logdir", str(logdir), "--steps", "1500", "--envs", "2",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = yaml.safe_load((logdir / "config.yaml").read_text())
+    assert saved["task"] == "classic_cartpole" and saved["envs"] == 2
+
+    rows = read_metrics(logdir / "metrics.jsonl")
+    steps = [row["step"] for row in rows]
+    assert steps == sorted(set(steps)) and steps[-1] >= 1250
+    assert all(row["frames"] == row["step"] * saved["action_repeat"] for row in rows)
+    keys = ["model_loss", "kl", "vector_loss", "reward_loss", "discount_loss", "actor_loss"]
+    keys += ["critic_loss", "actor_entropy", "fps", "updates_per_sec", "train_return"]
+    for key in keys:
+        assert all(np.isfinite(row[key]) for row in rows), key
+    assert any("eval_return" in row for row in rows)
+    # train_every 10 with 2 envs: one update per 10 policy steps after the prefill.
+    last = rows[-1]
+    expected_updates = saved["pretrain"] + (last["step"] - saved["prefill"]) // 10
+    assert abs(last["updates"] - expected_updates) <= 1
+
+    assert list(logdir.glob("events.out.tfevents.*"))
+    assert (logdir / "wandb").is_dir()  # offline wandb by default, inside the logdir
+    gifs = sorted(logdir.glob("openl_*.gif"))
+    assert gifs
+    from PIL import Image
+
+    with Image.open(gifs[-1]) as gif:
+        assert gif.n_frames > 1
+    episodes = sorted((logdir / "replay").glob("*.npz"))
+    assert episodes
+    with np.load(episodes[0], allow_pickle=False) as episode:
+        assert episode["is_first"][0] and episode["is_last"][-1]
+        assert episode["action"].dtype == np.uint8 and episode["vector"].dtype == np.float32
+        np.testing.assert_array_equal(episode["action"][0], 0)
+        np.testing.assert_array_equal(episode["action"][1:].sum(-1), 1)
+
+
+def test_atari_debug_smoke(tmp_path):
+    result = run_cli(
+        "--configs", "atari", "debug", "--task", "atari_pong", "--logdir", str(tmp_path),
+        "--steps", "400", "--prefill", "200", "--eval_every", "400", "--log_every", "200",
+        "--wandb.mode", "disabled", "--time_limit", "100",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert rows and np.isfinite(rows[-1]["image_loss"])
+    assert list(tmp_path.glob("openl_*.gif"))
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--task", "atari_pongg"], "unknown task 'atari_pongg'; close matches: atari_pong"),
+        (["--rssm.detr", "3"], "unknown config key 'rssm.detr'"),
+        (["--steps", "many"], "'steps' expects int"),
+        (["--logdir", ""], "--logdir is required"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(tmp_path, args, fragment):
+    base = ["--configs", "classic", "debug", "--logdir", str(tmp_path / "run")]
+    result = run_cli(*base, *args, timeout=120)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and fragment in lines[0], result.stderr[-2000:]
+
+
+def test_unwritable_logdir_exits_2(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    result = run_cli("--configs", "classic", "debug", "--logdir", str(blocker / "run"), timeout=120)
+    assert result.returncode == 2 and "not writable" in result.stderr
+    assert blocker.read_text() == "not a directory"
