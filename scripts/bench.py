@@ -110,7 +110,8 @@ def main(argv: list[str]) -> int:
         ("XLA FLOPs/update", f"{flops / 1e9:.1f} GFLOP"),
     ]
     text = "\n".join(f"| {k} | {v} |" for k, v in rows)
-    block = f"\n### {config.task} {config.precision} ({rows[0][1]})\n\n| what | value |\n|---|---|\n{text}\n"
+    title = f"### {config.task}, precision {config.precision} ({rows[0][1]})"
+    block = f"\n{title}\n\n| what | value |\n|---|---|\n{text}\n"
     print(block)
     if record:
         path = ROOT / "docs" / "benchmarks.md"
