@@ -20,11 +20,17 @@ from __future__ import annotations
 import difflib
 import functools
 import re
+import warnings
 
 import envpool
 import gymnasium
 import numpy as np
 from envpool.registration import registry
+
+
+# gymnasium warns, on every classic-control space check, that envpool's float64 bounds
+# become float32 boxes: harmless, and it would flood the logs.
+warnings.filterwarnings("ignore", message=".*precision lowered by casting to float32.*")
 
 
 class UnknownTaskError(ValueError):
@@ -139,9 +145,9 @@ class VectorEnv:
             **kwargs,
         )
         space = self._env.action_space
+        obs_space = self._env.observation_space
         self.discrete = isinstance(space, gymnasium.spaces.Discrete)
         self.num_actions = int(space.n) if self.discrete else int(space.shape[0])
-        obs_space = self._env.observation_space
         if self._atari:
             c, h, w = obs_space.shape
             self.obs_space = {"image": ((h, w, c), np.dtype(np.uint8))}

@@ -22,14 +22,15 @@ two replays must not share a directory.
 
 from __future__ import annotations
 
+import collections
 import copy
 import os
 import pathlib
-import queue
 import re
 import threading
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -80,8 +81,8 @@ class Replay:
         self._prefetch = int(prefetch)
         self._rng = np.random.default_rng(seed)
 
-        # Guarded by `_cond`: the stored episodes (oldest first) and their lengths.
-        self._cond = threading.Condition()
+        # Guarded by `_lock`: the stored episodes (oldest first) and their lengths.
+        self._lock = threading.Lock()
         self._episodes: list[dict[str, np.ndarray]] = []
         self._lengths: list[int] = []
         self._keys: frozenset[str] | None = None
@@ -93,12 +94,10 @@ class Replay:
         self._loaded = 0
         self._skipped_files = 0
 
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
-        self._error: BaseException | None = None
-        # Generator state after the last batch the learner took from `dataset()`; the
-        # prefetched batches beyond it are drawn again after a resume.
-        self._consumed_rng_state: dict | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        # Batches drawn by `dataset()` but not yet returned: (copy in progress, Generator
+        # state before the draw), oldest first.
+        self._pending: collections.deque = collections.deque()
 
         if self._directory is not None:
             _check_writable(self._directory)
@@ -139,7 +138,7 @@ class Replay:
             them read-only.
         """
         length = _validate(episode)
-        with self._cond:
+        with self._lock:
             if self._keys is not None and frozenset(episode) != self._keys:
                 raise ValueError(f"episode keys {sorted(episode)} != stored {sorted(self._keys)}")
         for value in episode.values():
@@ -151,7 +150,7 @@ class Replay:
     def _store(self, episode: dict[str, np.ndarray], length: int) -> None:
         if length < max(self._minlen, self._length):
             return
-        with self._cond:
+        with self._lock:
             self._keys = frozenset(episode)
             self._episodes.append(episode)
             self._lengths.append(length)
@@ -161,7 +160,6 @@ class Replay:
                 dropped = self._episodes.pop(0)
                 self._num_steps -= self._lengths.pop(0)
                 self._bytes -= sum(value.nbytes for value in dropped.values())
-            self._cond.notify_all()
 
     # ------------------------------------------------------------------------------ disk
 
@@ -230,16 +228,17 @@ class Replay:
         Raises:
           RuntimeError: no episode is stored yet.
         """
-        with self._cond:
+        with self._lock:
             if not self._episodes:
-                raise RuntimeError(
-                    f"replay has no episode of length >= {max(self._minlen, self._length)} yet"
-                )
+                raise RuntimeError(self._empty_message())
             episodes, starts = self._draw()
         return self._gather(episodes, starts)
 
+    def _empty_message(self) -> str:
+        return f"replay has no episode of length >= {max(self._minlen, self._length)} yet"
+
     def _draw(self) -> tuple[list[dict[str, np.ndarray]], np.ndarray]:
-        """Chooses episodes uniformly and start indices; call with `_cond` held."""
+        """Chooses episodes uniformly and start indices; call with `_lock` held."""
         index = self._rng.integers(0, len(self._episodes), size=self._batch)
         totals = np.asarray(self._lengths)[index]
         upper = totals - self._length + 1
@@ -262,72 +261,44 @@ class Replay:
         return batch
 
     def dataset(self) -> Iterator[dict[str, np.ndarray]]:
-        """Batches from a background thread that keeps `prefetch` of them ready.
+        """Batches whose copying is done ahead on a worker thread, deterministically.
 
-        The thread waits until an episode is stored, samples under the lock only briefly,
-        and blocks on the full queue without the lock, so `add` never waits for it. The
-        iterator ends after `close()`; an error in the thread is raised here.
+        Each `next()` draws the episodes and start indices of one new batch in the caller's
+        thread, so a draw sees exactly the episodes added before that call and never depends
+        on thread timing (same seed and same calls, same batches). The copying of the chunks
+        runs on a worker; `next()` returns the batch drawn `prefetch` calls earlier, which is
+        normally ready. Raises RuntimeError if no episode is stored yet. The iterator ends
+        after `close()`.
         """
-        if self._thread is not None:
+        if self._executor is not None:
             raise RuntimeError("replay.dataset() is already running; call close() first")
-        # Per call, so an iterator left over from an earlier dataset() stays stopped.
-        self._stop = threading.Event()
-        self._error = None
-        self._consumed_rng_state = self.get_rng_state()
-        batches: queue.Queue = queue.Queue(self._prefetch)
-        self._thread = threading.Thread(
-            target=self._produce, args=(batches, self._stop), name="replay-prefetch", daemon=True
-        )
-        self._thread.start()
-        return self._consume(batches, self._stop)
+        executor = ThreadPoolExecutor(1, thread_name_prefix="replay-prefetch")
+        self._executor = executor
+        return self._batches(executor)
 
-    def _produce(self, batches: queue.Queue, stop: threading.Event) -> None:
-        try:
-            while not stop.is_set():
-                with self._cond:
-                    while not self._episodes and not stop.is_set():
-                        self._cond.wait()  # add and close notify
-                    if stop.is_set():
-                        return
-                    episodes, starts = self._draw()
+    def _batches(self, executor: ThreadPoolExecutor) -> Iterator[dict[str, np.ndarray]]:
+        while self._executor is executor:
+            while len(self._pending) <= self._prefetch:
+                with self._lock:
+                    if not self._episodes:
+                        raise RuntimeError(self._empty_message())
                     state = copy.deepcopy(self._rng.bit_generator.state)
-                item = (self._gather(episodes, starts), state)
-                # Time out to notice close() while the learner is not consuming.
-                while not stop.is_set():
-                    try:
-                        batches.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-        except Exception as error:  # handed to the consumer, which raises it
-            self._error = error
-
-    def _consume(
-        self, batches: queue.Queue, stop: threading.Event
-    ) -> Iterator[dict[str, np.ndarray]]:
-        while not stop.is_set():
-            try:
-                batch, state = batches.get(timeout=0.1)
-            except queue.Empty:
-                if self._error is not None:
-                    raise RuntimeError("replay prefetch thread failed") from self._error
-                continue
-            self._consumed_rng_state = state
-            yield batch
+                    episodes, starts = self._draw()
+                self._pending.append((executor.submit(self._gather, episodes, starts), state))
+            future, _ = self._pending.popleft()
+            yield future.result()
 
     def close(self) -> None:
-        """Stops and joins the `dataset()` thread; the Generator rewinds to the state after
-        the last batch consumed, so a resume redraws the prefetched, unconsumed ones."""
-        if self._thread is None:
+        """Stops the `dataset()` worker. The Generator rewinds to its state before the
+        oldest batch drawn but not yet returned, so a resume redraws exactly those."""
+        if self._executor is None:
             return
-        self._stop.set()
-        with self._cond:
-            self._cond.notify_all()
-        self._thread.join()
-        self._thread = None
-        with self._cond:
-            self._rng.bit_generator.state = self._consumed_rng_state
-            self._consumed_rng_state = None
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._executor = None
+        with self._lock:
+            if self._pending:
+                self._rng.bit_generator.state = self._pending[0][1]
+            self._pending.clear()
 
     # ------------------------------------------------------------------------ state, stats
 
@@ -337,29 +308,29 @@ class Replay:
         While `dataset()` runs, this is the state after the last batch the learner consumed.
         Mixing `sample()` calls with a running `dataset()` breaks that accounting.
         """
-        with self._cond:
-            if self._consumed_rng_state is not None:
-                return copy.deepcopy(self._consumed_rng_state)
+        with self._lock:
+            if self._pending:
+                return copy.deepcopy(self._pending[0][1])
             return copy.deepcopy(self._rng.bit_generator.state)
 
     def set_rng_state(self, state: dict[str, Any]) -> None:
         """Restores a state from `get_rng_state`; call it before `dataset()`."""
-        if self._thread is not None:
+        if self._executor is not None:
             raise RuntimeError("set_rng_state() while dataset() runs; call close() first")
-        with self._cond:
+        with self._lock:
             self._rng.bit_generator.state = copy.deepcopy(state)
 
     @property
     def episodes(self) -> list[dict[str, np.ndarray]]:
         """The stored episodes, oldest first (read-only arrays, shared with storage)."""
-        with self._cond:
+        with self._lock:
             return list(self._episodes)
 
     @property
     def stats(self) -> dict[str, int]:
         """num_episodes and num_steps stored, bytes of their arrays, episodes loaded from
         disk, and files skipped as unreadable."""
-        with self._cond:
+        with self._lock:
             return {
                 "num_episodes": len(self._episodes),
                 "num_steps": self._num_steps,

@@ -1,25 +1,31 @@
 """The training run: collect with N envpool envs, replay, one jitted update every
-`train_every` policy steps, evaluate, log.
+`train_every` policy steps, evaluate, log, checkpoint, resume.
 
     python -m dreamer_jax.train --configs atari --task atari_pong --logdir runs/atari_pong/0
 
 Counts are policy steps summed over the parallel envs (as the official code);
-frames = steps × action_repeat. Bad input (unknown task or key, bad value, unwritable
-logdir) exits with code 2 and one line on stderr.
+frames = steps × action repeat. Running the same command again with an existing logdir
+resumes from the latest good checkpoint and the replay on disk. Bad input (unknown task or
+key, bad value, unwritable logdir, a changed config on resume) exits with code 2 and one
+line on stderr.
 """
 
 from __future__ import annotations
 
 import pathlib
+import signal
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
+import yaml
 
 from dreamer_jax.agent import Agent, TrainState
-from dreamer_jax.config import Config, ConfigError, load_config
+from dreamer_jax.checkpoint import Checkpointer, CheckpointError
+from dreamer_jax.config import Config, ConfigError, load_config, make_config
 from dreamer_jax.envs import UnknownTaskError, VectorEnv
 from dreamer_jax.logger import LogdirError, Logger
 from dreamer_jax.replay import Replay, ReplayDirectoryError
@@ -27,48 +33,149 @@ from dreamer_jax.report import open_loop_video
 from dreamer_jax.world_model import open_loop_prediction, preprocess
 
 OPENL_SEQUENCES = 6
+EVAL_SEED_OFFSET = 1_000_000
+# Keys a resumed run may change freely: run length, logging and bookkeeping.
+RESUMABLE_KEYS = (
+    "logdir", "steps", "log_every", "eval_every", "eval_eps", "checkpoint_every",
+    "checkpoint_keep", "wandb", "jit", "resume", "max_nonfinite",
+)  # fmt: skip
 
 
 class RunError(Exception):
     """A problem with the run's inputs, reported as one line with exit code 2."""
 
 
-def make_envs(config: Config, num_envs: int, seed: int) -> VectorEnv:
+class NonFiniteError(RuntimeError):
+    """Too many consecutive non-finite updates; the last good checkpoint is kept."""
+
+
+def make_env(config: Config, num_envs: int, seed: int) -> VectorEnv:
     return VectorEnv(config.task, num_envs, seed, config.time_limit, config.action_repeat)
 
 
-def collect_step(env, obs, prev_action, discrete):
+def env_seed(config: Config, step: int, offset: int = 0) -> int:
+    """Fresh runs use the config seed; a resumed run reseeds from (seed, step), so it does
+    not replay the episodes the run began with, and two resumes from one checkpoint agree."""
+    if step == 0:
+        return config.seed + offset
+    return int(np.random.SeedSequence([config.seed, step, offset]).generate_state(1)[0])
+
+
+def replay_record(obs: dict[str, np.ndarray], prev_action: np.ndarray, discrete: bool) -> dict:
     """The replay record of the current observation: `action` is what led to it (zeros on
     the first step of an episode), stored as uint8 one-hot for discrete actions."""
     action = np.where(obs["is_first"][:, None], 0.0, prev_action)
     return {**obs, "action": action.astype(np.uint8 if discrete else np.float32)}
 
 
-class Evaluator:
-    """Plays `episodes` whole episodes with the eval (mode) policy on its own envs."""
-
-    def __init__(self, agent: Agent, env: VectorEnv):
-        self.agent, self.env = agent, env
-
-    def __call__(self, state: TrainState, episodes: int, key: jax.Array) -> list[float]:
-        returns: list[float] = []
-        obs = self.env.reset()
-        carry = self.agent.initial_carry(self.env.num_envs)
-        running = np.zeros(self.env.num_envs)
-        while len(returns) < episodes:
-            key, step_key = jax.random.split(key)
-            action, carry = self.agent.policy_step(state, obs, carry, step_key, mode="eval")
-            obs = self.env.step(np.asarray(action))
-            running += obs["reward"]
-            for i in np.flatnonzero(obs["is_last"]):
-                returns.append(float(running[i]))
-                running[i] = 0.0
-        return returns[:episodes]
+def changed_keys(saved: dict, config: Config) -> list[str]:
+    """Dotted keys whose values differ from the saved config, except `RESUMABLE_KEYS`."""
+    old = make_config([], saved).flat()
+    new = config.flat()
+    free = lambda key: key.split(".")[0] in RESUMABLE_KEYS
+    return sorted(k for k in new if not free(k) and old.get(k) != new[k])
 
 
-def train(config: Config) -> dict[str, float]:
-    """Run training to `config.steps`; returns the last logged metrics."""
+def evaluate(agent: Agent, env: VectorEnv, state: TrainState, episodes: int, key) -> list[float]:
+    """Returns of `episodes` whole episodes played with the eval (mode) policy."""
+    returns: list[float] = []
+    obs = env.reset()
+    carry = agent.initial_carry(env.num_envs)
+    running = np.zeros(env.num_envs)
+    while len(returns) < episodes:
+        key, step_key = jax.random.split(key)
+        action, carry = agent.policy_step(state, obs, carry, step_key, mode="eval")
+        obs = env.step(np.asarray(action))
+        running += obs["reward"]
+        for i in np.flatnonzero(obs["is_last"]):
+            returns.append(float(running[i]))
+            running[i] = 0.0
+    return returns[:episodes]
+
+
+_open_loop = jax.jit(open_loop_prediction, static_argnums=(0, 4))
+
+
+def open_loop_frames(agent: Agent, state: TrainState, batch: dict, key: jax.Array) -> np.ndarray:
+    """The SPEC §6 picture for up to 6 replayed chunks, as uint8 frames `[T, 3H, n·W, C]`."""
+    batch = {k: v[:OPENL_SEQUENCES] for k, v in batch.items()}
+    context = min(5, agent.config.dataset.length - 1)
+    data = preprocess(batch, agent.config)
+    truth, prediction = _open_loop(agent.world_model, state.wm_params, data, key, context)
+    return open_loop_video(np.asarray(truth), np.asarray(prediction))
+
+
+def _key_data(key: jax.Array) -> list[int]:
+    return np.asarray(jax.random.key_data(key)).tolist()
+
+
+def _wrap_key(data: list[int]) -> jax.Array:
+    return jax.random.wrap_key_data(np.asarray(data, np.uint32))
+
+
+class StopSignal:
+    """Turns SIGINT/SIGTERM into a flag the loop checks, so it can checkpoint and exit."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def train(config: Config, stop: StopSignal) -> dict[str, Any]:
+    """Run (or resume) training to `config.steps`; returns the final loop state."""
     logdir = pathlib.Path(config.logdir).expanduser()
+    config_path = logdir / "config.yaml"
+    checkpointer = Checkpointer(logdir / "checkpoints", keep=config.checkpoint_keep)
+    env_probe = make_env(config, 1, config.seed)
+    agent = Agent(config, env_probe.obs_space, env_probe.num_actions, env_probe.discrete)
+    env_probe.close()
+
+    init_key, act_key, eval_key = jax.random.split(jax.random.key(config.seed), 3)
+    state = agent.init(init_key)
+    loop = {
+        "step": 0,
+        "updates": 0,
+        "updates_owed": 0,
+        "next_log": 0,
+        "next_eval": 0,
+        "next_checkpoint": config.checkpoint_every,
+        "act_key": _key_data(act_key),
+        "eval_key": _key_data(eval_key),
+        "random_rng": np.random.default_rng(config.seed).bit_generator.state,
+        "replay_rng": None,
+    }
+    if config_path.exists():
+        # An existing run: it must be the same experiment before anything is touched.
+        changed = changed_keys(yaml.safe_load(config_path.read_text()), config)
+        if changed and not config.resume.allow_config_change:
+            raise RunError(
+                f"config differs from the saved run in {logdir} at {', '.join(changed)}; "
+                "pass --resume.allow_config_change true to resume anyway"
+            )
+    restored = None
+    if checkpointer.steps():
+        restored = checkpointer.restore_latest(state)
+        if restored is None:
+            raise RunError(
+                f"no checkpoint in {checkpointer.directory} could be restored; "
+                "refusing to start over in a logdir that holds a run"
+            )
+        _, state, loop = restored
+        print(f"resuming from checkpoint at step {loop['step']}", flush=True)
+    resume_step = loop["step"] if restored is not None else None
+
     logger = Logger(
         logdir,
         config.flat(),
@@ -78,11 +185,9 @@ def train(config: Config) -> dict[str, float]:
         run_name=f"{config.task}-{config.seed}",
         total_steps=config.steps,
         action_repeat=config.action_repeat,
+        resume_step=resume_step,
     )
-    config.save(logdir / "config.yaml")
-    env = make_envs(config, config.envs, config.seed)
-    eval_env = make_envs(config, config.eval_envs, config.seed + 1_000_000)
-    agent = Agent(config, env.obs_space, env.num_actions, env.discrete)
+    config.save(config_path)
     replay = Replay(
         logdir / "replay",
         capacity=config.replay.capacity,
@@ -93,29 +198,44 @@ def train(config: Config) -> dict[str, float]:
         seed=config.seed,
         prefetch=config.replay.prefetch,
     )
-    print(f"dreamer-jax: {config.task} on {jax.default_backend()}, logs in {logdir}", flush=True)
+    if loop["replay_rng"] is not None:
+        replay.set_rng_state(loop["replay_rng"])
+    env = make_env(config, config.envs, env_seed(config, loop["step"]))
+    eval_env = make_env(config, config.eval_envs, env_seed(config, loop["step"], EVAL_SEED_OFFSET))
+    print(
+        f"dreamer-jax: {config.task} on {jax.default_backend()}, logs in {logdir} "
+        f"(replay: {replay.stats['num_episodes']} episodes, {replay.stats['num_steps']} steps)",
+        flush=True,
+    )
 
-    init_key, act_key, eval_key, report_key = jax.random.split(jax.random.key(config.seed), 4)
-    state = agent.init(init_key)
-    evaluate = Evaluator(agent, eval_env)
-    random_rng = np.random.default_rng(config.seed)
+    act_key, eval_key = _wrap_key(loop["act_key"]), _wrap_key(loop["eval_key"])
+    random_rng = np.random.default_rng()
+    random_rng.bit_generator.state = loop["random_rng"]
     dataset = replay.dataset()
+    step, updates = loop["step"], loop["updates"]
 
-    step = updates_owed = 0
-    next_log, next_eval = 0, 0
+    def save_checkpoint():
+        loop.update(
+            step=step,
+            updates=updates,
+            act_key=_key_data(act_key),
+            eval_key=_key_data(eval_key),
+            random_rng=random_rng.bit_generator.state,
+            replay_rng=replay.get_rng_state(),
+            replay_episodes=replay.stats["num_episodes"],
+        )
+        checkpointer.save(step, state, loop)
+
     train_metrics: list[dict] = []
+    last_metrics: dict | None = None
     episode_returns: list[float] = []
-    last = {}
-    running_return = np.zeros(env.num_envs)
     obs = env.reset()
     prev_action = np.zeros((env.num_envs, env.num_actions), np.float32)
     carry = agent.initial_carry(env.num_envs)
-    clock = time.perf_counter()
-    clock_step, clock_updates, updates = 0, 0, 0
-
+    clock, clock_step, clock_updates = time.perf_counter(), step, updates
     try:
-        while step < config.steps:
-            for episode in replay.add(collect_step(env, obs, prev_action, env.discrete)):
+        while step < config.steps and stop.signum is None:
+            for episode in replay.add(replay_record(obs, prev_action, env.discrete)):
                 episode_returns.append(float(episode["reward"].sum()))
             if step < config.prefill:
                 action = env.random_actions(random_rng)
@@ -125,31 +245,38 @@ def train(config: Config) -> dict[str, float]:
                 action = np.asarray(action)
             obs = env.step(action)
             prev_action = action
-            running_return += obs["reward"]
             step += env.num_envs
 
-            if step >= config.prefill:
+            # Train once the prefill is done and some episode is long enough to sample.
+            if step >= config.prefill and replay.stats["num_episodes"]:
                 if updates == 0:
-                    updates_owed += config.pretrain  # the official one-off pretraining
-                updates_owed += config.train_steps * (
+                    loop["updates_owed"] += config.pretrain  # the official one-off pretraining
+                loop["updates_owed"] += config.train_steps * (
                     step // config.train_every - (step - env.num_envs) // config.train_every
                 )
-                while updates_owed > 0:
+                while loop["updates_owed"] > 0:
+                    # Checked one update late, so the host never waits on the update in flight.
+                    if last_metrics and last_metrics["nonfinite_streak"] >= config.max_nonfinite:
+                        raise NonFiniteError(
+                            f"{config.max_nonfinite} consecutive non-finite updates at step "
+                            f"{step}; stopping with the last good checkpoint kept"
+                        )
                     state, metrics = agent.train_step(state, next(dataset))
                     train_metrics.append(metrics)
+                    last_metrics = metrics
                     updates += 1
-                    updates_owed -= 1
+                    loop["updates_owed"] -= 1
 
-            if step >= next_eval and updates > 0:
-                next_eval = (step // config.eval_every + 1) * config.eval_every
+            if step >= loop["next_eval"] and updates > 0:
+                loop["next_eval"] = (step // config.eval_every + 1) * config.eval_every
                 eval_key, episodes_key, openl_key = jax.random.split(eval_key, 3)
-                returns = evaluate(state, config.eval_eps, episodes_key)
+                returns = evaluate(agent, eval_env, state, config.eval_eps, episodes_key)
                 logger.scalar("eval_return", float(np.mean(returns)))
                 frames = open_loop_frames(agent, state, replay.sample(), openl_key)
                 logger.video("openl", frames, step=step)
 
-            if step >= next_log and updates > 0:
-                next_log = (step // config.log_every + 1) * config.log_every
+            if step >= loop["next_log"] and updates > 0:
+                loop["next_log"] = (step // config.log_every + 1) * config.log_every
                 now = time.perf_counter()
                 if train_metrics:
                     host = jax.device_get(train_metrics)
@@ -170,23 +297,23 @@ def train(config: Config) -> dict[str, float]:
                 logger.progress(step, {k: last[k] for k in ("fps", "train_return") if k in last})
                 train_metrics, episode_returns = [], []
                 clock, clock_step, clock_updates = now, step, updates
+
+            if step >= loop["next_checkpoint"]:
+                loop["next_checkpoint"] = (
+                    step // config.checkpoint_every + 1
+                ) * config.checkpoint_every
+                save_checkpoint()
+        if stop.signum is not None:
+            print(f"stopping on signal {stop.signum} at step {step}", flush=True)
+        save_checkpoint()
+        print(f"checkpoint saved at step {step} in {checkpointer.directory}", flush=True)
     finally:
         replay.close()
         logger.close()
         env.close()
         eval_env.close()
-    return last
-
-
-def open_loop_frames(agent: Agent, state: TrainState, batch: dict, key: jax.Array) -> np.ndarray:
-    """The SPEC §6 picture for up to 6 replayed chunks, as uint8 frames `[T, 3H, n·W, C]`."""
-    batch = {k: v[:OPENL_SEQUENCES] for k, v in batch.items()}
-    data = preprocess(batch, agent.config)
-    context = min(5, agent.config.dataset.length - 1)
-    truth, prediction = jax.jit(open_loop_prediction, static_argnums=(0, 4))(
-        agent.world_model, state.wm_params, data, key, context
-    )
-    return open_loop_video(np.asarray(truth), np.asarray(prediction))
+        checkpointer.close()
+    return loop
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -195,18 +322,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(argv)
         if not config.logdir:
             raise ConfigError("--logdir is required (where metrics, checkpoints and replay go)")
-        if config.jit:
-            train(config)
-        else:
-            with jax.disable_jit():
-                train(config)
-    except (ConfigError, UnknownTaskError, LogdirError, ReplayDirectoryError, RunError) as error:
+        with StopSignal() as stop:
+            if config.jit:
+                train(config, stop)
+            else:
+                with jax.disable_jit():
+                    train(config, stop)
+    except (
+        ConfigError, UnknownTaskError, LogdirError, ReplayDirectoryError, CheckpointError,
+        RunError,
+    ) as error:  # fmt: skip
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+    except NonFiniteError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 128 + stop.signum if stop.signum is not None else 0
 
 
 if __name__ == "__main__":
