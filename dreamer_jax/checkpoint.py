@@ -42,13 +42,16 @@ def _from_disk(state: TrainState) -> TrainState:
 class Checkpointer:
     """Keeps the last `keep` checkpoints under `directory`, one sub-directory per step."""
 
-    def __init__(self, directory: str | pathlib.Path, keep: int = 3):
+    def __init__(self, directory: str | pathlib.Path, keep: int = 3, read_only: bool = False):
         self.directory = pathlib.Path(directory).absolute()
         try:
             self._manager = ocp.CheckpointManager(
                 self.directory,
                 options=ocp.CheckpointManagerOptions(
-                    max_to_keep=keep, create=True, enable_async_checkpointing=False
+                    max_to_keep=keep,
+                    create=not read_only,
+                    read_only=read_only,
+                    enable_async_checkpointing=False,
                 ),
             )
         except OSError as error:

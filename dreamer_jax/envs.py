@@ -27,7 +27,6 @@ import gymnasium
 import numpy as np
 from envpool.registration import registry
 
-
 # gymnasium warns, on every classic-control space check, that envpool's float64 bounds
 # become float32 boxes: harmless, and it would flood the logs.
 warnings.filterwarnings("ignore", message=".*precision lowered by casting to float32.*")

@@ -135,7 +135,7 @@ class Logger:
             )
         step = self.step if step is None else step
         path = self.logdir / f"{name.replace('/', '_')}_{step}.gif"
-        _save_gif(path, frames)
+        save_gif(path, frames)
         if self._tb_video:
             # tensorboardX wants [N, T, C, H, W].
             clip = frames[None].transpose(0, 1, 4, 2, 3)
@@ -304,7 +304,7 @@ def _init_wandb(
         return None
 
 
-def _save_gif(path: pathlib.Path, frames: np.ndarray) -> None:
+def save_gif(path: pathlib.Path, frames: np.ndarray) -> None:
     """Writes `frames` [T, H, W, C] as a looping GIF via a temp file and an atomic rename."""
     images = [Image.fromarray(frame[..., 0] if frame.shape[-1] == 1 else frame) for frame in frames]
     tmp = path.with_name(f".{path.name}.tmp")

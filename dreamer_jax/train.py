@@ -202,9 +202,11 @@ def train(config: Config, stop: StopSignal) -> dict[str, Any]:
         replay.set_rng_state(loop["replay_rng"])
     env = make_env(config, config.envs, env_seed(config, loop["step"]))
     eval_env = make_env(config, config.eval_envs, env_seed(config, loop["step"], EVAL_SEED_OFFSET))
+    stats = replay.stats
     print(
         f"dreamer-jax: {config.task} on {jax.default_backend()}, logs in {logdir} "
-        f"(replay: {replay.stats['num_episodes']} episodes, {replay.stats['num_steps']} steps)",
+        f"(replay: {stats['num_episodes']} episodes, {stats['num_steps']} steps, "
+        f"{stats['skipped_files']} files skipped)",
         flush=True,
     )
 

@@ -1,0 +1,155 @@
+"""Kill a real training run at random moments and check that it always recovers.
+
+    python scripts/chaos.py --kills 3 [--seed 0] [--logdir DIR] [-- extra train options]
+
+Starts `python -m dreamer_jax.train` on a tiny classic-control config, SIGKILLs it at a
+random moment K times, restarts it each time, then lets it finish. Checks, every time:
+- it resumes (after the first checkpoint exists) and its step never goes back past the
+  last checkpoint seen before the kill;
+- every episode file finished before a kill is still there, loads (allow_pickle=False),
+  and is in the replay after the restart (none skipped as corrupt);
+- the final run exits 0 and metrics.jsonl has strictly increasing, unique steps.
+Prints one line per kill and a summary; exits 1 on the first failed check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from dreamer_jax.logger import read_metrics
+
+EPISODE = re.compile(r"^(\d+)-(\d+)\.npz$")
+TRAIN = [
+    "--configs", "classic", "debug", "--task", "classic_cartpole", "--steps", "3000",
+    "--checkpoint_every", "300", "--log_every", "100", "--eval_every", "1000",
+    "--wandb.mode", "disabled",
+]  # fmt: skip
+
+
+class ChaosFailure(AssertionError):
+    pass
+
+
+def check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ChaosFailure(message)
+
+
+def episode_files(logdir: pathlib.Path) -> dict[str, int]:
+    """Final episode files and their lengths."""
+    replay = logdir / "replay"
+    if not replay.is_dir():
+        return {}
+    return {p.name: int(m.group(2)) for p in replay.iterdir() if (m := EPISODE.match(p.name))}
+
+
+def checkpoint_steps(logdir: pathlib.Path) -> list[int]:
+    directory = logdir / "checkpoints"
+    if not directory.is_dir():
+        return []
+    done = [p for p in directory.iterdir() if p.name.isdigit() and (p / "loop").exists()]
+    return sorted(int(p.name) for p in done)
+
+
+def start(logdir: pathlib.Path, extra: list[str]) -> tuple[subprocess.Popen, pathlib.Path]:
+    log = logdir.parent / f"{logdir.name}-{time.time_ns()}.log"
+    handle = log.open("w")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    command = [sys.executable, "-m", "dreamer_jax.train", *TRAIN, "--logdir", str(logdir)]
+    process = subprocess.Popen(command + extra, stdout=handle, stderr=subprocess.STDOUT, env=env)
+    return process, log
+
+
+def wait_for(log: pathlib.Path, pattern: str, process: subprocess.Popen, timeout: float):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        match = re.search(pattern, log.read_text())
+        if match:
+            return match
+        if process.poll() is not None:
+            return re.search(pattern, log.read_text())
+        time.sleep(0.2)
+    return None
+
+
+def verify_restart(log, process, files_before, last_checkpoint, minimum_length):
+    """After a restart: resumed from >= the last checkpoint, replay complete and clean."""
+    started = wait_for(log, r"replay: (\d+) episodes, \d+ steps, (\d+) files skipped", process, 300)
+    check(started is not None, f"restart did not start: {log.read_text()[-2000:]}")
+    resumed = re.search(r"resuming from checkpoint at step (\d+)", log.read_text())
+    if last_checkpoint is not None:
+        check(resumed is not None, "a checkpoint existed but the run did not resume")
+        check(
+            int(resumed.group(1)) >= last_checkpoint,
+            f"resumed at {resumed.group(1)}, before the last checkpoint {last_checkpoint}",
+        )
+    episodes, skipped = int(started.group(1)), int(started.group(2))
+    check(skipped == 0, f"{skipped} corrupt replay files after a kill")
+    expected = sum(1 for length in files_before.values() if length >= minimum_length)
+    check(episodes >= expected, f"replay holds {episodes} episodes, {expected} finished before")
+    return int(resumed.group(1)) if resumed else 0
+
+
+def run(kills: int, seed: int, logdir: pathlib.Path, extra: list[str]) -> None:
+    rng = np.random.default_rng(seed)
+    minimum_length = 10  # the debug preset's replay.minlen and dataset.length
+    process, log = start(logdir, extra)
+    check(wait_for(log, r"dreamer-jax:", process, 300) is not None, log.read_text()[-2000:])
+    for kill in range(kills):
+        time.sleep(rng.uniform(2.0, 15.0))
+        if process.poll() is not None:
+            check(process.returncode == 0, f"run failed: {log.read_text()[-2000:]}")
+            print(f"kill {kill + 1}: the run had already finished")
+            break
+        steps_before = checkpoint_steps(logdir)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        files_before = episode_files(logdir)
+        for name in files_before:
+            with np.load(logdir / "replay" / name, allow_pickle=False) as data:
+                check("is_first" in data.files, f"episode file {name} is incomplete")
+        last_checkpoint = steps_before[-1] if steps_before else None
+        process, log = start(logdir, extra)
+        resumed = verify_restart(log, process, files_before, last_checkpoint, minimum_length)
+        missing = set(files_before) - set(episode_files(logdir))
+        check(not missing, f"episode files vanished: {sorted(missing)[:5]}")
+        print(
+            f"kill {kill + 1}: checkpoint before kill {last_checkpoint}, resumed at {resumed}, "
+            f"{len(files_before)} episode files intact",
+            flush=True,
+        )
+    check(process.wait(timeout=1800) == 0, f"final run failed: {log.read_text()[-2000:]}")
+    steps = [row["step"] for row in read_metrics(logdir / "metrics.jsonl")]
+    check(steps == sorted(set(steps)), f"metrics steps repeat or go back: {steps}")
+    check(steps[-1] >= 2900, f"the run did not reach its end: last logged step {steps[-1]}")
+    print(f"chaos: {kills} kills survived; {len(steps)} log rows, final step {steps[-1]}")
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kills", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--logdir", type=pathlib.Path, default=None)
+    args, extra = parser.parse_known_args(argv)
+    extra = [a for a in extra if a != "--"]
+    logdir = args.logdir or pathlib.Path(tempfile.mkdtemp(prefix="chaos-")) / "run"
+    try:
+        run(args.kills, args.seed, logdir, extra)
+    except ChaosFailure as failure:
+        print(f"chaos: FAILED: {failure}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
