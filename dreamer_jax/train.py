@@ -307,7 +307,8 @@ def train(config: Config, stop: StopSignal) -> dict[str, Any]:
                 save_checkpoint()
         if stop.signum is not None:
             print(f"stopping on signal {stop.signum} at step {step}", flush=True)
-        save_checkpoint()
+        if step not in checkpointer.steps():  # the periodic save may have just written it
+            save_checkpoint()
         print(f"checkpoint saved at step {step} in {checkpointer.directory}", flush=True)
     finally:
         replay.close()

@@ -1,6 +1,7 @@
 """Benchmark the learner: compile time, train_step updates/s, peak memory, XLA FLOPs.
 
     python scripts/bench.py --configs atari [--precision bf16] [--updates 20] [--no-record]
+    python scripts/bench.py --collector --configs atari --envs 8   # env steps/s alone
 
 Any config preset/override is accepted as for training. Prints one result block and appends
 it, with the exact command, machine and date, to docs/benchmarks.md (unless --no-record).
@@ -58,20 +59,27 @@ def peak_memory_bytes() -> tuple[str, int]:
     return "host max RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def main(argv: list[str]) -> int:
-    record = "--no-record" not in argv
-    argv = [a for a in argv if a != "--no-record"]
-    updates = 20
-    if "--updates" in argv:
-        i = argv.index("--updates")
-        updates = int(argv[i + 1])
-        argv = argv[:i] + argv[i + 2 :]
-    try:
-        config = load_config(argv)
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+def bench_collector(config, seconds: float = 10.0) -> list[tuple[str, str]]:
+    """Env steps/s of the vector env alone, with random actions."""
+    from dreamer_jax.envs import VectorEnv
 
+    env = VectorEnv(config.task, config.envs, config.seed, config.time_limit, config.action_repeat)
+    rng = np.random.default_rng(0)
+    env.reset()
+    steps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        env.step(env.random_actions(rng))
+        steps += env.num_envs
+    rate = steps / (time.perf_counter() - start)
+    env.close()
+    return [
+        ("envs", str(config.envs)),
+        ("collector", f"{rate:.0f} env steps/s ({rate * config.action_repeat:.0f} frames/s)"),
+    ]
+
+
+def bench_learner(config, updates: int) -> list[tuple[str, str]]:
+    """Compile time, updates/s, peak memory and XLA FLOPs of `train_step`."""
     image = config.task.startswith("atari")
     obs_space = {"image": ((64, 64, 1), np.uint8)} if image else {"vector": ((4,), np.float32)}
     num_actions = 18 if image else 2
@@ -94,14 +102,8 @@ def main(argv: list[str]) -> int:
     jax.block_until_ready((state, metrics))
     elapsed = time.perf_counter() - start
     memory_kind, memory = peak_memory_bytes()
-
     b, t = config.dataset.batch, config.dataset.length
-    command = "python scripts/bench.py " + shlex.join(sys.argv[1:])
-    rows = [
-        ("date", datetime.date.today().isoformat()),
-        ("command", f"`{command}`"),
-        ("machine", machine()),
-        ("jax", jax.__version__),
+    return [
         ("precision", config.precision),
         ("batch", f"{b}×{t}"),
         ("compile time", f"{compile_s:.1f} s"),
@@ -109,8 +111,35 @@ def main(argv: list[str]) -> int:
         (memory_kind, f"{memory / 2**30:.2f} GiB"),
         ("XLA FLOPs/update", f"{flops / 1e9:.1f} GFLOP"),
     ]
+
+
+def main(argv: list[str]) -> int:
+    record = "--no-record" not in argv
+    collector = "--collector" in argv
+    argv = [a for a in argv if a not in ("--no-record", "--collector")]
+    updates = 20
+    if "--updates" in argv:
+        i = argv.index("--updates")
+        updates = int(argv[i + 1])
+        argv = argv[:i] + argv[i + 2 :]
+    try:
+        config = load_config(argv)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    results = bench_collector(config) if collector else bench_learner(config, updates)
+    command = "python scripts/bench.py " + shlex.join(sys.argv[1:])
+    rows = [
+        ("date", datetime.date.today().isoformat()),
+        ("command", f"`{command}`"),
+        ("machine", machine()),
+        ("jax", jax.__version__),
+        *results,
+    ]
     text = "\n".join(f"| {k} | {v} |" for k, v in rows)
-    title = f"### {config.task}, precision {config.precision} ({rows[0][1]})"
+    what = "collector" if collector else f"learner, precision {config.precision}"
+    title = f"### {config.task}, {what} ({rows[0][1]})"
     block = f"\n{title}\n\n| what | value |\n|---|---|\n{text}\n"
     print(block)
     if record:

@@ -28,6 +28,7 @@ import numpy as np
 
 from dreamer_jax.logger import read_metrics
 
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 EPISODE = re.compile(r"^(\d+)-(\d+)\.npz$")
 TRAIN = [
     "--configs", "classic", "debug", "--task", "classic_cartpole", "--steps", "3000",
@@ -65,6 +66,8 @@ def start(logdir: pathlib.Path, extra: list[str]) -> tuple[subprocess.Popen, pat
     log = logdir.parent / f"{logdir.name}-{time.time_ns()}.log"
     handle = log.open("w")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # Restarts reuse compiled programs, as a real restarted job on the same machine would.
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".jax_cache"))
     command = [sys.executable, "-m", "dreamer_jax.train", *TRAIN, "--logdir", str(logdir)]
     process = subprocess.Popen(command + extra, stdout=handle, stderr=subprocess.STDOUT, env=env)
     return process, log
@@ -105,8 +108,16 @@ def run(kills: int, seed: int, logdir: pathlib.Path, extra: list[str]) -> None:
     minimum_length = 10  # the debug preset's replay.minlen and dataset.length
     process, log = start(logdir, extra)
     check(wait_for(log, r"dreamer-jax:", process, 300) is not None, log.read_text()[-2000:])
+    resumed = 0
     for kill in range(kills):
-        time.sleep(rng.uniform(2.0, 15.0))
+        # A random moment after the run has made progress past its last resume point: a new
+        # checkpoint exists, then 0-4 s more (mid-update, mid-episode or mid-save).
+        deadline = time.time() + 600
+        while time.time() < deadline and process.poll() is None:
+            if any(step > resumed for step in checkpoint_steps(logdir)):
+                break
+            time.sleep(0.2)
+        time.sleep(rng.uniform(0.0, 4.0))
         if process.poll() is not None:
             check(process.returncode == 0, f"run failed: {log.read_text()[-2000:]}")
             print(f"kill {kill + 1}: the run had already finished")

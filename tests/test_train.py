@@ -98,3 +98,104 @@ def test_unwritable_logdir_exits_2(tmp_path):
     result = run_cli("--configs", "classic", "debug", "--logdir", str(blocker / "run"), timeout=120)
     assert result.returncode == 2 and "not writable" in result.stderr
     assert blocker.read_text() == "not a directory"
+
+
+CLASSIC = ["--configs", "classic", "debug", "--task", "classic_cartpole"]
+CLASSIC += ["--wandb.mode", "disabled", "--checkpoint_every", "400", "--log_every", "200"]
+
+
+def _comparable(rows):
+    """metrics.jsonl without the wall-clock fields."""
+    return [{k: v for k, v in row.items() if k not in ("fps", "updates_per_sec")} for row in rows]
+
+
+def test_resume_continues_without_duplicates_or_prefill(tmp_path):
+    logdir = tmp_path / "run"
+    first = run_cli(*CLASSIC, "--logdir", str(logdir), "--steps", "800")
+    assert first.returncode == 0, first.stderr[-3000:]
+    rows_before = read_metrics(logdir / "metrics.jsonl")
+    files_before = sorted(p.name for p in (logdir / "replay").glob("*.npz"))
+    second = run_cli(*CLASSIC, "--logdir", str(logdir), "--steps", "1200")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming from checkpoint at step 800" in second.stdout
+    rows = read_metrics(logdir / "metrics.jsonl")
+    steps = [row["step"] for row in rows]
+    assert steps == sorted(set(steps)) and steps[-1] >= 1000
+    assert rows[: len(rows_before)] == rows_before
+    # No re-prefill: updates continue from where they were (train_every 10, 1 env).
+    resumed = [row for row in rows if row["step"] > 800]
+    assert resumed[0]["updates"] > rows_before[-1]["updates"]
+    files_after = sorted(p.name for p in (logdir / "replay").glob("*.npz"))
+    assert files_after[: len(files_before)] == files_before and len(files_after) > len(files_before)
+    # The replay is loaded once: as many episodes in memory as files of sampleable length.
+    sampleable = sum(1 for name in files_after if int(name.split("-")[1][:-4]) >= 10)
+    assert rows[-1]["replay_episodes"] <= sampleable
+
+
+def test_config_change_on_resume_is_refused_and_nothing_is_touched(tmp_path):
+    logdir = tmp_path / "run"
+    assert run_cli(*CLASSIC, "--logdir", str(logdir), "--steps", "400").returncode == 0
+    snapshot = {p: p.read_bytes() for p in logdir.rglob("*") if p.is_file()}
+    result = run_cli(*CLASSIC, "--logdir", str(logdir), "--rssm.deter", "48", timeout=300)
+    assert result.returncode == 2
+    assert "config differs" in result.stderr and "rssm.deter" in result.stderr
+    assert {p: p.read_bytes() for p in logdir.rglob("*") if p.is_file()} == snapshot
+    # Run length is not part of the experiment's identity.
+    longer = run_cli(*CLASSIC, "--logdir", str(logdir), "--steps", "600")
+    assert longer.returncode == 0, longer.stderr[-3000:]
+
+
+def test_same_seed_is_bit_identical_and_other_seed_differs(tmp_path):
+    runs = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        logdir = tmp_path / name
+        result = run_cli(*CLASSIC, "--logdir", str(logdir), "--steps", "800", "--seed", str(seed))
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = _comparable(read_metrics(logdir / "metrics.jsonl"))
+    assert runs["a"] == runs["b"]
+    assert runs["a"] != runs["c"]
+
+
+def test_eval_cli_is_read_only(tmp_path):
+    logdir = tmp_path / "run"
+    assert run_cli(*CLASSIC, "--logdir", str(logdir), "--steps", "400").returncode == 0
+    snapshot = {p: p.read_bytes() for p in logdir.rglob("*") if p.is_file()}
+    result = subprocess.run(
+        [sys.executable, "-m", "dreamer_jax.eval", "--logdir", str(logdir), "--episodes", "3"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    import json
+
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["episodes"] == 3 and summary["step"] == 400
+    assert np.isclose(summary["mean"], np.mean(summary["returns"]))
+    assert {p: p.read_bytes() for p in logdir.rglob("*") if p.is_file()} == snapshot
+    missing = subprocess.run(
+        [sys.executable, "-m", "dreamer_jax.eval", "--logdir", str(tmp_path / "none")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert missing.returncode == 2 and "not found" in missing.stderr
+
+
+def test_sigterm_checkpoints_and_exits(tmp_path):
+    import signal
+    import time
+
+    logdir = tmp_path / "run"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    command = [sys.executable, "-m", "dreamer_jax.train", *CLASSIC, "--logdir", str(logdir)]
+    process = subprocess.Popen(
+        command + ["--steps", "100000"], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.time() + 600
+        while not (logdir / "metrics.jsonl").exists() and time.time() < deadline:
+            time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=300)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signal.SIGTERM, output[-2000:]
+    stopped = int(output.split("stopping on signal")[1].split("at step")[1].split()[0])
+    assert stopped in [int(p.name) for p in (logdir / "checkpoints").iterdir() if p.name.isdigit()]
