@@ -56,7 +56,7 @@ class Checkpointer:
             )
         except OSError as error:
             raise CheckpointError(
-                f"checkpoint directory {self.directory} is not usable: {error}"
+                f"checkpoint directory {self.directory} is not writable: {error}"
             ) from error
 
     def steps(self) -> list[int]:

@@ -58,7 +58,7 @@ def test_keeps_last_k_and_falls_back_from_a_corrupt_latest(tmp_path):
 def test_unwritable_checkpoint_directory(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(CheckpointError, match="not usable"):
+    with pytest.raises(CheckpointError, match="not writable"):
         Checkpointer(blocker / "ckpt")
 
 
