@@ -90,11 +90,14 @@ class Agent:
         self.wm_opt = make_optimizer(config.model_opt)
         self.actor_opt = make_optimizer(config.actor_opt)
         self.critic_opt = make_optimizer(config.critic_opt)
+        # Compiled once: run eagerly, flax init would compile every op on its own.
+        self.init = jax.jit(self._init)
         self.train_step = jax.jit(self._train_step, donate_argnums=0)
         self.policy_step = jax.jit(self._policy_step, static_argnames="mode")
 
     # ------------------------------------------------------------------ init
-    def init(self, key: jax.Array) -> TrainState:
+    def _init(self, key: jax.Array) -> TrainState:
+        """A fresh `TrainState` (use the jitted `init`)."""
         wm_key, actor_key, critic_key, sample_key, state_key = jax.random.split(key, 5)
         obs = jnp.zeros((1, *self.obs_shape), jnp.float32)
         action = jnp.zeros((1, self.num_actions), jnp.float32)
