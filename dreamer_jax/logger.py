@@ -43,6 +43,8 @@ import numpy as np
 from PIL import Image
 from tensorboardX import SummaryWriter
 
+from dreamer_jax.paths import DirectoryError, ensure_writable
+
 METRICS_FILE = "metrics.jsonl"
 WANDB_ID_FILE = "wandb_run_id.txt"
 VIDEO_FPS = 10
@@ -51,7 +53,7 @@ _HEADLINE = ("train_return", "eval_return", "fps", "updates_per_s")
 _RESERVED = ("step", "frames")
 
 
-class LogdirError(OSError):
+class LogdirError(DirectoryError):
     """The log directory cannot be created or written. The message is one line."""
 
 
@@ -88,7 +90,7 @@ class Logger:
         if wandb_mode not in ("offline", "online", "disabled"):
             raise ValueError(f"wandb_mode must be offline, online or disabled, not {wandb_mode!r}")
         self.logdir = pathlib.Path(logdir)
-        _check_writable(self.logdir)
+        ensure_writable(self.logdir, "log directory", LogdirError)
         self.metrics_path = self.logdir / METRICS_FILE
         self.action_repeat = action_repeat
         self.total_steps = total_steps
@@ -246,19 +248,6 @@ def _truncate_metrics(path: pathlib.Path, resume_step: int | None) -> None:
             file.flush()
             os.fsync(file.fileno())
         os.replace(tmp, path)
-
-
-def _check_writable(directory: pathlib.Path) -> None:
-    """Creates `directory` and proves it writable with a probe file, else raises one line."""
-    probe = directory / f".write-probe-{os.getpid()}"
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
-        raise LogdirError(
-            f"log directory {directory} is not writable: {error.strerror or error}"
-        ) from error
 
 
 def _init_wandb(

@@ -35,12 +35,14 @@ from typing import Any
 
 import numpy as np
 
+from dreamer_jax.paths import DirectoryError, ensure_writable
+
 REQUIRED_KEYS = ("action", "reward", "is_first", "is_last", "is_terminal")
 # Final names and the temp names of interrupted writes; both count for the next index.
 _FILENAME = re.compile(r"^\.?(\d+)-(\d+)\.npz(\.tmp)?$")
 
 
-class ReplayDirectoryError(OSError):
+class ReplayDirectoryError(DirectoryError):
     """The replay directory cannot be created or written. The message is one line."""
 
 
@@ -100,7 +102,7 @@ class Replay:
         self._pending: collections.deque = collections.deque()
 
         if self._directory is not None:
-            _check_writable(self._directory)
+            ensure_writable(self._directory, "replay directory", ReplayDirectoryError)
             self.load()
 
     # ----------------------------------------------------------------------------- adding
@@ -354,16 +356,3 @@ def _validate(episode: dict[str, np.ndarray]) -> int:
     if len(set(lengths.values())) != 1 or lengths["is_first"] in ((), (0,)):
         raise ValueError(f"episode values need one shared length >= 1, got {lengths}")
     return lengths["is_first"][0]
-
-
-def _check_writable(directory: pathlib.Path) -> None:
-    """Creates `directory` and proves it writable with a probe file, else raises one line."""
-    probe = directory / f".write-probe-{os.getpid()}"
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
-        raise ReplayDirectoryError(
-            f"replay directory {directory} is not writable: {error.strerror or error}"
-        ) from error

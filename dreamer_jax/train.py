@@ -28,7 +28,8 @@ from dreamer_jax.checkpoint import Checkpointer, CheckpointError
 from dreamer_jax.config import Config, ConfigError, load_config, make_config
 from dreamer_jax.envs import UnknownTaskError, VectorEnv
 from dreamer_jax.logger import LogdirError, Logger
-from dreamer_jax.replay import Replay, ReplayDirectoryError
+from dreamer_jax.paths import DirectoryError, ensure_writable
+from dreamer_jax.replay import Replay
 from dreamer_jax.report import open_loop_video
 from dreamer_jax.world_model import open_loop_prediction, preprocess
 
@@ -136,6 +137,7 @@ class StopSignal:
 def train(config: Config, stop: StopSignal) -> dict[str, Any]:
     """Run (or resume) training to `config.steps`; returns the final loop state."""
     logdir = pathlib.Path(config.logdir).expanduser()
+    ensure_writable(logdir, "log directory", LogdirError)
     config_path = logdir / "config.yaml"
     checkpointer = Checkpointer(logdir / "checkpoints", keep=config.checkpoint_keep)
     env_probe = make_env(config, 1, config.seed)
@@ -332,8 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 with jax.disable_jit():
                     train(config, stop)
     except (
-        ConfigError, UnknownTaskError, LogdirError, ReplayDirectoryError, CheckpointError,
-        RunError,
+        ConfigError, UnknownTaskError, DirectoryError, CheckpointError, RunError
     ) as error:  # fmt: skip
         print(f"error: {error}", file=sys.stderr)
         return 2
