@@ -109,8 +109,8 @@ def verify_restart(log, process, files_before, last_checkpoint, minimum_length):
 def run(kills: int, seed: int, logdir: pathlib.Path, extra: list[str]) -> None:
     rng = np.random.default_rng(seed)
     minimum_length = 10  # the debug preset's replay.minlen and dataset.length
-    # Each kill comes after at least one new checkpoint (300 steps): leave room for all.
-    steps = 300 * (kills + 4)
+    # Each kill comes after at least one new checkpoint (300 steps), often more: leave room.
+    steps = 1000 * (kills + 2)
     process, log = start(logdir, steps, extra)
     killed = 0
     check(wait_for(log, r"dreamer-jax:", process, 300) is not None, log.read_text()[-2000:])
