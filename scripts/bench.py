@@ -2,6 +2,7 @@
 
     python scripts/bench.py --configs atari [--precision bf16] [--updates 20] [--no-record]
     python scripts/bench.py --collector --configs atari --envs 8   # env steps/s alone
+    python scripts/bench.py --replay --configs atari               # replay memory and waits
 
 Any config preset/override is accepted as for training. Prints one result block and appends
 it, with the exact command, machine and date, to docs/benchmarks.md (unless --no-record).
@@ -113,10 +114,53 @@ def bench_learner(config, updates: int) -> list[tuple[str, str]]:
     ]
 
 
+def bench_replay(config, episodes: int = 50, episode_length: int = 1000):
+    """Bytes per stored Atari step, sample() time, and how long the learner waits in
+    next(dataset) when each update takes 20 ms (what the prefetch thread hides)."""
+    from dreamer_jax.replay import Replay
+
+    rng = np.random.default_rng(0)
+    replay = Replay(
+        None, config.replay.capacity, config.replay.minlen, config.dataset.length,
+        config.dataset.batch, config.replay.prioritize_ends, config.seed, config.replay.prefetch,
+    )  # fmt: skip
+    steps = np.arange(episode_length)
+    for _ in range(episodes):
+        replay.add_episode(
+            {
+                "image": rng.integers(0, 256, (episode_length, 64, 64, 1), dtype=np.uint8),
+                "action": np.eye(18, dtype=np.uint8)[rng.integers(0, 18, episode_length)],
+                "reward": rng.normal(size=episode_length).astype(np.float32),
+                "is_first": steps == 0,
+                "is_last": steps == episode_length - 1,
+                "is_terminal": steps == episode_length - 1,
+            }
+        )
+    stats = replay.stats
+    start = time.perf_counter()
+    for _ in range(50):
+        replay.sample()
+    sample_ms = 1000 * (time.perf_counter() - start) / 50
+    dataset, waits = replay.dataset(), []
+    for _ in range(50):
+        start = time.perf_counter()
+        next(dataset)
+        waits.append(time.perf_counter() - start)
+        time.sleep(0.02)  # stands in for the update
+    replay.close()
+    b, t = config.dataset.batch, config.dataset.length
+    return [
+        ("stored", f"{stats['num_steps']} steps in {stats['num_episodes']} episodes"),
+        ("bytes per step", f"{stats['bytes'] / stats['num_steps']:.0f} B"),
+        ("sample()", f"{sample_ms:.2f} ms per {b}×{t} batch"),
+        ("learner wait in next(dataset)", f"{1000 * np.median(waits[1:]):.3f} ms median"),
+    ]
+
+
 def main(argv: list[str]) -> int:
     record = "--no-record" not in argv
-    collector = "--collector" in argv
-    argv = [a for a in argv if a not in ("--no-record", "--collector")]
+    mode = next((m for m in ("--collector", "--replay") if m in argv), "--learner")[2:]
+    argv = [a for a in argv if a not in ("--no-record", "--collector", "--replay")]
     updates = 20
     if "--updates" in argv:
         i = argv.index("--updates")
@@ -128,7 +172,12 @@ def main(argv: list[str]) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
-    results = bench_collector(config) if collector else bench_learner(config, updates)
+    if mode == "collector":
+        results = bench_collector(config)
+    elif mode == "replay":
+        results = bench_replay(config)
+    else:
+        results = bench_learner(config, updates)
     command = "python scripts/bench.py " + shlex.join(sys.argv[1:])
     rows = [
         ("date", datetime.date.today().isoformat()),
@@ -138,7 +187,7 @@ def main(argv: list[str]) -> int:
         *results,
     ]
     text = "\n".join(f"| {k} | {v} |" for k, v in rows)
-    what = "collector" if collector else f"learner, precision {config.precision}"
+    what = mode if mode != "learner" else f"learner, precision {config.precision}"
     title = f"### {config.task}, {what} ({rows[0][1]})"
     block = f"\n{title}\n\n| what | value |\n|---|---|\n{text}\n"
     print(block)
