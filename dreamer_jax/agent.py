@@ -205,7 +205,9 @@ class Agent:
             lambda_return_mean=returns.mean(),
         )
 
-        finite = _all_finite((metrics, wm_grads, actor_grads, critic_grads))
+        finite = _all_finite(
+            (metrics, wm_grads, actor_grads, critic_grads, wm_params, actor_params, critic_params)
+        )
         updated = state.replace(
             wm_params=wm_params,
             actor_params=actor_params,
