@@ -204,9 +204,14 @@ def test_sigterm_checkpoints_and_exits(tmp_path):
 def test_cartpole_learns_beyond_random(tmp_path):
     """The classic preset learns cartpole on a 2-core CPU within the CI budget.
 
-    A random policy scores about 22. Eval return (5 episodes, mode policy) measured locally
-    with `--steps 8000` (see docs/benchmarks.md for the command), seeds 0, 1, 2:
-    SEEDS_RESULT. The threshold, 3× random, leaves room for seed-to-seed variation.
+    A random policy scores about 22. Measured locally (2-core CPU, 2026-11-26) with exactly
+    this command and seeds 0, 1, 2: eval returns (5 episodes, mode policy) at steps
+    2500/4000/6000/8000 and the last train return:
+      seed 0: 9.4, 150.0, 70.8, 146.8; train 98.5   (passes)
+      seed 1: 39.2, 81.0, 57.0, 81.8; train 60.8    (passes)
+      seed 2: 22.4, 42.4, 34.2, 30.2; train 33.5    (fails: learns later or not at all)
+    Resumed to 10 000 steps: seed 0 eval 500 (the cap), seed 1 190.4, seed 2 26.8. So the
+    claim holds for 2 of 3 seeds within the CI budget; CI runs seed 0 (deterministic on CPU).
     """
     logdir = tmp_path / "run"
     result = run_cli(
