@@ -3,6 +3,7 @@
     python scripts/bench.py --configs atari [--precision bf16] [--updates 20] [--no-record]
     python scripts/bench.py --collector --configs atari --envs 8   # env steps/s alone
     python scripts/bench.py --replay --configs atari               # replay memory and waits
+    python scripts/bench.py --determinism --configs atari          # bit-identical updates?
 
 Any config preset/override is accepted as for training. Prints one result block and appends
 it, with the exact command, machine and date, to docs/benchmarks.md (unless --no-record).
@@ -114,6 +115,44 @@ def bench_learner(config, updates: int) -> list[tuple[str, str]]:
     ]
 
 
+def leaf_differences(run_a: list[np.ndarray], run_b: list[np.ndarray]) -> list[float]:
+    """Max |a − b| of every pair of leaves that is not bit-identical (so −0.0 vs 0.0 counts,
+    with difference 0)."""
+    return [
+        float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)), initial=0.0))
+        for a, b in zip(run_a, run_b, strict=True)
+        if a.shape != b.shape or a.tobytes() != b.tobytes()
+    ]
+
+
+def bench_determinism(config, updates: int) -> list[tuple[str, str]]:
+    """Whether `updates` train_steps from the same state and batch, run twice, give
+    bit-identical params, optimizer states, counters, keys and metrics on this backend
+    (GPU reductions may not be; see docs/reproducibility.md)."""
+    image = config.task.startswith("atari")
+    obs_space = {"image": ((64, 64, 1), np.uint8)} if image else {"vector": ((4,), np.float32)}
+    num_actions = 18 if image else 2
+    agent = Agent(config, obs_space, num_actions, discrete=True)
+    batch = synthetic_batch(config, agent.obs_key, agent.obs_shape, num_actions)
+    runs = []
+    for _ in range(2):
+        state = agent.init(jax.random.key(config.seed))  # fresh each time: train_step donates
+        for _ in range(updates):
+            state, metrics = agent.train_step(state, batch)
+        state = state.replace(key=jax.random.key_data(state.key))
+        leaves = jax.tree.leaves((state, metrics))
+        runs.append([np.asarray(leaf) for leaf in leaves])
+    differing = leaf_differences(*runs)
+    return [
+        ("updates per run", str(updates)),
+        (
+            "bit-identical",
+            "yes" if not differing else f"no: {len(differing)} of {len(runs[0])} leaves differ",
+        ),
+        ("max abs difference", f"{max(differing, default=0.0):.3g}"),
+    ]
+
+
 def bench_replay(config, episodes: int = 50, episode_length: int = 1000):
     """Bytes per stored Atari step, sample() time, and how long the learner waits in
     next(dataset) when each update takes 20 ms (what the prefetch thread hides)."""
@@ -159,8 +198,9 @@ def bench_replay(config, episodes: int = 50, episode_length: int = 1000):
 
 def main(argv: list[str]) -> int:
     record = "--no-record" not in argv
-    mode = next((m for m in ("--collector", "--replay") if m in argv), "--learner")[2:]
-    argv = [a for a in argv if a not in ("--no-record", "--collector", "--replay")]
+    modes = ("--collector", "--replay", "--determinism")
+    mode = next((m for m in modes if m in argv), "--learner")[2:]
+    argv = [a for a in argv if a not in ("--no-record", *modes)]
     updates = 20
     if "--updates" in argv:
         i = argv.index("--updates")
@@ -176,6 +216,8 @@ def main(argv: list[str]) -> int:
         results = bench_collector(config)
     elif mode == "replay":
         results = bench_replay(config)
+    elif mode == "determinism":
+        results = bench_determinism(config, updates)
     else:
         results = bench_learner(config, updates)
     command = "python scripts/bench.py " + shlex.join(sys.argv[1:])
@@ -184,6 +226,7 @@ def main(argv: list[str]) -> int:
         ("command", f"`{command}`"),
         ("machine", machine()),
         ("jax", jax.__version__),
+        *([("XLA_FLAGS", f"`{os.environ['XLA_FLAGS']}`")] if os.environ.get("XLA_FLAGS") else []),
         *results,
     ]
     text = "\n".join(f"| {k} | {v} |" for k, v in rows)

@@ -1,0 +1,49 @@
+"""scripts/bench.py: the leaf comparison of --determinism, and each mode through the CLI on
+tiny sizes (the figures themselves go to docs/benchmarks.md, never into a test)."""
+
+import importlib.util
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("bench", ROOT / "scripts" / "bench.py")
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+
+def test_leaf_differences_finds_last_bit_and_signed_zero():
+    a = [np.arange(4, dtype=np.float32), np.zeros(2, np.float32), np.ones(3, np.int32)]
+    assert bench.leaf_differences(a, [x.copy() for x in a]) == []
+    b = [x.copy() for x in a]
+    b[0][2] = np.nextafter(np.float32(2), np.float32(3))  # one ulp
+    b[1][0] = -0.0  # equal as numbers, different bits
+    differences = bench.leaf_differences(a, b)
+    assert len(differences) == 2
+    assert 0 < differences[0] < 1e-6 and differences[1] == 0.0
+
+
+def _bench(*args):
+    return subprocess.run(
+        [sys.executable, "scripts/bench.py", *args, "--configs", "classic", "debug", "--no-record"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+
+
+def test_learner_and_determinism_modes_on_cpu():
+    docs = (ROOT / "docs" / "benchmarks.md").read_bytes()
+    learner = _bench("--updates", "2")
+    assert learner.returncode == 0, learner.stderr[-2000:]
+    assert "| train_step |" in learner.stdout and "updates/s" in learner.stdout
+    determinism = _bench("--determinism", "--updates", "2")
+    assert determinism.returncode == 0, determinism.stderr[-2000:]
+    assert "| bit-identical | yes |" in determinism.stdout  # CPU XLA is deterministic
+    assert (ROOT / "docs" / "benchmarks.md").read_bytes() == docs  # --no-record
+
+
+def test_unknown_config_key_exits_2():
+    result = _bench("--no_such_key", "1")
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "no_such_key" in result.stderr
