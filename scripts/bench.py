@@ -48,6 +48,16 @@ def synthetic_batch(config, obs_key, obs_shape, num_actions, seed=0):
     }
 
 
+def synthetic_agent(config) -> tuple[Agent, dict[str, np.ndarray]]:
+    """The agent and a synthetic batch for the configured task's shapes (Atari: 64×64×1
+    images, 18 actions; otherwise cartpole's 4-vector, 2 actions)."""
+    image = config.task.startswith("atari")
+    obs_space = {"image": ((64, 64, 1), np.uint8)} if image else {"vector": ((4,), np.float32)}
+    num_actions = 18 if image else 2
+    agent = Agent(config, obs_space, num_actions, discrete=True)
+    return agent, synthetic_batch(config, agent.obs_key, agent.obs_shape, num_actions)
+
+
 def machine() -> str:
     device = jax.devices()[0]
     cpu = platform.processor() or platform.machine()
@@ -82,12 +92,8 @@ def bench_collector(config, seconds: float = 10.0) -> list[tuple[str, str]]:
 
 def bench_learner(config, updates: int) -> list[tuple[str, str]]:
     """Compile time, updates/s, peak memory and XLA FLOPs of `train_step`."""
-    image = config.task.startswith("atari")
-    obs_space = {"image": ((64, 64, 1), np.uint8)} if image else {"vector": ((4,), np.float32)}
-    num_actions = 18 if image else 2
-    agent = Agent(config, obs_space, num_actions, discrete=True)
+    agent, batch = synthetic_agent(config)
     state = agent.init(jax.random.key(config.seed))
-    batch = synthetic_batch(config, agent.obs_key, agent.obs_shape, num_actions)
 
     start = time.perf_counter()
     compiled = agent.train_step.lower(state, batch).compile()
@@ -129,11 +135,7 @@ def bench_determinism(config, updates: int) -> list[tuple[str, str]]:
     """Whether `updates` train_steps from the same state and batch, run twice, give
     bit-identical params, optimizer states, counters, keys and metrics on this backend
     (GPU reductions may not be; see docs/reproducibility.md)."""
-    image = config.task.startswith("atari")
-    obs_space = {"image": ((64, 64, 1), np.uint8)} if image else {"vector": ((4,), np.float32)}
-    num_actions = 18 if image else 2
-    agent = Agent(config, obs_space, num_actions, discrete=True)
-    batch = synthetic_batch(config, agent.obs_key, agent.obs_shape, num_actions)
+    agent, batch = synthetic_agent(config)
     runs = []
     for _ in range(2):
         state = agent.init(jax.random.key(config.seed))  # fresh each time: train_step donates
