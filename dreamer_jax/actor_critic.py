@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dreamer_jax.config import Config
+from dreamer_jax.config import Config, ConfigError
 from dreamer_jax.losses import lambda_returns
 from dreamer_jax.networks import (
     Actor,
@@ -46,6 +46,14 @@ def resolve_actor_grad(config: Config, discrete: bool) -> str:
     if config.actor_grad == "auto":
         return "reinforce" if discrete else "dynamics"
     return config.actor_grad
+
+
+def imagination_start(posterior: RSSMState, is_terminal: jax.Array) -> tuple[RSSMState, jax.Array]:
+    """Every posterior state of a batch as a start state, gradient stopped: leaves
+    `[B, T, ...]` -> `[B·T, ...]`, and their `is_terminal` `[B, T]` -> `[B·T]` in the same order.
+    """
+    flatten = lambda x: x.reshape(-1, *x.shape[2:])
+    return jax.tree.map(lambda x: sg(flatten(x)), posterior), flatten(is_terminal)
 
 
 def imagine(
@@ -131,8 +139,8 @@ def actor_loss(
         objective = target
     else:
         advantage = sg(target - slow_values[:-2])
-        # DEVIATION: the taken action is a constant here (textbook REINFORCE, as DreamerV3);
-        # the official code lets the straight-through gradient of the sample leak into it.
+        # The taken action is a constant, as the official code for `reinforce`. DEVIATION: for
+        # `both` the official code lets the straight-through gradient of the sample leak in.
         reinforce = action_log_prob(policy, sg(seq.actions[1:-1])) * advantage
         if actor_grad == "reinforce":
             objective = reinforce
@@ -162,7 +170,7 @@ def make_actor(config: Config, num_actions: int, discrete: bool, dtype=jnp.float
     c = config.actor
     if c.dist not in ("auto", "onehot" if discrete else "tanh_normal"):
         kind = "discrete" if discrete else "continuous"
-        raise ValueError(f"actor.dist={c.dist} does not fit {kind} actions")
+        raise ConfigError(f"config key 'actor.dist' is {c.dist}, which does not fit {kind} actions")
     return Actor(num_actions, discrete, c.layers, c.units, c.min_std, c.init_std, dtype)
 
 

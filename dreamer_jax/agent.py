@@ -23,6 +23,7 @@ from dreamer_jax.actor_critic import (
     actor_loss,
     critic_loss,
     critic_value,
+    imagination_start,
     imagination_targets,
     imagine,
     make_actor,
@@ -30,7 +31,7 @@ from dreamer_jax.actor_critic import (
     resolve_actor_grad,
 )
 from dreamer_jax.config import Config
-from dreamer_jax.networks import RSSMState, actor_mode, actor_sample, get_feat, initial_state
+from dreamer_jax.networks import RSSMState, action_noise, actor_mode, get_feat, initial_state
 from dreamer_jax.world_model import WorldModel, preprocess, rssm_sizes, world_model_loss
 
 Params = Any
@@ -153,8 +154,7 @@ class Agent:
         )
 
         # Actor, through imagination from every posterior state of the batch.
-        start = jax.tree.map(lambda x: sg(x.reshape(-1, *x.shape[2:])), posterior)
-        start_is_terminal = batch["is_terminal"].reshape(-1)
+        start, start_is_terminal = imagination_start(posterior, batch["is_terminal"])
 
         def actor_objective(actor_params):
             # REINFORCE needs no gradient through the rollout: cut it so XLA skips that work.
@@ -250,12 +250,15 @@ class Agent:
         mode: str = "train",
     ) -> tuple[jax.Array, tuple[RSSMState, jax.Array]]:
         """Act in `N` environments: filter the observation `[N, ...]` (with `is_first` `[N]`)
-        into the latent, then sample (`train`) or take the mode (`eval`) of the actor.
+        into the latent, then sample (`train`) or take the mode (`eval`) of the actor, plus
+        `expl_noise` or `eval_noise` (the official `action_noise`).
 
-        Returns the action `[N, A]` and the new carry.
+        Returns the action `[N, A]` (an exact one-hot for discrete actions) and the new carry.
         """
         latent, prev_action = carry
-        obs_key, action_key = jax.random.split(key)
+        # With threefry partitionable (jax's default) the first two keys equal `split(key)`'s,
+        # the keys from before the noise key existed: noise-free runs draw as they did.
+        obs_key, action_key, noise_key = jax.random.split(key, 3)
         data = preprocess({self.obs_key: obs[self.obs_key]}, self.config)
         embed = self.world_model.apply(
             state.wm_params, data[self.obs_key], method=WorldModel.encode
@@ -266,10 +269,12 @@ class Agent:
         )  # fmt: skip
         policy = self.actor.apply(state.actor_params, get_feat(posterior))
         if mode == "train":
-            action = actor_sample(policy, action_key)
+            # Not the straight-through sample of imagination: its float rounding (0.99999994)
+            # would become 0 when replay stores the action as uint8.
+            action, amount = policy.sample(seed=action_key), self.config.expl_noise
         elif mode == "eval":
-            action = actor_mode(policy)
+            action, amount = actor_mode(policy), self.config.eval_noise
         else:
             raise ValueError(f"policy mode must be 'train' or 'eval', got {mode!r}")
-        action = sg(action)
+        action = action_noise(action, amount, self.discrete, noise_key)
         return action, (posterior, action)

@@ -5,29 +5,105 @@
     restored = checkpointer.restore_latest(template_state)   # None on a fresh run
 
 orbax writes each checkpoint to a temporary directory and renames it when complete, so a
-crash mid-save never leaves a checkpoint that is taken for good. A checkpoint that fails to
-restore is reported and skipped in favour of the one before it; nothing is deleted except by
-orbax's keep-the-last-k policy after a successful save.
+crash mid-save never leaves a checkpoint that is taken for good; a failed save's temporary
+directory is removed. A checkpoint that fails to restore is moved aside to
+`<directory>_unreadable/<step>` (kept for inspection, never deleted) in favour of the one
+before it, so the run can save that step again. A checkpoint whose shapes differ from the
+current networks is a config problem, not damage: `CheckpointError`, and nothing is moved.
+Nothing is deleted except by orbax's keep-the-last-k policy after a successful save.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import pathlib
+import re
+import shutil
+import sys
 import warnings
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from dreamer_jax.agent import TrainState
 
-# orbax logs every save at INFO; the run's own output says what matters.
-logging.getLogger("absl").setLevel(logging.WARNING)
+# orbax's temporary directory of an unfinished save of step N: "N.orbax-checkpoint-tmp...".
+_TMP_MARK = ".orbax-checkpoint-tmp"
+_ORBAX_DIR = os.path.dirname(ocp.__file__)
+# How tensorstore words its errors: an absl status code first ("RESOURCE_EXHAUSTED: ...").
+_TENSORSTORE_ERROR = re.compile(r"[A-Z]+(_[A-Z]+)*: ")
+
+# orbax (via absl) logs every save at INFO and warns about the options of a read-only
+# manager or a missing item; the errors that we raise say what matters.
+logging.getLogger("absl").setLevel(logging.ERROR)
 
 
 class CheckpointError(OSError):
-    """Saving failed (disk full, unwritable directory); the previous checkpoint is intact."""
+    """Saving failed (disk full, unwritable directory), or a checkpoint does not fit the
+    current config; the previous checkpoints are intact. The message is one line."""
+
+
+def _reason(error: BaseException) -> str:
+    """One short line for an orbax/tensorstore error: the OS error if there is one, else the
+    first line of the innermost cause (orbax's own wrappers add only a TensorStore dump)."""
+    chain: list[BaseException] = []
+    cause: BaseException | None = error
+    while cause is not None and cause not in chain:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    for cause in chain:
+        if isinstance(cause, OSError) and cause.errno:
+            return os.strerror(cause.errno)
+        code = re.search(r"os_error_code='?(\d+)", str(cause))
+        if code:
+            return os.strerror(int(code.group(1)))
+    text = str(chain[-1]).strip()
+    return text.splitlines()[0][:200] if text else type(chain[-1]).__name__
+
+
+def _is_orbax_debris(error: BaseException | None) -> bool:
+    """Whether `error` is left behind by a failed orbax save or restore: its other reads and
+    writes fail in orbax's or tensorstore's code, or call back into its closed event loop,
+    and each reports that with a traceback (a log record or an unraisable error): thousands
+    of lines in all."""
+    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+        return True
+    if isinstance(error, ValueError) and _TENSORSTORE_ERROR.match(str(error)):
+        return True
+    trace = error.__traceback__ if error is not None else None
+    while trace is not None:
+        if trace.tb_frame.f_code.co_filename.startswith(_ORBAX_DIR):
+            return True
+        trace = trace.tb_next
+    return False
+
+
+class _DropOrbaxDebris(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and _is_orbax_debris(record.exc_info[1]))
+
+
+def _silence_orbax_debris() -> None:
+    """Drops `_is_orbax_debris` from the absl and asyncio loggers and from the unraisable
+    error hook (every other error still gets through). Process-wide and installed once: the
+    debris arrives after the failed call returned, when its tasks finish or get collected."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_orbax_debris", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        if not _is_orbax_debris(unraisable.exc_value):
+            previous(unraisable)
+
+    hook.drops_orbax_debris = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).addFilter(_DropOrbaxDebris())
+    # Its abandoned coroutines each warn when collected (the project has no asyncio of its own).
+    warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
 
 
 def _to_disk(state: TrainState) -> TrainState:
@@ -39,11 +115,46 @@ def _from_disk(state: TrainState) -> TrainState:
     return state.replace(key=jax.random.wrap_key_data(state.key))
 
 
+def _leaf_specs(tree: Any) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """`{"wm_params/params/.../kernel": (shape, dtype)}` of a tree of arrays or array
+    metadata; tuple indices, dict keys and attribute names all become path parts."""
+
+    def part(key: Any) -> str:
+        return str(next(getattr(key, a) for a in ("key", "idx", "name") if hasattr(key, a)))
+
+    return {
+        "/".join(part(key) for key in path): (tuple(leaf.shape), np.dtype(leaf.dtype))
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    }
+
+
+def _first_mismatch(old: dict[str, tuple], new: dict[str, tuple]) -> str | None:
+    """'path: saved (32, 96) vs now (64, 192)' for the first leaf whose shape or dtype (or
+    presence) differs between two `_leaf_specs`; None if they agree."""
+
+    def show(spec: tuple | None, other: tuple | None) -> str:
+        if spec is None:
+            return "absent"
+        return f"{spec[1]} {spec[0]}" if other and spec[0] == other[0] else str(spec[0])
+
+    for path in [*new, *(p for p in old if p not in new)]:
+        if old.get(path) != new.get(path):
+            a, b = old.get(path), new.get(path)
+            return f"{path}: saved {show(a, b)} vs now {show(b, a)}"
+    return None
+
+
 class Checkpointer:
-    """Keeps the last `keep` checkpoints under `directory`, one sub-directory per step."""
+    """Keeps the last `keep` checkpoints under `directory`, one sub-directory per step.
+
+    `read_only` (for evaluation) never writes: no directory is created, and an unreadable
+    checkpoint is skipped but left where it is."""
 
     def __init__(self, directory: str | pathlib.Path, keep: int = 3, read_only: bool = False):
         self.directory = pathlib.Path(directory).absolute()
+        self.unreadable_directory = self.directory.with_name(self.directory.name + "_unreadable")
+        self.read_only = read_only
+        _silence_orbax_debris()
         try:
             self._manager = ocp.CheckpointManager(
                 self.directory,
@@ -51,19 +162,27 @@ class Checkpointer:
                     max_to_keep=keep,
                     create=not read_only,
                     read_only=read_only,
+                    # Left behind by a crash mid-save.
+                    cleanup_tmp_directories=not read_only,
                     enable_async_checkpointing=False,
                 ),
+                # Declared so that `item_metadata` can read a checkpoint before restoring.
+                item_handlers={
+                    "state": ocp.StandardCheckpointHandler(),
+                    "loop": ocp.JsonCheckpointHandler(),
+                },
             )
         except OSError as error:
             raise CheckpointError(
-                f"checkpoint directory {self.directory} is not writable: {error}"
+                f"checkpoint directory {self.directory} is not writable: {_reason(error)}"
             ) from error
 
     def steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
     def save(self, step: int, state: TrainState, loop_state: dict[str, Any]) -> None:
-        """Blocks until the checkpoint is complete on disk."""
+        """Blocks until the checkpoint is complete on disk. On failure (e.g. a full disk)
+        removes the partial save and raises a one-line CheckpointError."""
         try:
             self._manager.save(
                 step,
@@ -75,16 +194,37 @@ class Checkpointer:
             )
             self._manager.wait_until_finished()
         except Exception as error:  # orbax wraps OS errors in several types
+            # The partial save holds disk space and would block a later save of this step.
+            for partial in self.directory.glob(f"{step}{_TMP_MARK}*"):
+                shutil.rmtree(partial, ignore_errors=True)
             raise CheckpointError(
-                f"could not save checkpoint {step} in {self.directory}: {error}"
+                f"could not save checkpoint {step} in {self.directory}: {_reason(error)} "
+                "(the previous checkpoints are intact)"
             ) from error
 
     def restore_latest(self, template: TrainState) -> tuple[int, TrainState, dict] | None:
         """The newest checkpoint that restores, as `(step, state, loop_state)`; None if there
-        is none. Unreadable ones are skipped with a warning (and left on disk)."""
+        is none. Unreadable ones are skipped with a warning and moved aside (see the module
+        docstring). Raises CheckpointError if a checkpoint's shapes or dtypes differ from
+        `template`'s: a config change that alters the networks cannot resume."""
         self._manager.reload()
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _to_disk(template))
         for step in reversed(self.steps()):
+            try:
+                metadata = self._manager.item_metadata(step)["state"]
+                if metadata is None:
+                    raise ValueError("no state metadata")
+                saved = _leaf_specs(metadata)
+            except Exception as error:
+                self._set_aside(step, error)
+                continue
+            mismatch = _first_mismatch(saved, _leaf_specs(abstract))
+            if mismatch:
+                raise CheckpointError(
+                    f"checkpoint {step} in {self.directory} was saved with other network "
+                    f"sizes than this config ({mismatch}); a config change that alters "
+                    "shapes cannot resume"
+                )
             try:
                 restored = self._manager.restore(
                     step,
@@ -93,15 +233,40 @@ class Checkpointer:
                     ),
                 )
             except Exception as error:
-                reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
-                warnings.warn(
-                    f"checkpoint {self.directory / str(step)} is unreadable ({reason}); "
-                    "trying the previous one",
-                    stacklevel=2,
-                )
+                self._set_aside(step, error)
                 continue
             return step, _from_disk(restored["state"]), restored["loop"]
         return None
+
+    def _set_aside(self, step: int, error: Exception) -> None:
+        """Warns that checkpoint `step` is unreadable and, unless read-only, moves it out of
+        orbax's directory so that the run can save this step again."""
+        source = self.directory / str(step)
+        if self.read_only:
+            warnings.warn(
+                f"checkpoint {source} is unreadable ({_reason(error)}); trying the previous one",
+                stacklevel=3,
+            )
+            return
+        target = self.unreadable_directory / str(step)
+        suffix = 0
+        while target.exists():
+            suffix += 1
+            target = self.unreadable_directory / f"{step}-{suffix}"
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(source, target)
+        except OSError as move_error:
+            raise CheckpointError(
+                f"checkpoint {source} is unreadable ({_reason(error)}) and could not be moved "
+                f"to {target}: {_reason(move_error)}"
+            ) from move_error
+        self._manager.reload()
+        warnings.warn(
+            f"checkpoint {source} is unreadable ({_reason(error)}); moved it to {target} and "
+            "trying the previous one",
+            stacklevel=3,
+        )
 
     def close(self) -> None:
         self._manager.close()

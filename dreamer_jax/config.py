@@ -6,17 +6,23 @@
 Every key and its type is declared by the `defaults` block of `configs.yaml`. Presets
 and overrides may only set keys that exist there, with values of the same type (an int
 is accepted where a float is declared). Anything else raises `ConfigError` with one line
-naming the key and what was expected.
+naming the key and what was expected. Every key also has a range in `_RULES`, checked
+before anything is written.
+
+A run's saved config comes back with `load_run_config("<logdir>/config.yaml")`.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import pathlib
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import yaml
+
+from dreamer_jax.paths import write_atomic
 
 CONFIGS_PATH = pathlib.Path(__file__).with_name("configs.yaml")
 
@@ -83,7 +89,8 @@ class Config(Mapping):
         return out
 
     def save(self, path: str | pathlib.Path) -> None:
-        pathlib.Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        """Writes YAML atomically: a crash leaves the previous file or this one, never a part."""
+        write_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=False).encode())
 
 
 def _freeze(value: Any) -> Any:
@@ -158,7 +165,7 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
 
 
 def _set_dotted(data: dict, dotted: str, value: Any, schema: dict) -> None:
-    parts = dotted.split(".")
+    parts = str(dotted).split(".")  # YAML keys may be numbers
     node, spec = data, schema
     for i, part in enumerate(parts):
         if not isinstance(spec, dict) or part not in spec:
@@ -173,7 +180,7 @@ def _set_dotted(data: dict, dotted: str, value: Any, schema: dict) -> None:
                 if not isinstance(value, Mapping):
                     raise ConfigError(f"config key '{dotted}' is a group; set '{dotted}.<key>'")
                 for sub, subvalue in value.items():
-                    _set_dotted(node[part], sub, subvalue, spec[part])
+                    _set_dotted(data, f"{dotted}.{sub}", subvalue, schema)
             else:
                 node[part] = _coerce(dotted, value, spec[part])
         else:
@@ -196,33 +203,193 @@ def make_config(presets: Sequence[str] = (), overrides: Mapping[str, Any] | None
         _merge_preset(data, available[name], schema)
     for dotted, value in (overrides or {}).items():
         _set_dotted(data, dotted, value, schema)
-    _validate(data)
-    return Config(data)
+    config = Config(data)
+    _validate(config)
+    return config
 
 
-def _validate(data: dict) -> None:
-    """Value checks that a type check cannot express."""
-    checks = [
-        ("precision", data["precision"] in ("32", "bf16"), "32 or bf16"),
-        ("actor_grad", data["actor_grad"] in ("auto", "reinforce", "dynamics", "both"),
-         "auto, reinforce, dynamics or both"),
-        ("actor.dist", data["actor"]["dist"] in ("auto", "onehot", "tanh_normal"),
-         "auto, onehot or tanh_normal"),
-        ("clip_rewards", data["clip_rewards"] in ("tanh", "identity"), "tanh or identity"),
-        ("kl.balance", 0.0 <= data["kl"]["balance"] <= 1.0, "a number in [0, 1]"),
-        ("discount", 0.0 < data["discount"] <= 1.0, "a number in (0, 1]"),
-        ("discount_lambda", 0.0 <= data["discount_lambda"] <= 1.0, "a number in [0, 1]"),
-        ("imag_horizon", data["imag_horizon"] >= 2, "an int >= 2"),
-        ("dataset.batch", data["dataset"]["batch"] >= 1, "an int >= 1"),
-        ("dataset.length", data["dataset"]["length"] >= 2, "an int >= 2"),
-        ("envs", data["envs"] >= 1, "an int >= 1"),
-        ("train_every", data["train_every"] >= 1, "an int >= 1"),
-        ("wandb.mode", data["wandb"]["mode"] in ("offline", "online", "disabled"),
-         "offline, online or disabled"),
-    ]  # fmt: skip
-    for key, ok, expected in checks:
-        if not ok:
-            raise ConfigError(f"config key '{key}' expects {expected}")
+def load_run_config(path: str | pathlib.Path) -> Config:
+    """The config a run saved (`<logdir>/config.yaml`), applied over `defaults` so that a key
+    added since gets its default. Any problem is a one-line ConfigError naming `path`."""
+    path = pathlib.Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path} not found: is {path.parent} a dreamer-jax run?") from None
+    except (OSError, UnicodeDecodeError) as error:
+        reason = getattr(error, "strerror", None) or error
+        raise ConfigError(f"{path} cannot be read: {reason}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or type(error).__name__
+        raise ConfigError(f"{path} is not valid YAML{where}: {problem}") from None
+    if not isinstance(data, Mapping):
+        held = "nothing" if data is None else f"a {type(data).__name__}"
+        raise ConfigError(f"{path} holds {held}, not a mapping of config keys")
+    try:
+        return make_config([], data)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
+
+
+class _Rule(NamedTuple):
+    """The values a key accepts beyond its declared type, and the words for them."""
+
+    ok: Callable[[Any], bool]
+    expects: str
+
+
+def _int(low: int, high: int | None = None) -> _Rule:
+    if high is None:
+        return _Rule(lambda v: v >= low, f"an int >= {low}")
+    return _Rule(lambda v: low <= v <= high, f"an int in [{low}, {high}]")
+
+
+def _number(
+    low: float, high: float = math.inf, low_open: bool = False, high_open: bool = False
+) -> _Rule:
+    """A finite float in the interval; `*_open` excludes that end."""
+
+    def ok(v: float) -> bool:
+        above = v > low if low_open else v >= low
+        below = v < high if high_open else v <= high
+        return math.isfinite(v) and above and below
+
+    if high == math.inf:
+        return _Rule(ok, f"a finite number {'>' if low_open else '>='} {low:g}")
+    brackets = "(" if low_open else "[", ")" if high_open else "]"
+    return _Rule(ok, f"a number in {brackets[0]}{low:g}, {high:g}{brackets[1]}")
+
+
+def _one_of(*options: str) -> _Rule:
+    return _Rule(lambda v: v in options, f"{', '.join(options[:-1])} or {options[-1]}")
+
+
+def _subset_of(*options: str) -> _Rule:
+    return _Rule(
+        lambda v: set(v) <= set(options) and len(set(v)) == len(v),
+        f"a list of distinct names from {', '.join(options)}",
+    )
+
+
+_TYPED = _Rule(lambda v: True, "")  # the declared type is the whole check
+_SIZE = _int(1)
+_COUNT = _int(0)
+_SIZES = _Rule(lambda v: len(v) > 0 and all(x >= 1 for x in v), "a non-empty list of ints >= 1")
+_FRACTION = _number(0.0, 1.0)
+_POSITIVE = _number(0.0, low_open=True)
+_NONNEGATIVE = _number(0.0)
+
+
+def _group(name: str, rules: Mapping[str, _Rule]) -> dict[str, _Rule]:
+    return {f"{name}.{key}": rule for key, rule in rules.items()}
+
+
+_OPTIMIZER = {
+    "lr": _POSITIVE,
+    "eps": _POSITIVE,
+    "clip": _POSITIVE,  # a global-norm clip of 0 zeroes every gradient
+    "wd": _number(0.0, 1.0, high_open=True),  # w <- (1 - wd) w
+}
+_HEAD = {"layers": _COUNT, "units": _SIZE}  # 0 layers: a linear head
+_CODER = {"cnn_depth": _SIZE, "cnn_kernels": _SIZES, "mlp_layers": _SIZES}
+
+# Every key of `defaults` (dotted), and the values it accepts; tests/test_config.py checks
+# that no key is missing.
+_RULES: dict[str, _Rule] = {
+    "logdir": _TYPED,  # train.py requires it
+    # jax.random.key keeps only 32 bits without x64, and eval seeds envs with seed + 2e6.
+    "seed": _int(0, 2**31 - 1),
+    "task": _TYPED,  # checked against the available tasks by envs.VectorEnv
+    "envs": _SIZE,
+    "eval_envs": _SIZE,
+    "time_limit": _COUNT,  # 0: the suite's own limit
+    "action_repeat": _SIZE,
+    "steps": _SIZE,
+    "log_every": _SIZE,
+    "eval_every": _SIZE,
+    "eval_eps": _SIZE,
+    "prefill": _COUNT,
+    "pretrain": _COUNT,
+    "train_every": _SIZE,
+    "train_steps": _SIZE,
+    "checkpoint_every": _SIZE,
+    "checkpoint_keep": _SIZE,  # orbax keeps no checkpoint at all with 0
+    "resume.allow_config_change": _TYPED,
+    "replay.capacity": _SIZE,
+    "replay.minlen": _SIZE,
+    "replay.prioritize_ends": _TYPED,
+    "replay.prefetch": _SIZE,
+    "dataset.batch": _SIZE,
+    "dataset.length": _int(2),
+    "precision": _one_of("32", "bf16"),
+    "jit": _TYPED,
+    "clip_rewards": _one_of("tanh", "identity"),
+    "eval_noise": _FRACTION,
+    "expl_noise": _FRACTION,
+    "grad_heads": _subset_of("decoder", "reward", "discount"),
+    "pred_discount": _TYPED,
+    **_group("rssm", {"hidden": _SIZE, "deter": _SIZE, "stoch": _SIZE, "discrete": _SIZE}),
+    **_group("encoder", _CODER),
+    **_group("decoder", _CODER),
+    **_group("reward_head", _HEAD),
+    **_group("discount_head", _HEAD),
+    **_group("loss_scales", {"kl": _NONNEGATIVE, "reward": _NONNEGATIVE, "discount": _NONNEGATIVE}),
+    **_group(
+        "kl", {"free": _NONNEGATIVE, "forward": _TYPED, "balance": _FRACTION, "free_avg": _TYPED}
+    ),
+    **_group("model_opt", _OPTIMIZER),
+    **_group(
+        "actor",
+        {
+            **_HEAD,
+            "dist": _one_of("auto", "onehot", "tanh_normal"),
+            "min_std": _POSITIVE,
+            "init_std": _Rule(math.isfinite, "a finite number"),  # an offset of the softplus
+        },
+    ),
+    **_group("critic", _HEAD),
+    **_group("actor_opt", _OPTIMIZER),
+    **_group("critic_opt", _OPTIMIZER),
+    "discount": _number(0.0, 1.0, low_open=True),
+    "discount_lambda": _FRACTION,
+    "imag_horizon": _int(2),
+    "actor_grad": _one_of("auto", "reinforce", "dynamics", "both"),
+    "actor_grad_mix": _FRACTION,
+    "actor_ent": _NONNEGATIVE,
+    "slow_target_update": _SIZE,
+    "slow_target_fraction": _number(0.0, 1.0, low_open=True),
+    "max_nonfinite": _SIZE,
+    "wandb.mode": _one_of("offline", "online", "disabled"),
+    "wandb.project": _TYPED,
+    "wandb.entity": _TYPED,
+}
+
+
+def _validate(config: Config) -> None:
+    """Range checks that a type check cannot express (`_RULES`), then checks across keys."""
+    for key, value in config.flat().items():
+        rule = _RULES[key]
+        if not rule.ok(value):
+            raise ConfigError(
+                f"config key '{key}' expects {rule.expects}, got {_to_plain(value)!r}"
+            )
+    # Episodes shorter than this are never stored: the run would collect and never train.
+    sample = max(config.replay.minlen, config.dataset.length)
+    if config.replay.capacity < sample:
+        raise ConfigError(
+            f"config key 'replay.capacity' ({config.replay.capacity}) must be at least "
+            f"max(replay.minlen, dataset.length) = {sample}, or no episode is ever stored"
+        )
+    # An episode of time_limit steps holds time_limit + 1 observations.
+    if 0 < config.time_limit < sample - 1:
+        raise ConfigError(
+            f"config key 'time_limit' ({config.time_limit}) must be 0 or at least "
+            f"max(replay.minlen, dataset.length) - 1 = {sample - 1}, or no episode is ever stored"
+        )
 
 
 def parse_args(argv: Sequence[str]) -> tuple[list[str], dict[str, Any]]:

@@ -172,6 +172,18 @@ class VectorEnv:
         settings["time_limit"] = config["max_episode_steps"] // self._repeat
         return settings
 
+    @property
+    def step_spec(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """Per-step shape and dtype of every key of a replay step: the observation, `action`
+        ([A]: uint8 one-hot if discrete, else float32), `reward` and the three flags."""
+        action_dtype = np.uint8 if self.discrete else np.float32
+        return {
+            **self.obs_space,
+            "action": ((self.num_actions,), np.dtype(action_dtype)),
+            "reward": ((), np.dtype(np.float32)),
+            **{key: ((), np.dtype(bool)) for key in ("is_first", "is_last", "is_terminal")},
+        }
+
     def reset(self) -> dict[str, np.ndarray]:
         """Start new episodes in all envs: is_first all True, reward 0."""
         obs, info = self._env.reset()

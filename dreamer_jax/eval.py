@@ -14,38 +14,94 @@ import argparse
 import json
 import pathlib
 import sys
+from typing import NamedTuple
 
 import jax
 import numpy as np
-import yaml
 
 from dreamer_jax.agent import Agent
-from dreamer_jax.checkpoint import Checkpointer
-from dreamer_jax.config import ConfigError, make_config
+from dreamer_jax.checkpoint import Checkpointer, CheckpointError
+from dreamer_jax.config import ConfigError, load_run_config
 from dreamer_jax.envs import VectorEnv
 from dreamer_jax.logger import save_gif
 
 
-def play(agent, env, state, episodes, key, record_video):
-    """Returns of `episodes` episodes and, if asked, uint8 frames of env 0's first one."""
-    returns, frames = [], []
+class Evaluation(NamedTuple):
+    """Returns and lengths (policy steps) of the evaluated episodes, env-major and in episode
+    order within an env, and uint8 frames `[H, W, C]` of env 0's first episode if recorded."""
+
+    returns: list[float]
+    lengths: list[int]
+    frames: list[np.ndarray]
+
+
+def episode_shares(episodes: int, num_envs: int) -> list[int]:
+    """How many episodes each env plays: `episodes` split as evenly as possible, lower envs
+    first (5 over 3 envs -> [2, 2, 1])."""
+    return [episodes // num_envs + (i < episodes % num_envs) for i in range(num_envs)]
+
+
+def evaluate(agent, env, state, episodes: int, key: jax.Array, record_video=False) -> Evaluation:
+    """Play `episodes` whole episodes with the eval (mode) policy in the `N` envs of `env`.
+
+    Each env plays its fixed share of the episodes from reset, so the result does not favour
+    short episodes the way keeping the first ones to finish would. envpool steps all envs
+    together: an env whose share is done keeps running, its further episodes ignored.
+    `key` is split once per policy step.
+    """
+    if episodes < 1:
+        raise ValueError(f"episodes must be >= 1, got {episodes}")
+    shares = episode_shares(episodes, env.num_envs)
+    returns: list[list[float]] = [[] for _ in shares]
+    lengths: list[list[int]] = [[] for _ in shares]
+    frames: list[np.ndarray] = []
     obs = env.reset()
     carry = agent.initial_carry(env.num_envs)
     running = np.zeros(env.num_envs)
+    steps = np.zeros(env.num_envs, int)
     recording = record_video and "image" in obs
-    while len(returns) < episodes:
+    while any(len(done) < share for done, share in zip(returns, shares, strict=True)):
         if recording:
             frames.append(obs["image"][0])
         key, step_key = jax.random.split(key)
         action, carry = agent.policy_step(state, obs, carry, step_key, mode="eval")
         obs = env.step(np.asarray(action))
         running += obs["reward"]
+        # A first step is the env's reset, not a transition of the episode.
+        steps = np.where(obs["is_first"], 0, steps + 1)
         if obs["is_last"][0]:
             recording = False
         for i in np.flatnonzero(obs["is_last"]):
-            returns.append(float(running[i]))
+            if len(returns[i]) < shares[i]:
+                returns[i].append(float(running[i]))
+                lengths[i].append(int(steps[i]))
             running[i] = 0.0
-    return returns[:episodes], frames
+    return Evaluation(sum(returns, []), sum(lengths, []), frames)
+
+
+class EvalError(ValueError):
+    """A bad argument or run directory. The message is one line."""
+
+
+def _restore(logdir: pathlib.Path, envs: int, seed: int | None):
+    """`(config, env, agent, step, state, seed)` of the run's newest restorable checkpoint."""
+    config = load_run_config(logdir / "config.yaml")
+    checkpoints = logdir / "checkpoints"
+    if not checkpoints.is_dir():
+        raise EvalError(f"no checkpoints in {logdir}")
+    seed = config.seed + 2_000_000 if seed is None else seed
+    env = VectorEnv(config.task, envs, seed, config.time_limit, config.action_repeat)
+    agent = Agent(config, env.obs_space, env.num_actions, env.discrete)
+    template = agent.init(jax.random.key(0))
+    checkpointer = Checkpointer(checkpoints, keep=config.checkpoint_keep, read_only=True)
+    try:
+        restored = checkpointer.restore_latest(template)
+    finally:
+        checkpointer.close()
+    if restored is None:
+        raise EvalError(f"no checkpoint in {checkpoints} could be restored")
+    step, state, _ = restored
+    return config, env, agent, step, state, seed
 
 
 def main(argv=None) -> int:
@@ -60,37 +116,24 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logdir = pathlib.Path(args.logdir)
     try:
-        config_path = logdir / "config.yaml"
-        if not config_path.exists():
-            raise ConfigError(f"{config_path} not found: is {logdir} a dreamer-jax run?")
-        config = make_config([], yaml.safe_load(config_path.read_text()))
-        checkpoints = logdir / "checkpoints"
-        if not checkpoints.is_dir():
-            raise ConfigError(f"no checkpoints in {logdir}")
-        seed = config.seed + 2_000_000 if args.seed is None else args.seed
-        env = VectorEnv(config.task, args.envs, seed, config.time_limit, config.action_repeat)
-        agent = Agent(config, env.obs_space, env.num_actions, env.discrete)
-        template = agent.init(jax.random.key(0))
-        restored = Checkpointer(checkpoints, keep=config.checkpoint_keep, read_only=True)
-        restored = restored.restore_latest(template)
-        if restored is None:
-            raise ConfigError(f"no checkpoint in {checkpoints} could be restored")
-    except (ConfigError, OSError, ValueError) as error:
+        for name in ("episodes", "envs"):
+            if getattr(args, name) < 1:
+                raise EvalError(f"--{name} must be >= 1, got {getattr(args, name)}")
+        config, env, agent, step, state, seed = _restore(logdir, args.envs, args.seed)
+    except (ConfigError, CheckpointError, OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    step, state, _ = restored
-    returns, frames = play(
-        agent, env, state, args.episodes, jax.random.key(seed), record_video=args.video
-    )
+    result = evaluate(agent, env, state, args.episodes, jax.random.key(seed), args.video)
     env.close()
+    returns = result.returns
     mean, std = float(np.mean(returns)), float(np.std(returns))
     print(f"{config.task} step {step}: return {mean:.2f} ± {std:.2f} over {len(returns)} episodes")
-    if frames:
+    if result.frames:
         path = logdir / f"eval_{step}.gif"
-        save_gif(path, np.stack(frames))
+        save_gif(path, np.stack(result.frames))
         print(f"video: {path}")
     print(json.dumps({"step": step, "episodes": len(returns), "mean": mean, "std": std,
-                      "returns": returns}))  # fmt: skip
+                      "returns": returns, "lengths": result.lengths}))  # fmt: skip
     return 0
 
 

@@ -16,12 +16,14 @@ Outputs, all under `logdir`:
   wandb/             wandb offline run (mode "offline", the default); "online" syncs to
                      project/entity; "disabled" skips wandb. The run id is kept in
                      wandb_run_id.txt so a restarted run continues the same wandb run.
+                     Online mode fails fast with `WandbError` (no API key, or no server
+                     within `WANDB_INIT_TIMEOUT_S`); a failed offline init only warns.
 
 Resume: an existing metrics.jsonl is appended to. With `resume_step`, lines with
 step > resume_step are dropped first (the file is rewritten atomically) and TensorBoard
 purges its events from later steps, so a run restarted from a checkpoint at `resume_step`
-does not log any step twice. A malformed last line (a crash mid-write) is dropped with a
-warning.
+does not log any step twice. A malformed line (a crash mid-write, a damaged file) is
+dropped with a warning naming the file and line.
 
 Terminal: a tqdm bar over frames when stderr is a TTY (or `progress=True`); otherwise no bar,
 and each `write()` prints one compact plain line to stdout so CI logs stay readable.
@@ -43,9 +45,11 @@ import numpy as np
 from PIL import Image
 from tensorboardX import SummaryWriter
 
-from dreamer_jax.paths import DirectoryError, ensure_writable
+from dreamer_jax.paths import DirectoryError, ensure_writable, write_atomic
 
 METRICS_FILE = "metrics.jsonl"
+# How long wandb.init may wait for the server (wandb's own default, 90 s, looks like a hang).
+WANDB_INIT_TIMEOUT_S = 20.0
 WANDB_ID_FILE = "wandb_run_id.txt"
 VIDEO_FPS = 10
 # Shown first in the plain per-write line; every other scalar follows in insertion order.
@@ -55,6 +59,10 @@ _RESERVED = ("step", "frames")
 
 class LogdirError(DirectoryError):
     """The log directory cannot be created or written. The message is one line."""
+
+
+class WandbError(RuntimeError):
+    """wandb online mode cannot start (no API key, no server). The message is one line."""
 
 
 class Logger:
@@ -206,14 +214,19 @@ class Logger:
 def read_metrics(path: str | pathlib.Path) -> list[dict[str, Any]]:
     """Parses a metrics.jsonl file into one dict per line (non-finite values are None).
 
-    A malformed last line (an interrupted write) is skipped with a warning; a malformed
-    line anywhere else raises ValueError."""
+    A malformed line (an interrupted write, a damaged file) is skipped with a warning."""
     path = pathlib.Path(path)
-    return [record for _, record in _parse_metrics(path, path.read_text(encoding="utf-8"))]
+    return [record for _, record in _parse_metrics(path, _read_text(path))]
+
+
+def _read_text(path: pathlib.Path) -> str:
+    # Damaged bytes only make their line malformed, instead of failing the whole file.
+    return path.read_text(encoding="utf-8", errors="replace")
 
 
 def _parse_metrics(path: pathlib.Path, text: str) -> list[tuple[str, dict[str, Any]]]:
-    """(line, record) for every non-blank line of `text`; see `read_metrics` for errors."""
+    """(line, record) for every well-formed non-blank line of `text`; a malformed one is
+    skipped with a warning."""
     lines = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
     parsed = []
     for index, (number, line) in enumerate(lines):
@@ -222,32 +235,23 @@ def _parse_metrics(path: pathlib.Path, text: str) -> list[tuple[str, dict[str, A
             if not isinstance(record, dict) or not isinstance(record.get("step"), int):
                 raise ValueError("not an object with an integer step")
         except ValueError as error:
-            if index < len(lines) - 1:
-                raise ValueError(f"{path}:{number}: malformed metrics line: {error}") from error
-            warnings.warn(
-                f"dropping malformed last line {number} of {path} (interrupted write?)",
-                stacklevel=3,
-            )
-            break
+            where = "last line (interrupted write?)" if index == len(lines) - 1 else "line"
+            warnings.warn(f"{path}:{number}: dropping malformed {where}: {error}", stacklevel=3)
+            continue
         parsed.append((line, record))
     return parsed
 
 
 def _truncate_metrics(path: pathlib.Path, resume_step: int | None) -> None:
-    """Drops lines after `resume_step` and a malformed last line, rewriting atomically."""
+    """Drops lines after `resume_step` and malformed lines, rewriting atomically."""
     if not path.exists():
         return
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     parsed = _parse_metrics(path, text)
     kept = [line for line, record in parsed if resume_step is None or record["step"] <= resume_step]
     expected = "".join(line + "\n" for line in kept)
     if text != expected:
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "w", encoding="utf-8") as file:
-            file.write(expected)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
+        write_atomic(path, expected.encode("utf-8"))
 
 
 def _init_wandb(
@@ -258,10 +262,23 @@ def _init_wandb(
     entity: str,
     run_name: str | None,
 ):
-    """Starts (or resumes) the wandb run of `logdir`; in offline mode a failure only warns."""
+    """Starts (or resumes) the wandb run of `logdir`. Online, any failure is a WandbError;
+    offline, a failure only warns and the run continues without wandb."""
+    hint = (
+        "to log without a network use --wandb.mode offline, "
+        f"then `wandb sync {logdir}/wandb/offline-run-*`"
+    )
     try:
         import wandb
 
+        # silent: no banners in CI logs; console off: the tqdm bar's carriage returns
+        # would only clutter wandb's copy of the terminal.
+        settings = wandb.Settings(silent=True, console="off", init_timeout=WANDB_INIT_TIMEOUT_S)
+        # Without a key, wandb.init would prompt or fail only after several seconds.
+        if mode == "online" and not _has_wandb_key(wandb):
+            raise WandbError(
+                f"wandb online mode needs an API key (WANDB_API_KEY or `wandb login`); {hint}"
+            )
         id_path = logdir / WANDB_ID_FILE
         if id_path.exists():
             run_id = id_path.read_text(encoding="utf-8").strip()
@@ -277,20 +294,24 @@ def _init_wandb(
             mode=mode,
             id=run_id,
             resume="allow",
-            # silent: no banners in CI logs; console off: the tqdm bar's carriage returns
-            # would only clutter wandb's copy of the terminal.
-            settings=wandb.Settings(silent=True, console="off"),
+            settings=settings,
         )
+    except WandbError:
+        raise
     except Exception as error:
-        if mode != "offline":
-            raise
-        message = (str(error).splitlines() or [""])[0]
+        message = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
+        if mode == "online":
+            raise WandbError(f"wandb online init failed ({message}); {hint}") from error
         warnings.warn(
-            f"wandb offline init failed, continuing without wandb: {type(error).__name__}: "
-            f"{message}",
-            stacklevel=3,
+            f"wandb offline init failed, continuing without wandb: {message}", stacklevel=3
         )
         return None
+
+
+def _has_wandb_key(wandb) -> bool:
+    """Whether wandb finds credentials (env, netrc or its settings), without the network."""
+    wandb.setup(wandb.Settings(silent=True))  # login would print where it found the key
+    return wandb.login(verify=False, prompt=False)
 
 
 def save_gif(path: pathlib.Path, frames: np.ndarray) -> None:

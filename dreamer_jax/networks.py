@@ -8,6 +8,7 @@ distribution is built in fp32 so losses are fp32.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -17,6 +18,13 @@ import jax
 import jax.numpy as jnp
 
 Dtype = jnp.dtype
+
+# The official code uses Keras defaults, not flax's (lecun-normal kernels): glorot-uniform
+# kernels and zero biases on every Dense/Conv/ConvTranspose, LayerNorm epsilon 1e-3.
+_glorot = nn.initializers.xavier_uniform()
+Dense = functools.partial(nn.Dense, kernel_init=_glorot)
+Conv = functools.partial(nn.Conv, kernel_init=_glorot)
+ConvTranspose = functools.partial(nn.ConvTranspose, kernel_init=_glorot)
 
 
 class RSSMState(NamedTuple):
@@ -73,7 +81,7 @@ class MLP(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.dtype)
         for _ in range(self.layers):
-            x = nn.elu(nn.Dense(self.units, dtype=self.dtype)(x))
+            x = nn.elu(Dense(self.units, dtype=self.dtype)(x))
         return x
 
 
@@ -89,7 +97,7 @@ class ConvEncoder(nn.Module):
         lead = image.shape[:-3]
         x = image.reshape(-1, *image.shape[-3:]).astype(self.dtype)
         for i, kernel in enumerate(self.kernels):
-            conv = nn.Conv(2**i * self.depth, (kernel, kernel), 2, "VALID", dtype=self.dtype)
+            conv = Conv(2**i * self.depth, (kernel, kernel), 2, "VALID", dtype=self.dtype)
             x = nn.elu(conv(x))
         return x.reshape(*lead, -1)
 
@@ -105,12 +113,12 @@ class ConvDecoder(nn.Module):
     @nn.compact
     def __call__(self, feat: jax.Array) -> jax.Array:
         lead = feat.shape[:-1]
-        x = nn.Dense(32 * self.depth, dtype=self.dtype)(feat.astype(self.dtype))
+        x = Dense(32 * self.depth, dtype=self.dtype)(feat.astype(self.dtype))
         x = x.reshape(-1, 1, 1, 32 * self.depth)
         for i, kernel in enumerate(self.kernels):
             last = i == len(self.kernels) - 1
             depth = self.channels if last else 2 ** (len(self.kernels) - i - 2) * self.depth
-            x = nn.ConvTranspose(depth, (kernel, kernel), (2, 2), "VALID", dtype=self.dtype)(x)
+            x = ConvTranspose(depth, (kernel, kernel), (2, 2), "VALID", dtype=self.dtype)(x)
             x = x if last else nn.elu(x)
         return x.reshape(*lead, *x.shape[1:])
 
@@ -126,7 +134,7 @@ class MLPDecoder(nn.Module):
     @nn.compact
     def __call__(self, feat: jax.Array) -> jax.Array:
         x = MLP(self.layers, self.units, self.dtype)(feat)
-        return nn.Dense(self.size, dtype=self.dtype)(x)
+        return Dense(self.size, dtype=self.dtype)(x)
 
 
 class ScalarHead(nn.Module):
@@ -139,21 +147,24 @@ class ScalarHead(nn.Module):
     @nn.compact
     def __call__(self, feat: jax.Array) -> jax.Array:
         x = MLP(self.layers, self.units, self.dtype)(feat)
-        return nn.Dense(1, dtype=self.dtype)(x)[..., 0].astype(jnp.float32)
+        return Dense(1, dtype=self.dtype)(x)[..., 0].astype(jnp.float32)
 
 
 class GRUCell(nn.Module):
-    """The DreamerV2 GRU: one bias-free Dense over `[x, h]`, LayerNorm (fp32), update bias -1."""
+    """The DreamerV2 GRU: one Dense over `[x, h]`, LayerNorm (fp32), update bias -1.
+
+    The Dense has a bias: the official `use_bias=norm is not None` is always true.
+    """
 
     size: int
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, h: jax.Array) -> jax.Array:
-        parts = nn.Dense(3 * self.size, use_bias=False, dtype=self.dtype)(
+        parts = Dense(3 * self.size, dtype=self.dtype)(
             jnp.concatenate([x.astype(self.dtype), h.astype(self.dtype)], -1)
         )
-        parts = nn.LayerNorm(dtype=jnp.float32)(parts.astype(jnp.float32))
+        parts = nn.LayerNorm(epsilon=1e-3, dtype=jnp.float32)(parts.astype(jnp.float32))
         reset, cand, update = jnp.split(parts, 3, -1)
         reset = jax.nn.sigmoid(reset)
         cand = jnp.tanh(reset * cand)
@@ -175,12 +186,12 @@ class RSSM(nn.Module):
     dtype: Dtype = jnp.float32
 
     def setup(self):
-        self.img_in = nn.Dense(self.hidden, dtype=self.dtype)
+        self.img_in = Dense(self.hidden, dtype=self.dtype)
         self.cell = GRUCell(self.deter, dtype=self.dtype)
-        self.img_out = nn.Dense(self.hidden, dtype=self.dtype)
-        self.img_logits = nn.Dense(self.stoch * self.discrete, dtype=self.dtype)
-        self.obs_out = nn.Dense(self.hidden, dtype=self.dtype)
-        self.obs_logits = nn.Dense(self.stoch * self.discrete, dtype=self.dtype)
+        self.img_out = Dense(self.hidden, dtype=self.dtype)
+        self.img_logits = Dense(self.stoch * self.discrete, dtype=self.dtype)
+        self.obs_out = Dense(self.hidden, dtype=self.dtype)
+        self.obs_logits = Dense(self.stoch * self.discrete, dtype=self.dtype)
 
     def _logits(self, layer: nn.Dense, x: jax.Array) -> jax.Array:
         logits = layer(x).astype(jnp.float32)
@@ -237,9 +248,9 @@ class Actor(nn.Module):
     def __call__(self, feat: jax.Array) -> distrax.Distribution:
         x = MLP(self.layers, self.units, self.dtype)(feat)
         if self.discrete:
-            logits = nn.Dense(self.num_actions, dtype=self.dtype)(x).astype(jnp.float32)
+            logits = Dense(self.num_actions, dtype=self.dtype)(x).astype(jnp.float32)
             return distrax.OneHotCategorical(logits=logits, dtype=jnp.float32)
-        out = nn.Dense(2 * self.num_actions, dtype=self.dtype)(x).astype(jnp.float32)
+        out = Dense(2 * self.num_actions, dtype=self.dtype)(x).astype(jnp.float32)
         mean, std = jnp.split(out, 2, -1)
         mean = 5.0 * jnp.tanh(mean / 5.0)  # keep pre-tanh means in a range tanh can resolve
         std = jax.nn.softplus(std + self.init_std) + self.min_std
@@ -249,7 +260,10 @@ class Actor(nn.Module):
 
 
 def actor_sample(dist: distrax.Distribution, key: jax.Array) -> jax.Array:
-    """A differentiable action sample: straight-through one-hot, or reparameterized tanh-Normal."""
+    """A differentiable action sample for imagination: straight-through one-hot, or
+    reparameterized tanh-Normal. The one-hot is exact only up to float rounding; acting uses
+    `dist.sample(seed=key)`, the same draw without the gradient terms.
+    """
     if isinstance(dist, distrax.OneHotCategorical):
         return straight_through_onehot(dist.logits, key)
     return dist.sample(seed=key)
@@ -264,6 +278,19 @@ def actor_mode(dist: distrax.Distribution) -> jax.Array:
     if isinstance(dist, distrax.OneHotCategorical):
         return jax.nn.one_hot(jnp.argmax(dist.logits, -1), dist.logits.shape[-1])
     return jnp.tanh(dist.distribution.distribution.loc)
+
+
+def action_noise(action: jax.Array, amount: float, discrete: bool, key: jax.Array) -> jax.Array:
+    """The official exploration noise on actions `[N, A]`: discrete, a one-hot drawn from
+    `amount/A + (1 − amount)·action`; continuous, `clip(Normal(action, amount), −1, 1)`.
+    `amount` is static; 0 returns the action unchanged (and draws nothing).
+    """
+    if amount == 0:
+        return action
+    if discrete:
+        probs = amount / action.shape[-1] + (1.0 - amount) * action
+        return distrax.OneHotCategorical(probs=probs, dtype=jnp.float32).sample(seed=key)
+    return jnp.clip(action + amount * jax.random.normal(key, action.shape), -1.0, 1.0)
 
 
 def actor_entropy(dist: distrax.Distribution, key: jax.Array) -> jax.Array:

@@ -1,24 +1,83 @@
-"""The one check that a directory the run writes to is usable."""
+"""The one check that a directory the run writes to is usable, the one atomic write, and
+the lock that keeps two runs out of one logdir."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import pathlib
+from collections.abc import Iterator
+
+# A 0-byte probe succeeds on a full disk; 1 MiB of real data does not.
+PROBE_BYTES = 1 << 20
 
 
 class DirectoryError(OSError):
     """A directory cannot be created or written. The message is one line."""
 
 
+class DirectoryBusyError(DirectoryError):
+    """Another process holds the directory's lock. The message is one line."""
+
+
 def ensure_writable(
     directory: pathlib.Path, what: str, error: type[DirectoryError] = DirectoryError
 ) -> None:
-    """Creates `directory` and proves it writable with a probe file, else raises `error`
-    with one line naming `what` and the directory."""
+    """Creates `directory` and proves it writable with a `PROBE_BYTES` probe file (written,
+    fsynced, removed), else raises `error` with one line naming `what` and the directory."""
     probe = directory / f".write-probe-{os.getpid()}"
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
+        try:
+            # Random bytes: a compressing filesystem would store zeros in no space at all.
+            write_synced(probe, os.urandom(PROBE_BYTES))
+        finally:
+            probe.unlink(missing_ok=True)
     except OSError as reason:
         raise error(f"{what} {directory} is not writable: {reason.strerror or reason}") from reason
+
+
+def write_synced(path: pathlib.Path, data: bytes) -> None:
+    """Writes `data` to `path` and fsyncs it (so a full disk fails here, not later)."""
+    with open(path, "wb") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def write_atomic(path: str | pathlib.Path, data: bytes) -> None:
+    """Replaces `path` with `data` via a fsynced temp file in the same directory and a
+    rename, so a crash leaves the old file or the new one, never a partial one."""
+    path = pathlib.Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write_synced(tmp, data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def lock_directory(directory: pathlib.Path) -> Iterator[None]:
+    """Holds an exclusive lock on `directory` (an existing, writable one) while in the block.
+
+    An OS lock (`flock` on `<directory>/.lock`): the kernel drops it when the process dies,
+    so even a `kill -9` never leaves it stale. The file holds the owner's pid, which a
+    refused process names in its `DirectoryBusyError`.
+    """
+    fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise DirectoryBusyError(
+                f"{directory} is in use by another run (pid {owner}); two runs must not share "
+                "a logdir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock

@@ -1,13 +1,16 @@
 """Episodic replay on the host (numpy), as in the official DreamerV2 `common/replay.py`.
 
-    replay = Replay("logdir/train_eps", capacity=2_000_000, minlen=50, length=50, batch=16,
-                    prioritize_ends=True, seed=0)
+    replay = Replay("logdir/train_eps", env.step_spec, capacity=2_000_000, minlen=50,
+                    length=50, batch=16, prioritize_ends=True, seed=0)
     finished = replay.add(step_batch)   # each value [N, ...], one call per env step
     batch = next(replay.dataset())      # each value [16, 50, ...]
+    report = replay.sample(report_rng)  # the same, from the caller's own Generator
 
-A step is a dict of arrays (`image` uint8 [64, 64, 1], `action` [A], `reward` float32 [],
-`is_first`, `is_last`, `is_terminal` bool []). Arrays are stored in the dtype given and
-never copied again once an episode is finished.
+A step is a dict of arrays (`image` uint8 [64, 64, 1] or `vector` float32 [D], `action` [A],
+`reward` float32 [], `is_first`, `is_last`, `is_terminal` bool []). The replay's `spec` (the
+env's `step_spec`) fixes every key's per-step shape and dtype: episodes that differ are
+refused by `add_episode` and skipped by `load`. Arrays are never copied again once an
+episode is finished.
 
 Episodes are stored in memory, for sampling, only if their length is at least
 `max(minlen, length)`; shorter ones are still written to disk (and returned by `add`) but
@@ -38,6 +41,8 @@ import numpy as np
 from dreamer_jax.paths import DirectoryError, ensure_writable
 
 REQUIRED_KEYS = ("action", "reward", "is_first", "is_last", "is_terminal")
+# Per-step shape and dtype of each key of a step, e.g. {"reward": ((), np.float32), ...}.
+StepSpec = dict[str, tuple[tuple[int, ...], np.dtype]]
 # Final names and the temp names of interrupted writes; both count for the next index.
 _FILENAME = re.compile(r"^\.?(\d+)-(\d+)\.npz(\.tmp)?$")
 
@@ -51,19 +56,22 @@ class Replay:
 
     Args:
       directory: where episodes are saved and loaded from; None keeps everything in memory.
+      spec: per-step shape and dtype of every key of a step (the env's `step_spec`); must
+        hold `REQUIRED_KEYS`.
       capacity: the most steps stored; the oldest episodes are dropped first.
       minlen: episodes shorter than this are not sampled; also the end bonus of
         `prioritize_ends`.
       length: chunk length T of a sample.
       batch: chunks per sample B.
       prioritize_ends: over-sample chunks that end an episode (official default on Atari).
-      seed: seeds the numpy Generator used for all sampling.
+      seed: seeds the numpy Generator that `dataset()` draws from.
       prefetch: batches the `dataset()` thread keeps ready.
     """
 
     def __init__(
         self,
         directory: str | pathlib.Path | None,
+        spec: StepSpec,
         capacity: int,
         minlen: int,
         length: int,
@@ -74,6 +82,10 @@ class Replay:
     ):
         if min(capacity, minlen, length, batch, prefetch) < 1:
             raise ValueError("replay capacity, minlen, length, batch and prefetch must be >= 1")
+        missing = [key for key in REQUIRED_KEYS if key not in spec]
+        if missing:
+            raise ValueError(f"replay spec lacks keys {missing}")
+        self._spec = {key: (tuple(shape), np.dtype(dtype)) for key, (shape, dtype) in spec.items()}
         self._directory = None if directory is None else pathlib.Path(directory)
         self._capacity = int(capacity)
         self._minlen = int(minlen)
@@ -87,7 +99,6 @@ class Replay:
         self._lock = threading.Lock()
         self._episodes: list[dict[str, np.ndarray]] = []
         self._lengths: list[int] = []
-        self._keys: frozenset[str] | None = None
         self._num_steps = 0
         self._bytes = 0
 
@@ -138,11 +149,10 @@ class Replay:
         Args:
           episode: each value [L, ...]. The replay takes the arrays without copying and marks
             them read-only.
+        Raises:
+          ValueError: the episode's keys, shapes or dtypes do not match the spec.
         """
-        length = _validate(episode)
-        with self._lock:
-            if self._keys is not None and frozenset(episode) != self._keys:
-                raise ValueError(f"episode keys {sorted(episode)} != stored {sorted(self._keys)}")
+        length = _validate(episode, self._spec)
         for value in episode.values():
             value.flags.writeable = False
         if self._directory is not None:
@@ -153,7 +163,6 @@ class Replay:
         if length < max(self._minlen, self._length):
             return
         with self._lock:
-            self._keys = frozenset(episode)
             self._episodes.append(episode)
             self._lengths.append(length)
             self._num_steps += length
@@ -185,7 +194,8 @@ class Replay:
         Files are read newest first (by name) until the next one would exceed capacity,
         then stored oldest first: the same result as loading every file in order and
         evicting, without reading files that would be evicted. Unreadable files (truncated,
-        corrupt, missing keys) are skipped with one warning each and left untouched.
+        corrupt) and files whose keys, shapes or dtypes do not match the spec (another task's,
+        an older format's) are skipped with one warning each and left untouched.
         """
         if self._directory is None:
             return
@@ -194,19 +204,15 @@ class Replay:
         self._next_index = max([self._next_index - 1, *indices]) + 1
         episodes = []
         budget = self._capacity - self._num_steps
-        keys = self._keys
         for path in reversed([p for p in paths if not p.name.startswith(".")]):
             try:
                 # Our own handle: np.load leaks its own when the zip is corrupt.
                 with open(path, "rb") as f, np.load(f, allow_pickle=False) as data:
                     episode = {key: data[key] for key in data.files}
-                length = _validate(episode)
-                keys = keys or frozenset(episode)
-                if frozenset(episode) != keys:
-                    raise ValueError(f"keys {sorted(episode)} differ from {sorted(keys)}")
+                length = _validate(episode, self._spec)
             except Exception as error:  # whatever np.load raises: skip the file, never fatal
                 reason = " ".join(str(error).split()) or type(error).__name__
-                message = f"replay: skipping unreadable episode file {path}: {reason}"
+                message = f"replay: skipping episode file {path}: {reason}"
                 warnings.warn(message, stacklevel=2)
                 self._skipped_files += 1
                 continue
@@ -224,29 +230,31 @@ class Replay:
 
     # -------------------------------------------------------------------------- sampling
 
-    def sample(self) -> dict[str, np.ndarray]:
+    def sample(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """One batch of chunks, each value [batch, length, ...]; `is_first[:, 0]` is True.
+
+        Draws from the caller's `rng`, never from the `dataset()` Generator, so a report
+        sampled mid-training leaves the training batches and `get_rng_state` unchanged.
 
         Raises:
           RuntimeError: no episode is stored yet.
         """
         with self._lock:
-            if not self._episodes:
-                raise RuntimeError(self._empty_message())
-            episodes, starts = self._draw()
+            episodes, starts = self._draw(rng)
         return self._gather(episodes, starts)
 
-    def _empty_message(self) -> str:
-        return f"replay has no episode of length >= {max(self._minlen, self._length)} yet"
-
-    def _draw(self) -> tuple[list[dict[str, np.ndarray]], np.ndarray]:
+    def _draw(self, rng: np.random.Generator) -> tuple[list[dict[str, np.ndarray]], np.ndarray]:
         """Chooses episodes uniformly and start indices; call with `_lock` held."""
-        index = self._rng.integers(0, len(self._episodes), size=self._batch)
+        if not self._episodes:
+            raise RuntimeError(
+                f"replay has no episode of length >= {max(self._minlen, self._length)} yet"
+            )
+        index = rng.integers(0, len(self._episodes), size=self._batch)
         totals = np.asarray(self._lengths)[index]
         upper = totals - self._length + 1
         if self._prioritize_ends:
             upper += self._minlen
-        starts = np.minimum(self._rng.integers(0, upper), totals - self._length)
+        starts = np.minimum(rng.integers(0, upper), totals - self._length)
         return [self._episodes[i] for i in index], starts
 
     def _gather(
@@ -254,8 +262,8 @@ class Replay:
     ) -> dict[str, np.ndarray]:
         """Copies the chunks; safe without the lock since stored arrays are read-only."""
         batch = {}
-        for key, value in episodes[0].items():
-            out = np.empty((self._batch, self._length, *value.shape[1:]), value.dtype)
+        for key, (shape, dtype) in self._spec.items():
+            out = np.empty((self._batch, self._length, *shape), dtype)
             for b, (episode, start) in enumerate(zip(episodes, starts, strict=True)):
                 out[b] = episode[key][start : start + self._length]
             batch[key] = out
@@ -282,10 +290,8 @@ class Replay:
         while self._executor is executor:
             while len(self._pending) <= self._prefetch:
                 with self._lock:
-                    if not self._episodes:
-                        raise RuntimeError(self._empty_message())
                     state = copy.deepcopy(self._rng.bit_generator.state)
-                    episodes, starts = self._draw()
+                    episodes, starts = self._draw(self._rng)
                 self._pending.append((executor.submit(self._gather, episodes, starts), state))
             future, _ = self._pending.popleft()
             yield future.result()
@@ -305,10 +311,9 @@ class Replay:
     # ------------------------------------------------------------------------ state, stats
 
     def get_rng_state(self) -> dict[str, Any]:
-        """The sampling Generator's `bit_generator.state` (JSON-serialisable).
+        """The `dataset()` Generator's `bit_generator.state` (JSON-serialisable).
 
         While `dataset()` runs, this is the state after the last batch the learner consumed.
-        Mixing `sample()` calls with a running `dataset()` breaks that accounting.
         """
         with self._lock:
             if self._pending:
@@ -331,7 +336,7 @@ class Replay:
     @property
     def stats(self) -> dict[str, int]:
         """num_episodes and num_steps stored, bytes of their arrays, episodes loaded from
-        disk, and files skipped as unreadable."""
+        disk, and files skipped as unreadable or not matching the spec."""
         with self._lock:
             return {
                 "num_episodes": len(self._episodes),
@@ -342,17 +347,22 @@ class Replay:
             }
 
 
-def _validate(episode: dict[str, np.ndarray]) -> int:
-    """The episode's length L; raises ValueError unless it has the required keys, every
-    value is a numpy array [L, ...] with L >= 1, and no value is an object array."""
-    missing = [key for key in REQUIRED_KEYS if key not in episode]
-    if missing:
-        raise ValueError(f"episode lacks keys {missing}")
-    lengths = {key: np.shape(value)[:1] for key, value in episode.items()}
-    if any(
-        not isinstance(value, np.ndarray) or value.dtype == object for value in episode.values()
-    ):
-        raise ValueError("episode values must be numeric numpy arrays")
-    if len(set(lengths.values())) != 1 or lengths["is_first"] in ((), (0,)):
+def _validate(episode: dict[str, np.ndarray], spec: StepSpec) -> int:
+    """The episode's length L; raises ValueError (one line) unless the episode has exactly
+    the spec's keys and every value is a numpy array [L, *shape] of the spec's dtype, with
+    one shared L >= 1."""
+    if set(episode) != set(spec):
+        raise ValueError(f"episode keys {sorted(episode)} != spec keys {sorted(spec)}")
+    if not all(isinstance(value, np.ndarray) and value.ndim for value in episode.values()):
+        raise ValueError("episode values must be numpy arrays [L, ...]")
+    wrong = [
+        f"{key} {value.dtype}{list(value.shape[1:])} instead of {spec[key][1]}{list(spec[key][0])}"
+        for key, value in episode.items()
+        if (value.shape[1:], value.dtype) != spec[key]
+    ]
+    if wrong:
+        raise ValueError(f"episode steps do not match the spec: {', '.join(wrong)}")
+    lengths = {key: len(value) for key, value in episode.items()}
+    if len(set(lengths.values())) != 1 or lengths["is_first"] == 0:
         raise ValueError(f"episode values need one shared length >= 1, got {lengths}")
-    return lengths["is_first"][0]
+    return lengths["is_first"]

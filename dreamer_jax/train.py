@@ -6,29 +6,34 @@
 Counts are policy steps summed over the parallel envs (as the official code);
 frames = steps × action repeat. Running the same command again with an existing logdir
 resumes from the latest good checkpoint and the replay on disk. Bad input (unknown task or
-key, bad value, unwritable logdir, a changed config on resume) exits with code 2 and one
-line on stderr.
+key, bad value, unwritable or busy logdir, a changed config on resume, a corrupt
+config.yaml, a batch too large for memory) exits with code 2 and one line on stderr, and
+every input is checked before anything is written.
 """
 
 from __future__ import annotations
 
+import os
 import pathlib
+import re
 import signal
+import socket
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
-import yaml
 
 from dreamer_jax.agent import Agent, TrainState
 from dreamer_jax.checkpoint import Checkpointer, CheckpointError
-from dreamer_jax.config import Config, ConfigError, load_config, make_config
+from dreamer_jax.config import Config, ConfigError, load_config, load_run_config
 from dreamer_jax.envs import UnknownTaskError, VectorEnv
-from dreamer_jax.logger import LogdirError, Logger
-from dreamer_jax.paths import DirectoryError, ensure_writable
+from dreamer_jax.eval import evaluate
+from dreamer_jax.logger import METRICS_FILE, LogdirError, Logger, WandbError
+from dreamer_jax.paths import DirectoryError, ensure_writable, lock_directory
 from dreamer_jax.replay import Replay
 from dreamer_jax.report import open_loop_video
 from dreamer_jax.world_model import open_loop_prediction, preprocess
@@ -54,44 +59,26 @@ def make_env(config: Config, num_envs: int, seed: int) -> VectorEnv:
     return VectorEnv(config.task, num_envs, seed, config.time_limit, config.action_repeat)
 
 
-def env_seed(config: Config, step: int, offset: int = 0) -> int:
-    """Fresh runs use the config seed; a resumed run reseeds from (seed, step), so it does
+def env_seed(config: Config, step: int, resumed: bool, offset: int = 0) -> int:
+    """A fresh run uses the config seed; a resumed run reseeds from (seed, step), so it does
     not replay the episodes the run began with, and two resumes from one checkpoint agree."""
-    if step == 0:
+    if not resumed:
         return config.seed + offset
     return int(np.random.SeedSequence([config.seed, step, offset]).generate_state(1)[0])
 
 
-def replay_record(obs: dict[str, np.ndarray], prev_action: np.ndarray, discrete: bool) -> dict:
+def replay_record(obs: dict[str, np.ndarray], prev_action: np.ndarray, spec: dict) -> dict:
     """The replay record of the current observation: `action` is what led to it (zeros on
-    the first step of an episode), stored as uint8 one-hot for discrete actions."""
+    the first step of an episode), in the replay's dtype (uint8 one-hot when discrete)."""
     action = np.where(obs["is_first"][:, None], 0.0, prev_action)
-    return {**obs, "action": action.astype(np.uint8 if discrete else np.float32)}
+    return {**obs, "action": action.astype(spec["action"][1])}
 
 
-def changed_keys(saved: dict, config: Config) -> list[str]:
+def changed_keys(saved: Config, config: Config) -> list[str]:
     """Dotted keys whose values differ from the saved config, except `RESUMABLE_KEYS`."""
-    old = make_config([], saved).flat()
-    new = config.flat()
+    old, new = saved.flat(), config.flat()
     free = lambda key: key.split(".")[0] in RESUMABLE_KEYS
     return sorted(k for k in new if not free(k) and old.get(k) != new[k])
-
-
-def evaluate(agent: Agent, env: VectorEnv, state: TrainState, episodes: int, key) -> list[float]:
-    """Returns of `episodes` whole episodes played with the eval (mode) policy."""
-    returns: list[float] = []
-    obs = env.reset()
-    carry = agent.initial_carry(env.num_envs)
-    running = np.zeros(env.num_envs)
-    while len(returns) < episodes:
-        key, step_key = jax.random.split(key)
-        action, carry = agent.policy_step(state, obs, carry, step_key, mode="eval")
-        obs = env.step(np.asarray(action))
-        running += obs["reward"]
-        for i in np.flatnonzero(obs["is_last"]):
-            returns.append(float(running[i]))
-            running[i] = 0.0
-    return returns[:episodes]
 
 
 _open_loop = jax.jit(open_loop_prediction, static_argnums=(0, 4))
@@ -114,36 +101,124 @@ def _wrap_key(data: list[int]) -> jax.Array:
     return jax.random.wrap_key_data(np.asarray(data, np.uint32))
 
 
+def _generator(state: dict) -> np.random.Generator:
+    rng = np.random.default_rng()
+    rng.bit_generator.state = state
+    return rng
+
+
+_OOM = re.compile(r"RESOURCE_EXHAUSTED|out of memory|unable to allocate", re.IGNORECASE)
+_ASKED = re.compile(r"allocat\w*\s+([\d.]+\s*[KMGTP]?i?B)\b|(\d+) bytes", re.IGNORECASE)
+
+
+def out_of_memory(error: BaseException) -> str | None:
+    """None, or how much memory a failed allocation asked for ("an unknown amount" when the
+    message does not say), for a numpy `MemoryError` or an XLA RESOURCE_EXHAUSTED error."""
+    text = str(error)
+    if not (isinstance(error, MemoryError) or _OOM.search(text)):
+        return None
+    match = _ASKED.search(text)
+    if match is None:
+        return "an unknown amount"
+    if match.group(1):
+        return match.group(1).replace(" ", "")
+    return f"{int(match.group(2)) / 2**30:.2f}GiB"
+
+
+def _restorable(state: TrainState) -> bool:
+    """Whether `state` can still be saved: no buffer donated to a failed update, and every
+    float finite."""
+    leaves = jax.tree.leaves(state)
+    if any(leaf.is_deleted() for leaf in leaves if isinstance(leaf, jax.Array)):
+        return False
+    floats = [x for x in leaves if jax.dtypes.issubdtype(x.dtype, np.floating)]
+    return all(bool(np.isfinite(np.asarray(x)).all()) for x in floats)
+
+
 class StopSignal:
-    """Turns SIGINT/SIGTERM into a flag the loop checks, so it can checkpoint and exit."""
+    """Turns SIGINT/SIGTERM into a flag the loop checks, so it can checkpoint and exit.
+
+    The first signal is acknowledged at once, even while XLA compiles: Python runs signal
+    handlers only between bytecodes, so a watcher thread reads the signal wake-up fd
+    instead. A second signal quits at once (exit 128 + signum), keeping the last checkpoint.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.signum: int | None = None
-        self._previous = {}
+        self._previous: dict = {}
 
     def __enter__(self):
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            self._previous[signum] = signal.signal(signum, self._handle)
+        self._reader, self._writer = socket.socketpair()
+        self._writer.setblocking(False)
+        self._previous_fd = signal.set_wakeup_fd(self._writer.fileno(), warn_on_full_buffer=False)
+        for signum in self.SIGNALS:
+            # The watcher acts; the handler only keeps Python from raising KeyboardInterrupt.
+            self._previous[signum] = signal.signal(signum, lambda *_: None)
+        threading.Thread(target=self._watch, name="stop-signal", daemon=True).start()
         return self
 
-    def _handle(self, signum, frame):
-        self.signum = signum
+    def _watch(self) -> None:
+        while data := self._reader.recv(64):
+            for signum in data:
+                if signum not in self.SIGNALS:
+                    continue
+                if self.signum is None:
+                    self.signum = signum
+                    print(
+                        f"\nsignal {signum}: stopping after this step (checkpoint, then exit); "
+                        "Ctrl-C again to quit now",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                else:
+                    print("second signal: quitting now; the last checkpoint is kept",
+                          file=sys.stderr, flush=True)  # fmt: skip
+                    os._exit(128 + signum)
 
     def __exit__(self, *exc):
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
+        signal.set_wakeup_fd(self._previous_fd)
+        self._writer.close()  # ends the watcher
+        self._reader.close()
+
+
+def check_inputs(config: Config, logdir: pathlib.Path) -> Agent:
+    """Every check that needs no write: the saved config (if any) matches, the task exists.
+    Returns the agent of this config."""
+    config_path = logdir / "config.yaml"
+    if config_path.exists():
+        changed = changed_keys(load_run_config(config_path), config)
+        if changed and not config.resume.allow_config_change:
+            raise RunError(
+                f"config differs from the saved run in {logdir} at {', '.join(changed)}; "
+                "pass --resume.allow_config_change true to resume anyway"
+            )
+    env_probe = make_env(config, 1, config.seed)
+    agent = Agent(config, env_probe.obs_space, env_probe.num_actions, env_probe.discrete)
+    env_probe.close()
+    return agent
+
+
+def _holds_run_data(logdir: pathlib.Path) -> bool:
+    metrics = logdir / METRICS_FILE
+    has_metrics = metrics.exists() and metrics.stat().st_size > 0
+    return has_metrics or any((logdir / "replay").glob("*.npz"))
 
 
 def train(config: Config, stop: StopSignal) -> dict[str, Any]:
     """Run (or resume) training to `config.steps`; returns the final loop state."""
     logdir = pathlib.Path(config.logdir).expanduser()
+    agent = check_inputs(config, logdir)
     ensure_writable(logdir, "log directory", LogdirError)
-    config_path = logdir / "config.yaml"
-    checkpointer = Checkpointer(logdir / "checkpoints", keep=config.checkpoint_keep)
-    env_probe = make_env(config, 1, config.seed)
-    agent = Agent(config, env_probe.obs_space, env_probe.num_actions, env_probe.discrete)
-    env_probe.close()
+    with lock_directory(logdir):
+        return _train(config, agent, logdir, stop)
 
+
+def _train(config: Config, agent: Agent, logdir: pathlib.Path, stop: StopSignal) -> dict:
+    checkpointer = Checkpointer(logdir / "checkpoints", keep=config.checkpoint_keep)
     init_key, act_key, eval_key = jax.random.split(jax.random.key(config.seed), 3)
     state = agent.init(init_key)
     loop = {
@@ -157,15 +232,10 @@ def train(config: Config, stop: StopSignal) -> dict[str, Any]:
         "eval_key": _key_data(eval_key),
         "random_rng": np.random.default_rng(config.seed).bit_generator.state,
         "replay_rng": None,
+        # The open-loop report samples its chunks from a stream of its own, so that a
+        # report never shifts the batches the learner sees (exact resume across evals).
+        "report_rng": np.random.default_rng([config.seed, 1]).bit_generator.state,
     }
-    if config_path.exists():
-        # An existing run: it must be the same experiment before anything is touched.
-        changed = changed_keys(yaml.safe_load(config_path.read_text()), config)
-        if changed and not config.resume.allow_config_change:
-            raise RunError(
-                f"config differs from the saved run in {logdir} at {', '.join(changed)}; "
-                "pass --resume.allow_config_change true to resume anyway"
-            )
     restored = None
     if checkpointer.steps():
         restored = checkpointer.restore_latest(state)
@@ -174,10 +244,22 @@ def train(config: Config, stop: StopSignal) -> dict[str, Any]:
                 f"no checkpoint in {checkpointer.directory} could be restored; "
                 "refusing to start over in a logdir that holds a run"
             )
-        _, state, loop = restored
+        _, state, saved_loop = restored
+        loop.update(saved_loop)
         print(f"resuming from checkpoint at step {loop['step']}", flush=True)
-    resume_step = loop["step"] if restored is not None else None
+    elif _holds_run_data(logdir):
+        aside = checkpointer.unreadable_directory
+        moved = f"; unreadable ones are in {aside}" if aside.exists() else ""
+        raise RunError(
+            f"{logdir} holds a run's metrics or replay but no checkpoint{moved}; refusing to "
+            "start over in it (use a new --logdir)"
+        )
+    resumed = restored is not None
 
+    env = make_env(config, config.envs, env_seed(config, loop["step"], resumed))
+    eval_env = make_env(
+        config, config.eval_envs, env_seed(config, loop["step"], resumed, EVAL_SEED_OFFSET)
+    )
     logger = Logger(
         logdir,
         config.flat(),
@@ -187,11 +269,15 @@ def train(config: Config, stop: StopSignal) -> dict[str, Any]:
         run_name=f"{config.task}-{config.seed}",
         total_steps=config.steps,
         action_repeat=config.action_repeat,
-        resume_step=resume_step,
+        resume_step=loop["step"] if resumed else None,
     )
-    config.save(config_path)
+    try:
+        config.save(logdir / "config.yaml")
+    except OSError as error:
+        raise LogdirError(f"could not write {logdir / 'config.yaml'}: {error}") from error
     replay = Replay(
         logdir / "replay",
+        spec=env.step_spec,
         capacity=config.replay.capacity,
         minlen=config.replay.minlen,
         length=config.dataset.length,
@@ -202,8 +288,6 @@ def train(config: Config, stop: StopSignal) -> dict[str, Any]:
     )
     if loop["replay_rng"] is not None:
         replay.set_rng_state(loop["replay_rng"])
-    env = make_env(config, config.envs, env_seed(config, loop["step"]))
-    eval_env = make_env(config, config.eval_envs, env_seed(config, loop["step"], EVAL_SEED_OFFSET))
     stats = replay.stats
     print(
         f"dreamer-jax: {config.task} on {jax.default_backend()}, logs in {logdir} "
@@ -213,8 +297,7 @@ def train(config: Config, stop: StopSignal) -> dict[str, Any]:
     )
 
     act_key, eval_key = _wrap_key(loop["act_key"]), _wrap_key(loop["eval_key"])
-    random_rng = np.random.default_rng()
-    random_rng.bit_generator.state = loop["random_rng"]
+    random_rng, report_rng = _generator(loop["random_rng"]), _generator(loop["report_rng"])
     dataset = replay.dataset()
     step, updates = loop["step"], loop["updates"]
 
@@ -226,6 +309,7 @@ def train(config: Config, stop: StopSignal) -> dict[str, Any]:
             eval_key=_key_data(eval_key),
             random_rng=random_rng.bit_generator.state,
             replay_rng=replay.get_rng_state(),
+            report_rng=report_rng.bit_generator.state,
             replay_episodes=replay.stats["num_episodes"],
         )
         checkpointer.save(step, state, loop)
@@ -238,8 +322,12 @@ def train(config: Config, stop: StopSignal) -> dict[str, Any]:
     carry = agent.initial_carry(env.num_envs)
     clock, clock_step, clock_updates = time.perf_counter(), step, updates
     try:
+        if not resumed:
+            # Step 0 is saved before any data: a run killed in its prefill then resumes,
+            # and a logdir with data but no checkpoint can only be a damaged one.
+            save_checkpoint()
         while step < config.steps and stop.signum is None:
-            for episode in replay.add(replay_record(obs, prev_action, env.discrete)):
+            for episode in replay.add(replay_record(obs, prev_action, env.step_spec)):
                 episode_returns.append(float(episode["reward"].sum()))
             if step < config.prefill:
                 action = env.random_actions(random_rng)
@@ -274,9 +362,10 @@ def train(config: Config, stop: StopSignal) -> dict[str, Any]:
             if step >= loop["next_eval"] and updates > 0:
                 loop["next_eval"] = (step // config.eval_every + 1) * config.eval_every
                 eval_key, episodes_key, openl_key = jax.random.split(eval_key, 3)
-                returns = evaluate(agent, eval_env, state, config.eval_eps, episodes_key)
-                logger.scalar("eval_return", float(np.mean(returns)))
-                frames = open_loop_frames(agent, state, replay.sample(), openl_key)
+                result = evaluate(agent, eval_env, state, config.eval_eps, episodes_key)
+                logger.scalar("eval_return", float(np.mean(result.returns)))
+                logger.scalar("eval_length", float(np.mean(result.lengths)))
+                frames = open_loop_frames(agent, state, replay.sample(report_rng), openl_key)
                 logger.video("openl", frames, step=step)
 
             if step >= loop["next_log"] and updates > 0:
@@ -312,6 +401,16 @@ def train(config: Config, stop: StopSignal) -> dict[str, Any]:
         if step not in checkpointer.steps():  # the periodic save may have just written it
             save_checkpoint()
         print(f"checkpoint saved at step {step} in {checkpointer.directory}", flush=True)
+    except Exception as error:
+        if not isinstance(error, CheckpointError | NonFiniteError):
+            _save_after_error(save_checkpoint, state, step, checkpointer)
+        asked = out_of_memory(error)
+        if asked is not None:
+            raise RunError(
+                f"out of memory with dataset.batch {config.dataset.batch} (an allocation of "
+                f"{asked} failed); use a smaller --dataset.batch"
+            ) from error
+        raise
     finally:
         replay.close()
         logger.close()
@@ -319,6 +418,19 @@ def train(config: Config, stop: StopSignal) -> dict[str, Any]:
         eval_env.close()
         checkpointer.close()
     return loop
+
+
+def _save_after_error(save_checkpoint, state: TrainState, step: int, checkpointer) -> None:
+    """An unexpected error still keeps the steps since the last checkpoint, when the state
+    is intact (not donated to the failed update, all finite)."""
+    if step in checkpointer.steps() or not _restorable(state):
+        return
+    try:
+        save_checkpoint()
+    except CheckpointError as error:
+        print(f"warning: could not save a checkpoint after the error: {error}", file=sys.stderr)
+        return
+    print(f"saved a checkpoint at step {step} before stopping on the error", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -334,7 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 with jax.disable_jit():
                     train(config, stop)
     except (
-        ConfigError, UnknownTaskError, DirectoryError, CheckpointError, RunError
+        ConfigError, UnknownTaskError, DirectoryError, CheckpointError, RunError, WandbError,
     ) as error:  # fmt: skip
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -161,8 +161,14 @@ def bench_replay(config, episodes: int = 50, episode_length: int = 1000):
     from dreamer_jax.replay import Replay
 
     rng = np.random.default_rng(0)
+    flag = ((), np.dtype(bool))
+    spec = {
+        "image": ((64, 64, 1), np.dtype(np.uint8)), "action": ((18,), np.dtype(np.uint8)),
+        "reward": ((), np.dtype(np.float32)), "is_first": flag, "is_last": flag,
+        "is_terminal": flag,
+    }  # fmt: skip
     replay = Replay(
-        None, config.replay.capacity, config.replay.minlen, config.dataset.length,
+        None, spec, config.replay.capacity, config.replay.minlen, config.dataset.length,
         config.dataset.batch, config.replay.prioritize_ends, config.seed, config.replay.prefetch,
     )  # fmt: skip
     steps = np.arange(episode_length)
@@ -180,7 +186,7 @@ def bench_replay(config, episodes: int = 50, episode_length: int = 1000):
     stats = replay.stats
     start = time.perf_counter()
     for _ in range(50):
-        replay.sample()
+        replay.sample(rng)
     sample_ms = 1000 * (time.perf_counter() - start) / 50
     dataset, waits = replay.dataset(), []
     for _ in range(50):

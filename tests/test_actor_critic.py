@@ -1,16 +1,24 @@
 import chex
+import distrax
 import jax
 import jax.numpy as jnp
 import numpy as np
-from helpers import tiny_config, vector_agent
+import pytest
+from helpers import structured_batch, tiny_config, vector_agent
 
 from dreamer_jax.actor_critic import (
+    Imagination,
+    actor_loss,
     critic_loss,
+    imagination_start,
     imagination_targets,
     imagine,
+    make_actor,
     resolve_actor_grad,
 )
+from dreamer_jax.config import ConfigError
 from dreamer_jax.networks import initial_state
+from dreamer_jax.world_model import WorldModel, observe, preprocess
 
 
 def _rollout(agent, state, n=6, terminal=None):
@@ -70,3 +78,89 @@ def test_actor_grad_auto():
     assert resolve_actor_grad(config, discrete=True) == "reinforce"
     assert resolve_actor_grad(config, discrete=False) == "dynamics"
     assert resolve_actor_grad(tiny_config(actor_grad="both"), discrete=True) == "both"
+
+
+def test_imagination_start_flattens_states_and_terminals_alike():
+    agent = vector_agent()
+    config, (b, t) = agent.config, (4, 10)
+    state = agent.init(jax.random.key(0))
+    batch = structured_batch(b, t)
+    batch["is_terminal"][:] = False
+    batch["is_terminal"][2, 7] = True  # flattened index 2·T + 7 = 27
+    data = preprocess(batch, config)
+    model, params = agent.world_model, state.wm_params
+    embed = model.apply(params, data["vector"], method=WorldModel.encode)
+    posterior, _ = observe(
+        model, params, embed, data["action"], data["is_first"], jax.random.key(1)
+    )
+    start, is_terminal = imagination_start(posterior, batch["is_terminal"])
+    chex.assert_shape(start.deter, (b * t, config.rssm.deter))
+    np.testing.assert_array_equal(np.flatnonzero(is_terminal), [2 * t + 7])
+    rows = np.concatenate([np.asarray(x).reshape(b * t, -1) for x in start], -1)
+    assert len(np.unique(rows, axis=0)) == b * t  # distinct start states
+    for flat, full in zip(start, posterior, strict=True):
+        np.testing.assert_array_equal(flat[2 * t + 7], full[2, 7])
+        np.testing.assert_array_equal(flat[t + 3], full[1, 3])
+    # The start states are constants for the actor-critic.
+    grad = jax.grad(
+        lambda d: imagination_start(posterior._replace(deter=d), is_terminal)[0].deter.sum()
+    )
+    np.testing.assert_array_equal(grad(posterior.deter), 0.0)
+    seq = imagine(
+        model, params, agent.actor, state.actor_params, start, is_terminal,
+        config.imag_horizon, jax.random.key(2), config,
+    )  # fmt: skip
+    expected = np.full(b * t, config.discount, np.float32)
+    expected[2 * t + 7] = 0.0
+    np.testing.assert_allclose(seq.discounts[0], expected)
+
+
+class _LogitsActor:
+    """Stands in for the actor: the features are the policy's logits, set by hand."""
+
+    def apply(self, params, feat):
+        del params
+        return distrax.OneHotCategorical(logits=feat, dtype=jnp.float32)
+
+
+def test_actor_loss_matches_numpy():
+    # H + 1 = 4 states, N = 2 start states, 3 actions; the loss reads states 0..H−2 = 0, 1.
+    logits = np.array(
+        [[[1.0, 0.0, -1.0], [0.5, 0.2, 0.0]],
+         [[0.0, 2.0, 0.0], [-1.0, 0.0, 1.0]],
+         [[0.3, 0.3, 0.0], [2.0, 1.0, 0.0]],
+         [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]], np.float32,
+    )  # fmt: skip
+    taken = np.array([[0, 0], [2, 1], [0, 2], [1, 0]])  # taken[t + 1]: chosen in state t
+    returns = np.array([[9.0, 8.0], [1.5, -0.5], [2.0, 0.7]], np.float32)  # R_0..R_{H−1}
+    values = np.array([[5.0, 5.0], [0.5, 1.0], [-0.4, 0.2], [3.0, 3.0]], np.float32)
+    weights = np.array([[1.0, 1.0], [0.9, 0.5], [0.8, 0.25], [0.7, 0.1]], np.float32)
+    seq = Imagination(
+        states=None, feats=jnp.asarray(logits), actions=jnp.eye(3)[taken],
+        rewards=None, discounts=None, weights=jnp.asarray(weights),
+    )  # fmt: skip
+    config = tiny_config(actor_ent=0.1, actor_grad_mix=0.3)
+
+    log_pi = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    entropy = -(np.exp(log_pi) * log_pi).sum(-1)[:2]
+    log_pi_taken = np.take_along_axis(log_pi[:2], taken[1:3, :, None], -1)[..., 0]
+    reinforce = log_pi_taken * (returns[1:3] - values[:2])  # log π(a_{t+1}|s_t)·(R_{t+1} − v_t)
+    dynamics = returns[1:3]
+    objectives = {
+        "reinforce": reinforce,
+        "dynamics": dynamics,
+        "both": 0.3 * dynamics + 0.7 * reinforce,
+    }
+    for mode, objective in objectives.items():
+        loss, metrics = actor_loss(
+            _LogitsActor(), None, seq, jnp.asarray(returns), jnp.asarray(values),
+            jax.random.key(0), mode, config,
+        )  # fmt: skip
+        expected = -(weights[:2] * (objective + 0.1 * entropy)).mean()
+        np.testing.assert_allclose(loss, expected, rtol=1e-6, err_msg=mode)
+        np.testing.assert_allclose(metrics["actor_entropy"], entropy.mean(), rtol=1e-6)
+
+
+def test_actor_dist_that_does_not_fit_the_actions_is_a_config_error():
+    with pytest.raises(ConfigError, match="'actor.dist' is tanh_normal, which does not fit"):
+        make_actor(tiny_config(**{"actor.dist": "tanh_normal"}), 3, discrete=True)

@@ -3,7 +3,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import NUM_ACTIONS, structured_batch, tiny_config, vector_agent
+from helpers import NUM_ACTIONS, VECTOR_SIZE, structured_batch, tiny_config, vector_agent
+
+from dreamer_jax.agent import Agent
+from dreamer_jax.config import make_config
+from dreamer_jax.networks import get_feat, straight_through_onehot
+from dreamer_jax.world_model import WorldModel, preprocess, world_model_loss
 
 
 def _host(tree):
@@ -122,8 +127,6 @@ def test_bf16_computes_in_bf16_with_fp32_params():
 
 def test_continuous_actions_use_dynamics_backprop():
     config = tiny_config()
-    from dreamer_jax.agent import Agent
-
     agent = Agent(config, {"vector": ((4,), np.float32)}, 2, discrete=False)
     assert agent.actor_grad == "dynamics"
     state = agent.init(jax.random.key(6))
@@ -136,3 +139,149 @@ def test_continuous_actions_use_dynamics_backprop():
         agent.initial_carry(3), jax.random.key(7),
     )  # fmt: skip
     assert action.shape == (3, 2) and np.all(np.abs(action) <= 1)
+
+
+def _vector_obs(rng, n, is_first):
+    return {
+        "vector": rng.normal(size=(n, VECTOR_SIZE)).astype(np.float32),
+        "is_first": np.asarray(is_first, bool),
+    }
+
+
+def test_policy_actions_are_exact_onehot_and_the_same_draws_as_before():
+    # The straight-through form `sample + p − sg(p)` gives 0.99999994 at the chosen index in
+    # about one row in five; replay's uint8 cast turned such a row into no action at all.
+    agent = vector_agent()
+    state = agent.init(jax.random.key(4))
+    rng, n = np.random.default_rng(0), 512
+    for mode in ("train", "eval"):
+        carry = agent.initial_carry(n)
+        for step in range(4):
+            key = jax.random.key(10 + step)
+            obs = _vector_obs(rng, n, np.full(n, step == 0))
+            action, carry = agent.policy_step(state, obs, carry, key, mode=mode)
+            a = np.asarray(action)
+            assert np.all((a == 0) | (a == 1)) and np.all(a.sum(-1) == 1), mode
+            if mode == "train":  # the same key still draws the action the sample used to
+                logits = agent.actor.apply(state.actor_params, get_feat(carry[0])).logits
+                old = straight_through_onehot(logits, jax.random.split(key)[1])
+                np.testing.assert_array_equal(a.argmax(-1), np.argmax(old, -1))
+
+
+def test_action_noise_modes_read_their_own_config_key():
+    base = vector_agent()
+    state = base.init(jax.random.key(4))
+    n = 3000
+    obs = _vector_obs(np.random.default_rng(1), n, np.ones(n, bool))
+    act = lambda agent, mode: np.asarray(
+        agent.policy_step(state, obs, agent.initial_carry(n), jax.random.key(5), mode=mode)[0]
+    )
+    clean = {mode: act(base, mode) for mode in ("train", "eval")}
+    for noisy_mode, overrides in (("train", {"expl_noise": 1.0}), ("eval", {"eval_noise": 1.0})):
+        agent = vector_agent(tiny_config(**overrides))
+        for mode in ("train", "eval"):
+            action = act(agent, mode)
+            same = (action == clean[mode]).all(-1).mean()
+            if mode == noisy_mode:  # amount 1: uniform, independent of the policy's action
+                np.testing.assert_allclose(action.mean(0), [1 / NUM_ACTIONS] * 3, atol=0.03)
+                np.testing.assert_allclose(same, 1 / NUM_ACTIONS, atol=0.03)
+            else:
+                assert same == 1.0, (noisy_mode, mode)
+
+
+def test_eval_action_is_argmax_of_actor_on_filtered_latent():
+    agent = vector_agent()
+    state = agent.init(jax.random.key(7))
+    rng, n = np.random.default_rng(2), 5
+    carry = agent.initial_carry(n)
+    for step in range(3):  # a carry with a non-zero latent and previous action
+        obs = _vector_obs(rng, n, np.full(n, step == 0))
+        _, carry = agent.policy_step(state, obs, carry, jax.random.key(20 + step), mode="train")
+    assert np.abs(carry[0].deter).min() > 0 and np.all(carry[1].sum(-1) == 1)
+    obs = _vector_obs(rng, n, [True, False, True, False, False])
+    key = jax.random.key(30)
+    action, (latent, prev_action) = agent.policy_step(state, obs, carry, key, mode="eval")
+
+    # Reference: reset the is_first rows by hand, then one posterior step with the same key.
+    keep = ~obs["is_first"]
+    zeroed = jax.tree.map(lambda x: x * keep.reshape(-1, *[1] * (x.ndim - 1)), carry)
+    model, params = agent.world_model, state.wm_params
+    embed = model.apply(params, jnp.asarray(obs["vector"]), method=WorldModel.encode)
+    posterior, _ = model.apply(
+        params, *zeroed, embed, np.zeros(n, bool), jax.random.split(key, 3)[0],
+        method=WorldModel.obs_step,
+    )  # fmt: skip
+    logits = agent.actor.apply(state.actor_params, get_feat(posterior)).logits
+    np.testing.assert_array_equal(action, jax.nn.one_hot(jnp.argmax(logits, -1), NUM_ACTIONS))
+    chex.assert_trees_all_close(latent, posterior, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(prev_action, action)
+
+
+def _atari_batch(batch, length, num_actions, seed=0):
+    """Smooth uint8 frames `[B, T, 64, 64, 1]` whose phase moves with the step."""
+    rng = np.random.default_rng(seed)
+    phase = rng.uniform(0, 6, (batch, 1)) + 0.3 * np.arange(length)
+    grid = 0.2 * np.arange(64)[:, None] + 0.3 * np.arange(64)[None]
+    image = 128 + 100 * np.sin(grid + phase[..., None, None])
+    actions = rng.integers(0, num_actions, (batch, length))
+    return {
+        "image": image[..., None].astype(np.uint8),
+        "action": np.eye(num_actions, dtype=np.float32)[actions],
+        "reward": rng.normal(size=(batch, length)).astype(np.float32),
+        "is_first": np.arange(length)[None].repeat(batch, 0) == 0,
+        "is_last": np.zeros((batch, length), bool),
+        "is_terminal": np.zeros((batch, length), bool),
+    }
+
+
+def _conv_input_dtypes(fn, *args) -> list[jnp.dtype]:
+    """The input dtype of every convolution (Conv and ConvTranspose) `fn` runs."""
+    found = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "conv_general_dilated":
+                found.append(eqn.invars[0].aval.dtype)
+            for param in eqn.params.values():
+                if hasattr(param, "jaxpr"):  # a nested (closed) jaxpr: jit, scan, ...
+                    walk(param.jaxpr if hasattr(param.jaxpr, "eqns") else param.jaxpr.jaxpr)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found
+
+
+def test_bf16_conv_path_matches_fp32():
+    obs_space, num_actions = {"image": ((64, 64, 1), np.uint8)}, 4
+    agents = {
+        precision: Agent(make_config(["atari", "debug"], {"precision": precision}), obs_space,
+                         num_actions, True)
+        for precision in ("32", "bf16")
+    }  # fmt: skip
+    config = agents["32"].config
+    state = agents["32"].init(jax.random.key(8))  # the same fp32 params for both
+    data = preprocess(
+        _atari_batch(config.dataset.batch, config.dataset.length, num_actions), config
+    )
+    loss = jax.jit(world_model_loss, static_argnums=(1, 4))
+    metrics = {
+        p: loss(state.wm_params, agent.world_model, data, jax.random.key(9), config)[1][1]
+        for p, agent in agents.items()
+    }
+    # Without the image term's constant 0.5·log(2π) per pixel, which would hide any error. The
+    # terms agree to ~1e-4; a log-likelihood summed over the pixels in bf16 is ~1% off.
+    constant = 0.5 * np.log(2 * np.pi) * 64 * 64
+    for name in ("model_loss", "image_loss", "kl", "reward_loss", "discount_loss"):
+        offset = constant if name in ("model_loss", "image_loss") else 0.0
+        full, half = (float(metrics[p][name]) - offset for p in ("32", "bf16"))
+        np.testing.assert_allclose(half, full, rtol=5e-3, err_msg=name)
+    # The convolutions themselves run in bf16 (4 in the encoder, 4 in the decoder).
+    wm = agents["bf16"].world_model
+    wm_loss = lambda params: world_model_loss(params, wm, data, jax.random.key(9), config)
+    assert _conv_input_dtypes(wm_loss, state.wm_params) == [jnp.bfloat16] * 8
+    obs = {"image": _atari_batch(8, 1, num_actions)["image"][:, 0], "is_first": np.ones(8, bool)}
+    for mode in ("train", "eval"):
+        action, _ = agents["bf16"].policy_step(
+            state, obs, agents["bf16"].initial_carry(8), jax.random.key(10), mode=mode
+        )
+        assert action.dtype == jnp.float32
+        assert np.all((action == 0) | (action == 1)) and np.all(action.sum(-1) == 1)

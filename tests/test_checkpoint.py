@@ -10,7 +10,7 @@ import chex
 import jax
 import numpy as np
 import pytest
-from helpers import structured_batch, vector_agent
+from helpers import structured_batch, tiny_config, vector_agent
 
 from dreamer_jax.checkpoint import Checkpointer, CheckpointError
 
@@ -38,35 +38,112 @@ def test_full_state_round_trip(tmp_path):
     assert jax.dtypes.issubdtype(restored.key.dtype, jax.dtypes.prng_key)
 
 
-def test_keeps_last_k_and_falls_back_from_a_corrupt_latest(tmp_path):
-    agent = vector_agent()
+def _save_steps(directory, agent, steps, keep=3):
+    """Checkpoints of `agent.init(key 0)` whose `updates` counter equals the step."""
     state = agent.init(jax.random.key(0))
-    checkpointer = Checkpointer(tmp_path / "ckpt", keep=2)
-    for step in (1, 2, 3):
+    checkpointer = Checkpointer(directory, keep=keep)
+    for step in steps:
         checkpointer.save(step, state.replace(updates=state.updates + step), {"step": step})
-    assert checkpointer.steps() == [2, 3]
-    # Truncate every file of the latest checkpoint's state.
-    damaged = [p for p in (tmp_path / "ckpt" / "3" / "state").rglob("*") if p.is_file()]
+    return state, checkpointer
+
+
+def _damage_data(checkpoint):
+    """Truncates every array data file of a checkpoint (its metadata stays readable)."""
+    damaged = [p for p in (checkpoint / "state").rglob("d/*") if p.is_file()]
     for path in damaged:
         path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    assert damaged
+
+
+def _damage_metadata(checkpoint):
+    (checkpoint / "state" / "_METADATA").unlink()
+
+
+def test_keeps_last_k(tmp_path):
+    _, checkpointer = _save_steps(tmp_path / "ckpt", vector_agent(), (1, 2, 3), keep=2)
+    assert checkpointer.steps() == [2, 3]
+
+
+@pytest.mark.parametrize("damage", [_damage_data, _damage_metadata])
+def test_unreadable_latest_is_moved_aside_and_its_step_can_be_saved_again(tmp_path, damage):
+    agent = vector_agent()
+    state, _ = _save_steps(tmp_path / "ckpt", agent, (1, 2))
+    damage(tmp_path / "ckpt" / "2")
+    files = sorted(
+        p.relative_to(tmp_path / "ckpt" / "2") for p in (tmp_path / "ckpt" / "2").rglob("*")
+    )
+
+    checkpointer = Checkpointer(tmp_path / "ckpt")
+    with pytest.warns(UserWarning, match="unreadable") as record:
+        step, restored, loop = checkpointer.restore_latest(state)
+    assert step == 1 and loop == {"step": 1} and int(restored.updates) == 1
+    aside = tmp_path / "ckpt_unreadable" / "2"
+    message = str(record[0].message)
+    assert str(tmp_path / "ckpt" / "2") in message and str(aside) in message
+    assert "\n" not in message
+    # Kept, whole, outside orbax's directory.
+    assert sorted(p.relative_to(aside) for p in aside.rglob("*")) == files
+    assert checkpointer.steps() == [1]
+
+    checkpointer.save(2, state.replace(updates=state.updates + 20), {"step": 2})
+    step, restored, _ = Checkpointer(tmp_path / "ckpt").restore_latest(state)
+    assert step == 2 and int(restored.updates) == 20
+
+
+def test_a_second_unreadable_copy_of_a_step_gets_a_suffix(tmp_path):
+    agent = vector_agent()
+    state, checkpointer = _save_steps(tmp_path / "ckpt", agent, (1, 2))
+    for _ in range(2):
+        _damage_metadata(tmp_path / "ckpt" / "2")
+        with pytest.warns(UserWarning, match="unreadable"):
+            assert checkpointer.restore_latest(state)[0] == 1
+        checkpointer.save(2, state, {"step": 2})
+    assert sorted(p.name for p in (tmp_path / "ckpt_unreadable").iterdir()) == ["2", "2-1"]
+
+
+def test_read_only_skips_an_unreadable_checkpoint_but_moves_nothing(tmp_path):
+    agent = vector_agent()
+    state, _ = _save_steps(tmp_path / "ckpt", agent, (1, 2))
+    _damage_data(tmp_path / "ckpt" / "2")
     with pytest.warns(UserWarning, match="unreadable"):
-        step, restored, loop = Checkpointer(tmp_path / "ckpt").restore_latest(state)
-    assert step == 2 and loop == {"step": 2} and int(restored.updates) == 2
-    assert all(path.exists() for path in damaged)  # nothing deleted
+        step, _, _ = Checkpointer(tmp_path / "ckpt", read_only=True).restore_latest(state)
+    assert step == 1
+    assert (tmp_path / "ckpt" / "2" / "state" / "_METADATA").exists()
+    assert not (tmp_path / "ckpt_unreadable").exists()
 
 
-def test_unwritable_checkpoint_directory(tmp_path):
-    blocker = tmp_path / "file"
-    blocker.write_text("x")
-    with pytest.raises(CheckpointError, match="not writable"):
-        Checkpointer(blocker / "ckpt")
+def test_other_network_sizes_are_one_line_and_move_nothing(tmp_path, capfd):
+    state, _ = _save_steps(tmp_path / "ckpt", vector_agent(), (1,))
+    wider = vector_agent(tiny_config(**{"rssm.deter": 64})).init(jax.random.key(0))
+    with pytest.raises(CheckpointError) as info:
+        Checkpointer(tmp_path / "ckpt").restore_latest(wider)
+    message = str(info.value)
+    # The first decoder layer reads the features: stoch 4 x discrete 4 + deter (32, now 64).
+    assert "checkpoint 1" in message and "other network sizes" in message
+    assert (
+        "wm_params/params/decoder/MLP_0/Dense_0/kernel: saved (48, 32) vs now (80, 32)" in message
+    )
+    assert "\n" not in message
+    assert "Traceback" not in capfd.readouterr().err
+    assert (tmp_path / "ckpt" / "1").is_dir() and not (tmp_path / "ckpt_unreadable").exists()
+    step, _, _ = Checkpointer(tmp_path / "ckpt").restore_latest(state)  # still good
+    assert step == 1
+
+
+def test_a_missing_network_part_is_named(tmp_path):
+    _save_steps(tmp_path / "ckpt", vector_agent(), (1,))
+    config = tiny_config(pred_discount=False)
+    with pytest.raises(
+        CheckpointError, match=r"discount_head/.*: saved \(\d+, ?\d*\) vs now absent"
+    ):
+        Checkpointer(tmp_path / "ckpt").restore_latest(vector_agent(config).init(jax.random.key(0)))
 
 
 RESUME_SCRIPT = textwrap.dedent(
     """
     import sys, jax, numpy as np
     sys.path.insert(0, {tests!r})
-    from helpers import structured_batch, vector_agent
+    from helpers import structured_batch, tiny_config, vector_agent
     from dreamer_jax.checkpoint import Checkpointer
     agent = vector_agent()
     c = agent.config
@@ -103,3 +180,43 @@ def test_interrupted_and_resumed_learner_is_bit_identical(tmp_path):
     assert len(resumed) == len(straight)
     for a, b in zip(resumed, straight, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+FULL_DISK_SCRIPT = textwrap.dedent(
+    """
+    import resource, signal, sys, jax
+    sys.path.insert(0, {tests!r})
+    from helpers import vector_agent
+    from dreamer_jax.checkpoint import Checkpointer, CheckpointError
+    state = vector_agent().init(jax.random.key(0))
+    checkpointer = Checkpointer({ckpt!r})
+    checkpointer.save(1, state, {{"step": 1}})
+    # A file-size limit fails orbax's writes as a full disk does (EFBIG instead of ENOSPC).
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, hard))
+    try:
+        checkpointer.save(2, state, {{"step": 2}})
+    except CheckpointError as error:
+        print(error)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    checkpointer.save(3, state, {{"step": 3}})
+    """
+)
+
+
+def test_a_failed_save_is_one_line_and_the_next_save_works(tmp_path):
+    script = FULL_DISK_SCRIPT.format(tests=str(TESTS), ckpt=str(tmp_path / "ckpt"))
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines() == [
+        f"could not save checkpoint 2 in {tmp_path / 'ckpt'}: File too large "
+        "(the previous checkpoints are intact)"
+    ]
+    # Without orbax's per-thread tracebacks (absl ERROR logs, asyncio "never retrieved").
+    assert "Traceback" not in result.stderr and "ERROR" not in result.stderr, result.stderr[:2000]
+    # The partial save of step 2 is gone; 1 and 3 restore.
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["1", "3"]
+    template = vector_agent().init(jax.random.key(1))
+    assert Checkpointer(tmp_path / "ckpt").restore_latest(template)[0] == 3

@@ -1,7 +1,19 @@
+import os
+
+import jax
+import numpy as np
 import pytest
 import yaml
 
-from dreamer_jax.config import ConfigError, load_config, make_config, parse_args, read_presets
+from dreamer_jax import config as config_module
+from dreamer_jax.config import (
+    ConfigError,
+    load_config,
+    load_run_config,
+    make_config,
+    parse_args,
+    read_presets,
+)
 
 
 def test_defaults_match_spec():
@@ -88,3 +100,150 @@ def test_parse_args_splits_presets_and_overrides():
     )
     assert presets == ["a", "b"]
     assert overrides == {"x.y": 1, "flag": True, "l": [1, 2]}
+
+
+def test_every_key_has_a_range_rule():
+    # A key added to `defaults` without a rule in config._RULES fails here.
+    assert set(config_module._RULES) == set(make_config().flat())
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("rssm.discrete", 0),
+        ("time_limit", -1),
+        ("action_repeat", 0),
+        ("envs", 0),
+        ("eval_envs", 0),
+        ("replay.prefetch", 0),
+        ("replay.capacity", 0),
+        ("replay.minlen", 0),
+        ("seed", -1),
+        ("seed", 99999999999999999999),
+        ("seed", 2**31),
+        ("log_every", 0),
+        ("eval_every", 0),
+        ("checkpoint_every", 0),
+        ("checkpoint_keep", 0),
+        ("max_nonfinite", 0),
+        ("prefill", -1),
+        ("steps", 0),
+        ("eval_eps", 0),
+        ("model_opt.lr", 0.0),
+        ("actor_opt.eps", -1e-5),
+        ("critic_opt.clip", 0.0),
+        ("model_opt.wd", -0.1),
+        ("model_opt.lr", float("nan")),
+        ("actor.init_std", float("inf")),
+        ("actor.min_std", 0.0),
+        ("expl_noise", 1.5),
+        ("loss_scales.kl", -1.0),
+        ("kl.free", -0.5),
+        ("slow_target_update", 0),
+        ("slow_target_fraction", 0.0),
+        ("actor_grad_mix", 2.0),
+        ("actor_ent", -1e-3),
+        ("reward_head.units", 0),
+        ("actor.layers", -1),
+        ("encoder.mlp_layers", []),
+        ("decoder.mlp_layers", [32, 0]),
+        ("encoder.cnn_kernels", [4, 0, 4]),
+        ("grad_heads", ["decoder", "image"]),
+        ("grad_heads", ["reward", "reward"]),
+        ("actor.dist", "gaussian"),
+        ("clip_rewards", "sign"),
+    ],
+)
+def test_out_of_range_values_are_one_clear_line(key, value):
+    with pytest.raises(ConfigError) as info:
+        make_config(["debug"], {key: value})
+    message = str(info.value)
+    assert f"config key '{key}' expects" in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("time_limit", 0),  # the suite's own limit
+        ("prefill", 0),
+        ("pretrain", 0),
+        ("seed", 0),
+        ("seed", 2**31 - 1),
+        ("checkpoint_keep", 1),
+        ("actor.layers", 0),  # a linear head
+        ("grad_heads", []),
+        ("kl.balance", 1.0),
+        ("actor.init_std", -2.0),
+        ("model_opt.wd", 0.0),
+    ],
+)
+def test_edge_values_in_range_are_accepted(key, value):
+    expected = tuple(value) if isinstance(value, list) else value
+    assert make_config(["debug"], {key: value}).flat()[key] == expected
+
+
+def test_largest_seed_works_everywhere_it_is_used():
+    # Eval offsets the seed by 2e6 (eval.py); without x64 jax keeps only 32 bits of a seed.
+    seed = 2**31 - 1 + 2_000_000
+    assert jax.random.key_data(jax.random.key(seed)).tolist() == [0, seed]
+    np.random.default_rng(seed)
+    np.random.SeedSequence([seed, 10**9, 1_000_000]).generate_state(1)
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        ({"replay.capacity": 9}, "'replay.capacity' (9) must be at least"),
+        ({"time_limit": 5}, "'time_limit' (5) must be 0 or at least"),
+    ],
+)
+def test_sizes_that_would_never_store_an_episode_are_rejected(overrides, fragment):
+    # debug: replay.minlen 10, dataset.length 10; an episode of T steps holds T + 1 records.
+    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        make_config(["debug"], overrides)
+    make_config(["debug"], {"replay.capacity": 10, "time_limit": 9})
+
+
+def test_load_run_config_round_trips(tmp_path):
+    config = make_config(["atari", "debug"], {"seed": 7})
+    config.save(tmp_path / "config.yaml")
+    assert load_run_config(tmp_path / "config.yaml") == config
+    assert os.listdir(tmp_path) == ["config.yaml"]  # no temporary file left
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        (None, "not found"),
+        ("seed: [1, 2\n", "not valid YAML at line 2"),
+        ("just a string\n", "holds a str, not a mapping"),
+        ("", "holds nothing, not a mapping"),
+        ("seed: 3\nrssm: {detr: 4}\n", "unknown config key 'rssm.detr'"),
+        ("1: 2\n", "unknown config key '1'"),
+        ("checkpoint_keep: 0\n", "'checkpoint_keep' expects an int >= 1"),
+        ("seed: abc\n", "'seed' expects int"),
+    ],
+)
+def test_load_run_config_errors_name_the_file_in_one_line(tmp_path, text, fragment):
+    path = tmp_path / "config.yaml"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_run_config(path)
+    message = str(info.value)
+    assert str(path) in message and fragment in message and "\n" not in message
+
+
+def test_save_that_fails_midway_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "config.yaml"
+    make_config(["debug"]).save(path)
+    before = path.read_text()
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        make_config(["debug"], {"seed": 5}).save(path)
+    assert path.read_text() == before
+    assert os.listdir(tmp_path) == ["config.yaml"]

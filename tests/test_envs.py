@@ -5,9 +5,11 @@ import numpy as np
 import pytest
 
 from dreamer_jax.envs import (
+    _ATARI_PROTOCOL,
     ATARI_GAMES,
     UnknownTaskError,
     VectorEnv,
+    _env_seeds,
     _task_ids,
     available_tasks,
 )
@@ -205,3 +207,64 @@ def test_dmc_continuous_actions(make_env):
     assert (data["is_last"][5] & ~data["is_terminal"][5]).all()  # 5 policy steps = 10 env steps
     assert not data["is_last"][:5].any() and data["is_first"][6].all()
     assert (data["reward"][1:5] > 1.5).all()  # two upright control steps of reward ~1 each
+
+
+def test_step_spec(make_env):
+    flags = {key: ((), np.dtype(bool)) for key in ("is_first", "is_last", "is_terminal")}
+    reward = {"reward": ((), np.dtype(np.float32))}
+    cases = {
+        ("classic_cartpole", 1): {
+            "vector": ((4,), np.dtype(np.float32)),
+            "action": ((2,), np.dtype(np.uint8)),  # one-hot, stored compactly
+        },
+        ("atari_pong", 4): {
+            "image": ((64, 64, 1), np.dtype(np.uint8)),
+            "action": ((6,), np.dtype(np.uint8)),
+        },
+    }
+    for (task, repeat), want in cases.items():
+        env = make_env(task, num_envs=2, seed=0, action_repeat=repeat)
+        assert env.step_spec == {**want, **reward, **flags}
+        for step in (env.reset(), env.step(env.random_actions(np.random.default_rng(0)))):
+            assert set(step) == set(env.step_spec) - {"action"}
+            for key, value in step.items():
+                assert (value.shape[1:], value.dtype) == env.step_spec[key], key
+
+
+def test_atari_auto_reset_matches_raw_envpool(make_env):
+    """Step t of VectorEnv is call t of the same envpool config: same frames and rewards;
+    is_first where envpool's elapsed_step is 0 (its auto-reset, on the call after an end);
+    is_last on terminated or truncated; is_terminal on a game over only."""
+    n, limit, steps, seed = 3, 180, 550, 0
+    env = make_env("atari_breakout", num_envs=n, seed=seed, time_limit=limit, action_repeat=4)
+    raw = envpool.make(
+        "Breakout-v5", env_type="gymnasium", num_envs=n, seed=_env_seeds(seed, n),
+        frame_skip=4, max_episode_steps=limit, **_ATARI_PROTOCOL,
+    )  # fmt: skip
+    ours, (obs, info) = env.reset(), raw.reset()
+    np.testing.assert_array_equal(
+        ours["image"], obs[np.argsort(info["env_id"])].transpose(0, 2, 3, 1)
+    )
+    assert ours["is_first"].all() and (info["elapsed_step"] == 0).all()
+    rng, last = np.random.default_rng(0), np.zeros(n, bool)
+    ends = {"terminated": set(), "truncated": set()}  # (step, env)
+    for t in range(1, steps + 1):
+        index = rng.integers(0, env.num_actions, n).astype(np.int32)
+        ours = env.step(np.eye(env.num_actions, dtype=np.float32)[index])
+        obs, reward, terminated, truncated, info = raw.step(index, np.arange(n, dtype=np.int32))
+        order = np.argsort(info["env_id"])
+        np.testing.assert_array_equal(ours["image"], obs[order].transpose(0, 2, 3, 1), str(t))
+        np.testing.assert_array_equal(ours["reward"], reward[order], str(t))
+        np.testing.assert_array_equal(ours["is_first"], info["elapsed_step"][order] == 0, str(t))
+        np.testing.assert_array_equal(ours["is_first"], last, str(t))  # the call after an end
+        last = (terminated | truncated)[order]
+        np.testing.assert_array_equal(ours["is_last"], last, str(t))
+        # A game over on the time-limit step counts too (envpool reports it as truncation).
+        game_over = terminated | (truncated & info["terminated"].astype(bool))
+        np.testing.assert_array_equal(ours["is_terminal"], game_over[order], str(t))
+        for kind, flags in (("terminated", terminated), ("truncated", truncated)):
+            ends[kind] |= {(t, int(i)) for i in info["env_id"][flags]}
+    # Game overs at different steps in every env, and time limits that cut episodes short.
+    assert {i for _, i in ends["terminated"]} == set(range(n))
+    assert len({t for t, _ in ends["terminated"]}) >= 3 and len(ends["truncated"]) >= 3
+    raw.close()

@@ -1,5 +1,10 @@
 import math
+import os
+import pathlib
 import struct
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -7,6 +12,8 @@ from PIL import Image
 from tensorboardX.proto import event_pb2
 
 from dreamer_jax.logger import LogdirError, Logger, read_metrics
+
+TESTS = pathlib.Path(__file__).resolve().parent
 
 
 def _logger(logdir, **kwargs):
@@ -136,18 +143,30 @@ def test_malformed_last_line_is_dropped_with_a_warning(tmp_path):
     with open(path, "a") as file:
         file.write('{"step": 3, "model_lo')  # a crash mid-write
 
-    with pytest.warns(UserWarning, match="malformed last line 3"):
+    with pytest.warns(UserWarning, match="metrics.jsonl:3: dropping malformed last line"):
         logger = _logger(tmp_path)
     logger.write(3)
     logger.close()
     assert [r["step"] for r in read_metrics(path)] == [1, 2, 3]
 
 
-def test_malformed_middle_line_raises(tmp_path):
+def test_malformed_middle_line_is_skipped_with_a_warning(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    path.write_text('{"step": 1}\nnot json\n{"step": 3}\n')
-    with pytest.raises(ValueError, match=":2: malformed"):
-        read_metrics(path)
+    path.write_text('{"step": 1}\nnot json\n{"step": 3}\n[4]\n{"step": 5}\n')
+    with pytest.warns(UserWarning) as record:
+        assert read_metrics(path) == [{"step": 1}, {"step": 3}, {"step": 5}]
+    messages = [str(warning.message) for warning in record]
+    assert [m.split(": dropping")[0] for m in messages] == [f"{path}:2", f"{path}:4"]
+
+
+def test_resume_over_a_damaged_metrics_file_drops_the_bad_lines(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b'{"step": 1}\n{"st\xff\x00ep": \n{"step": 2}\n{"step": 3}\n')
+    with pytest.warns(UserWarning, match="metrics.jsonl:2: dropping malformed line"):
+        logger = _logger(tmp_path, resume_step=2)
+    logger.write(3)
+    logger.close()
+    assert [r["step"] for r in read_metrics(path)] == [1, 2, 3]
 
 
 def test_unwritable_logdir_raises_one_line_before_writing(tmp_path):
@@ -220,3 +239,69 @@ def test_failed_wandb_offline_init_warns_and_logging_continues(tmp_path, monkeyp
     logger.write(1)
     logger.close()
     assert read_metrics(tmp_path / "metrics.jsonl") == [{"step": 1, "frames": 1, "model_loss": 1.0}]
+
+
+FULL_DISK_SCRIPT = textwrap.dedent(
+    """
+    import resource, signal, sys
+    from dreamer_jax.logger import Logger, LogdirError
+    # A file-size limit fails writes as a full disk does (EFBIG instead of ENOSPC), while
+    # an empty file can still be created.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.RLIM_INFINITY))
+    try:
+        Logger({logdir!r}, {{}}, wandb_mode="disabled", progress=False)
+    except LogdirError as error:
+        print(error)
+    """
+)
+
+
+def test_full_disk_is_one_line_before_anything_is_written(tmp_path):
+    script = FULL_DISK_SCRIPT.format(logdir=str(tmp_path / "logs"))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stderr == "", result.stderr[-2000:]
+    assert result.stdout == f"log directory {tmp_path / 'logs'} is not writable: File too large\n"
+    assert os.listdir(tmp_path / "logs") == []  # not even the probe is left
+
+
+WANDB_ONLINE_SCRIPT = textwrap.dedent(
+    """
+    import dreamer_jax.logger as logger
+    logger.WANDB_INIT_TIMEOUT_S = 3.0
+    try:
+        logger.Logger({logdir!r}, {{}}, wandb_mode="online", progress=False)
+    except logger.WandbError as error:
+        print(error)
+    """
+)
+
+
+def _wandb_online(tmp_path, **env):
+    """Stdout and stderr of a Logger started in wandb online mode with only `env` as wandb
+    credentials and server: HOME is `tmp_path`, so no netrc or wandb settings are found."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "NETRC"))}
+    clean.update(HOME=str(tmp_path), **env)
+    script = WANDB_ONLINE_SCRIPT.format(logdir=str(tmp_path / "logs"))
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=clean, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout, result.stderr
+
+
+def test_wandb_online_without_an_api_key_is_one_line(tmp_path):
+    out, err = _wandb_online(tmp_path)
+    assert out.count("\n") == 1 and "needs an API key" in out, (out, err)
+    assert f"--wandb.mode offline, then `wandb sync {tmp_path / 'logs'}/wandb/offline-run-*`" in out
+    assert "Traceback" not in err
+
+
+def test_wandb_online_without_a_server_is_one_line(tmp_path):
+    # Port 9 (discard) on loopback: nothing listens, the connection is refused.
+    out, err = _wandb_online(
+        tmp_path, WANDB_API_KEY="0123456789abcdef" * 3, WANDB_BASE_URL="http://127.0.0.1:9"
+    )
+    assert out.count("\n") == 1 and "wandb online init failed" in out, (out, err)
+    assert "--wandb.mode offline" in out
+    assert "Traceback" not in err

@@ -2,12 +2,16 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+from helpers import vector_agent
 
+from dreamer_jax.agent import Agent
+from dreamer_jax.config import make_config
 from dreamer_jax.networks import (
     RSSM,
     ConvDecoder,
     ConvEncoder,
     GRUCell,
+    action_noise,
     get_feat,
     initial_state,
     straight_through_onehot,
@@ -44,28 +48,62 @@ def test_conv_encoder_decoder_shapes():
     chex.assert_shape(out, (2, 3, 64, 64, 3))
 
 
-def test_gru_matches_numpy_formula():
+def test_gru_matches_numpy_formula_with_bias_and_layernorm_eps():
     cell = GRUCell(size=3)
-    x, h = (
-        jax.random.normal(jax.random.key(0), (2, 4)),
-        jax.random.normal(jax.random.key(1), (2, 3)),
+    # Small inputs give a pre-activation variance near LayerNorm's epsilon, where Keras' 1e-3
+    # and flax's default 1e-6 give visibly different outputs.
+    x, h, bias = (
+        0.01 * jax.random.normal(jax.random.key(i), s) for i, s in enumerate([(2, 4), (2, 3), (9,)])
     )
-    params = cell.init(jax.random.key(2), x, h)
+    params = cell.init(jax.random.key(3), x, h)
+    assert "bias" in params["params"]["Dense_0"]  # the official GRU Dense has a bias
+    params["params"]["Dense_0"]["bias"] = bias
     out = cell.apply(params, x, h)
     p = jax.tree.map(np.asarray, params["params"])
-    assert "bias" not in p["Dense_0"]  # the Dense has no bias; LayerNorm has one
-    parts = np.concatenate([x, h], -1) @ p["Dense_0"]["kernel"]
+    parts = np.concatenate([x, h], -1) @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"]
+    assert parts.var(-1).max() < 1e-3
     mean, var = parts.mean(-1, keepdims=True), parts.var(-1, keepdims=True)
-    parts = (parts - mean) / np.sqrt(var + 1e-6) * p["LayerNorm_0"]["scale"] + p["LayerNorm_0"][
-        "bias"
-    ]
+    norm = p["LayerNorm_0"]
+    parts = (parts - mean) / np.sqrt(var + 1e-3) * norm["scale"] + norm["bias"]
     reset, cand, update = np.split(parts, 3, -1)
     sigmoid = lambda v: 1 / (1 + np.exp(-v))
     cand = np.tanh(sigmoid(reset) * cand)
     update = sigmoid(update - 1.0)
     np.testing.assert_allclose(
-        out, update * cand + (1 - update) * np.asarray(h), rtol=1e-4, atol=1e-5
+        out, update * cand + (1 - update) * np.asarray(h), rtol=1e-4, atol=1e-6
     )
+
+
+def test_kernels_are_glorot_uniform_and_biases_zero():
+    # Every Dense/Conv/ConvTranspose of an image and a vector agent (world model, actor,
+    # critic). Glorot uniform is U(-b, b), b = sqrt(6 / (fan_in + fan_out)), variance b²/3;
+    # flax's default lecun normal reaches 2.3/sqrt(fan_in), beyond b for most shapes.
+    image_agent = Agent(
+        make_config(["atari", "debug"]), {"image": ((64, 64, 1), np.uint8)}, 4, True
+    )
+    trees = []
+    for agent in (image_agent, vector_agent()):
+        state = agent.init(jax.random.key(0))
+        trees += [state.wm_params, state.actor_params, state.critic_params]
+    kernels, biases = [], []
+    for tree in trees:
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+            name = jax.tree_util.keystr(path)
+            if "LayerNorm" not in name:
+                (kernels if name.endswith("['kernel']") else biases).append(
+                    (name, np.asarray(leaf))
+                )
+    assert len(kernels) > 20 and any(k.ndim == 4 for _, k in kernels)
+    for name, kernel in kernels:
+        receptive = int(np.prod(kernel.shape[:-2]))
+        fan_in, fan_out = receptive * kernel.shape[-2], receptive * kernel.shape[-1]
+        scaled = kernel / np.sqrt(6 / (fan_in + fan_out))  # U(-1, 1) under glorot uniform
+        assert np.abs(scaled).max() <= 1.0, name
+        if scaled.size >= 100:  # 4 standard errors of a uniform's sample variance
+            rtol = 4 * np.sqrt(0.8 / scaled.size)
+            np.testing.assert_allclose(scaled.var(), 1 / 3, rtol=rtol, err_msg=name)
+    for name, bias in biases:
+        np.testing.assert_array_equal(bias, 0.0, err_msg=name)
 
 
 def test_rssm_step_shapes_and_is_first_reset():
@@ -88,3 +126,27 @@ def test_rssm_step_shapes_and_is_first_reset():
     # is_first zeroes the previous state and action: env 0 is identical, others differ.
     np.testing.assert_allclose(post_a.logits[0], post_b.logits[0], rtol=1e-6)
     assert not np.allclose(post_a.logits[1], post_b.logits[1])
+
+
+def _noise_frequencies(amount, num_actions=4, draws=20000):
+    action = jax.nn.one_hot(jnp.zeros(draws, int), num_actions)  # action 0 chosen everywhere
+    noisy = np.asarray(action_noise(action, amount, True, jax.random.key(0)))
+    assert np.all((noisy == 0) | (noisy == 1)) and np.all(noisy.sum(-1) == 1)
+    return noisy.mean(0)
+
+
+def test_discrete_action_noise_mixes_the_onehot_with_uniform():
+    # amount 1: uniform; amount 0.5: the chosen action keeps 0.5 + 0.5/A, the others 0.5/A.
+    np.testing.assert_allclose(_noise_frequencies(1.0), [0.25] * 4, atol=0.015)
+    np.testing.assert_allclose(_noise_frequencies(0.5), [0.625, 0.125, 0.125, 0.125], atol=0.015)
+    action = jax.nn.one_hot(jnp.array([2, 0]), 3)
+    assert action_noise(action, 0.0, True, jax.random.key(1)) is action
+
+
+def test_continuous_action_noise_is_a_clipped_normal():
+    action = jnp.full((20000, 2), 0.3)
+    small = np.asarray(action_noise(action, 0.05, False, jax.random.key(0)))
+    np.testing.assert_allclose(small.mean(), 0.3, atol=0.002)
+    np.testing.assert_allclose(small.std(), 0.05, rtol=0.03)
+    large = np.asarray(action_noise(action, 2.0, False, jax.random.key(1)))
+    assert large.min() == -1.0 and large.max() == 1.0

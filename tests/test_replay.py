@@ -3,13 +3,27 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 
 import numpy as np
 import pytest
 
+from dreamer_jax.envs import VectorEnv
 from dreamer_jax.replay import Replay, ReplayDirectoryError
+
+FLAGS = {key: ((), np.dtype(bool)) for key in ("is_first", "is_last", "is_terminal")}
+
+
+def step_spec(image_shape=(8, 8, 1), num_actions=4) -> dict:
+    """The spec of `make_episode`'s steps."""
+    return {
+        "image": (image_shape, np.dtype(np.uint8)),
+        "action": ((num_actions,), np.dtype(np.uint8)),
+        "reward": ((), np.dtype(np.float32)),
+        **FLAGS,
+    }
 
 
 def make_episode(length: int, offset: int = 0, image_shape=(8, 8, 1)) -> dict[str, np.ndarray]:
@@ -29,9 +43,17 @@ def make_episode(length: int, offset: int = 0, image_shape=(8, 8, 1)) -> dict[st
     }
 
 
-def make_replay(directory=None, **kwargs) -> Replay:
+def make_replay(directory=None, spec=None, **kwargs) -> Replay:
     args = dict(capacity=10_000, minlen=5, length=5, batch=4, prioritize_ends=False, seed=0)
-    return Replay(directory, **{**args, **kwargs})
+    return Replay(directory, spec or step_spec(), **{**args, **kwargs})
+
+
+def take(replay: Replay, count: int) -> list[np.ndarray]:
+    """The rewards [B, T] of the next `count` batches of a fresh `dataset()`, then close()."""
+    batches = replay.dataset()
+    rewards = [next(batches)["reward"] for _ in range(count)]
+    replay.close()
+    return rewards
 
 
 def assert_episodes_equal(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
@@ -73,13 +95,11 @@ def test_add_rejects_changing_env_count():
         replay.add(step)
 
 
-def test_add_episode_rejects_other_keys():
-    replay = make_replay()
-    replay.add_episode(make_episode(10))
-    episode = make_episode(10)
-    episode["vector"] = episode.pop("image").reshape(10, -1).astype(np.float32)
-    with pytest.raises(ValueError, match="keys"):
-        replay.add_episode(episode)
+def test_spec_needs_required_keys():
+    spec = step_spec()
+    del spec["is_terminal"]
+    with pytest.raises(ValueError, match=r"spec lacks keys \['is_terminal'\]"):
+        make_replay(spec=spec)
 
 
 def test_sample_chunks_are_contiguous_slices():
@@ -88,8 +108,9 @@ def test_sample_chunks_are_contiguous_slices():
     for j, n in enumerate(lengths):
         replay.add_episode(make_episode(n, offset=1000 * j))
     stored = [{key: value.copy() for key, value in ep.items()} for ep in replay.episodes]
+    rng = np.random.default_rng(0)
     for _ in range(20):
-        batch = replay.sample()
+        batch = replay.sample(rng)
         assert batch["image"].shape == (16, 6, 8, 8, 1)
         assert batch["image"].dtype == np.uint8
         assert batch["action"].shape == (16, 6, 4) and batch["action"].dtype == np.uint8
@@ -112,7 +133,7 @@ def test_sample_without_data_raises():
     replay = make_replay(minlen=10, length=5)
     replay.add_episode(make_episode(9))  # shorter than minlen: not sampleable
     with pytest.raises(RuntimeError, match="no episode"):
-        replay.sample()
+        replay.sample(np.random.default_rng(0))
 
 
 def start_probabilities(total: int, length: int, minlen: int, prioritize_ends: bool) -> np.ndarray:
@@ -128,7 +149,8 @@ def start_probabilities(total: int, length: int, minlen: int, prioritize_ends: b
 def test_start_distribution(prioritize_ends):
     replay = make_replay(batch=1000, length=10, minlen=10, prioritize_ends=prioritize_ends)
     replay.add_episode(make_episode(100))
-    starts = np.concatenate([replay.sample()["reward"][:, 0] for _ in range(100)]).astype(int)
+    rng = np.random.default_rng(0)
+    starts = np.concatenate([replay.sample(rng)["reward"][:, 0] for _ in range(100)]).astype(int)
     freq = np.bincount(starts, minlength=91) / len(starts)
     probs = start_probabilities(100, 10, 10, prioritize_ends)
     if prioritize_ends:
@@ -152,7 +174,7 @@ def test_capacity_drops_oldest_first():
 
 
 def test_atari_step_bytes():
-    replay = make_replay(minlen=50, length=50)
+    replay = make_replay(minlen=50, length=50, spec=step_spec((64, 64, 1), 18))
     episode = make_episode(200, image_shape=(64, 64, 1))
     episode["action"] = np.eye(18, dtype=np.uint8)[np.arange(200) % 18]
     replay.add_episode(episode)
@@ -216,24 +238,90 @@ def test_unreadable_files_are_skipped_and_untouched(tmp_path):
     assert (tmp_path / "00000008-10.npz").exists()  # the index skips past unreadable files
 
 
+def record_cartpole(directory, steps: int = 120) -> tuple[Replay, dict]:
+    """A replay of `directory` holding real cartpole episodes, and the env's step spec."""
+    env = VectorEnv("classic_cartpole", num_envs=2, seed=0)
+    replay = make_replay(directory, spec=env.step_spec)
+    rng, step = np.random.default_rng(0), env.reset()
+    action = np.zeros((2, 2), np.uint8)
+    for _ in range(steps):
+        replay.add({**step, "action": action})
+        action = env.random_actions(rng).astype(np.uint8)  # the action leading to the next step
+        step = env.step(action)
+    env.close()
+    return replay, env.step_spec
+
+
+def atari_episode(episode):
+    return make_episode(len(episode["reward"]), image_shape=(64, 64, 1))
+
+
+def float64_vectors(episode):
+    return {**episode, "vector": episode["vector"].astype(np.float64)}
+
+
+def three_cartpole_actions(episode):
+    return {**episode, "action": np.zeros((len(episode["action"]), 3), np.uint8)}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (atari_episode, r"episode keys \[.*'image'.*\] != spec keys \[.*'vector'\]"),
+        (float64_vectors, r"vector float64\[4\] instead of float32\[4\]"),
+        (three_cartpole_actions, r"action uint8\[3\] instead of uint8\[2\]"),
+    ],
+)
+def test_load_skips_only_files_off_spec(tmp_path, change, message):
+    """A foreign episode file, newest in the directory, is skipped; every real one loads.
+    add_episode refuses the same episode."""
+    replay, spec = record_cartpole(tmp_path)
+    assert replay.stats["num_episodes"] >= 3
+    foreign = change({key: np.array(value) for key, value in replay.episodes[-1].items()})
+    path = tmp_path / f"{len(list(tmp_path.iterdir())):08d}-{len(foreign['reward'])}.npz"
+    np.savez_compressed(path, **foreign)
+    assert max(tmp_path.iterdir()) == path
+    data = path.read_bytes()
+
+    with pytest.warns(UserWarning) as record:
+        reloaded = make_replay(tmp_path, spec=spec)
+    messages = [str(w.message) for w in record if "replay:" in str(w.message)]
+    assert len(messages) == 1 and str(path) in messages[0], messages
+    assert re.search(message, messages[0]) and "\n" not in messages[0]
+    assert reloaded.stats == {**replay.stats, "loaded": replay.stats["num_episodes"],
+                              "skipped_files": 1}  # fmt: skip
+    for got, want in zip(reloaded.episodes, replay.episodes, strict=True):
+        assert_episodes_equal(got, want)
+    assert path.read_bytes() == data  # skipped, never deleted or changed
+    files, stats = sorted(tmp_path.iterdir()), reloaded.stats
+    with pytest.raises(ValueError, match=message) as error:
+        reloaded.add_episode(foreign)
+    assert "\n" not in str(error.value)
+    assert sorted(tmp_path.iterdir()) == files and reloaded.stats == stats  # refused whole
+
+
 def test_same_seed_same_batches():
-    def batches(seed):
+    def replay(seed):
         replay = make_replay(seed=seed, prioritize_ends=True)
         for j, n in enumerate([7, 12, 30]):
             replay.add_episode(make_episode(n, offset=1000 * j))
-        return [replay.sample()["reward"] for _ in range(5)]
+        return replay
 
-    np.testing.assert_array_equal(batches(3), batches(3))
-    assert not np.array_equal(batches(3), batches(4))
+    np.testing.assert_array_equal(take(replay(3), 5), take(replay(3), 5))
+    assert not np.array_equal(take(replay(3), 5), take(replay(4), 5))
+    # sample() draws exactly like dataset(), from the Generator it is given.
+    other, rng = replay(9), np.random.default_rng(3)
+    np.testing.assert_array_equal([other.sample(rng)["reward"] for _ in range(5)],
+                                  take(replay(3), 5))  # fmt: skip
 
 
 def test_rng_state_round_trip():
     replay = make_replay()
     replay.add_episode(make_episode(40))
     state = json.loads(json.dumps(replay.get_rng_state()))
-    first = replay.sample()["reward"]
+    first = take(replay, 1)
     replay.set_rng_state(state)
-    np.testing.assert_array_equal(replay.sample()["reward"], first)
+    np.testing.assert_array_equal(take(replay, 1), first)
 
 
 def test_dataset_prefetches_and_closes():
@@ -283,8 +371,7 @@ def test_dataset_resume_redraws_unconsumed_batches():
             replay.add_episode(make_episode(n, offset=1000 * j))
         return replay
 
-    reference = fresh()
-    expected = [reference.sample()["reward"] for _ in range(4)]
+    expected = take(fresh(), 4)
     replay = fresh()
     batches = replay.dataset()
     for want in expected[:2]:
@@ -293,8 +380,36 @@ def test_dataset_resume_redraws_unconsumed_batches():
     replay.close()
     resumed = fresh()
     resumed.set_rng_state(state)
-    np.testing.assert_array_equal(resumed.sample()["reward"], expected[2])
-    np.testing.assert_array_equal(replay.sample()["reward"], expected[2])  # close() rewound
+    np.testing.assert_array_equal(take(resumed, 1)[0], expected[2])
+    np.testing.assert_array_equal(take(replay, 1)[0], expected[2])  # close() rewound
+
+
+def test_report_samples_leave_the_dataset_stream_alone():
+    """A report's sample() mid-training changes neither the training batches nor the saved
+    state: the run that sampled, its resume and a run that never sampled agree."""
+
+    def fresh():
+        replay = make_replay(prefetch=2, seed=7)
+        for j, n in enumerate([9, 14, 25]):
+            replay.add_episode(make_episode(n, offset=1000 * j))
+        return replay
+
+    expected = take(fresh(), 7)
+    replay = fresh()
+    batches = replay.dataset()
+    for want in expected[:3]:
+        np.testing.assert_array_equal(next(batches)["reward"], want)
+    report = replay.sample(np.random.default_rng(1))["reward"]
+    state = json.loads(json.dumps(replay.get_rng_state()))
+    continued = [next(batches)["reward"] for _ in range(4)]
+    replay.close()
+    resumed = fresh()
+    resumed.set_rng_state(state)
+    # prefetch=2: batches 4 and 5 were drawn before the report, 6 and 7 after it.
+    for want, got, again in zip(expected[3:], continued, take(resumed, 4), strict=True):
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(again, want)
+    np.testing.assert_array_equal(report, fresh().sample(np.random.default_rng(1))["reward"])
 
 
 def test_unwritable_directory_raises(tmp_path):

@@ -4,11 +4,14 @@ import os
 import pathlib
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
 import yaml
 
+from dreamer_jax import train as train_module
+from dreamer_jax.config import make_config
 from dreamer_jax.logger import read_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -156,28 +159,6 @@ def test_same_seed_is_bit_identical_and_other_seed_differs(tmp_path):
     assert runs["a"] != runs["c"]
 
 
-def test_eval_cli_is_read_only(tmp_path):
-    logdir = tmp_path / "run"
-    assert run_cli(*CLASSIC, "--logdir", str(logdir), "--steps", "400").returncode == 0
-    snapshot = {p: p.read_bytes() for p in logdir.rglob("*") if p.is_file()}
-    result = subprocess.run(
-        [sys.executable, "-m", "dreamer_jax.eval", "--logdir", str(logdir), "--episodes", "3"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    import json
-
-    summary = json.loads(result.stdout.strip().splitlines()[-1])
-    assert summary["episodes"] == 3 and summary["step"] == 400
-    assert np.isclose(summary["mean"], np.mean(summary["returns"]))
-    assert {p: p.read_bytes() for p in logdir.rglob("*") if p.is_file()} == snapshot
-    missing = subprocess.run(
-        [sys.executable, "-m", "dreamer_jax.eval", "--logdir", str(tmp_path / "none")],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert missing.returncode == 2 and "not found" in missing.stderr
-
-
 def test_sigterm_checkpoints_and_exits(tmp_path):
     import signal
     import time
@@ -226,10 +207,11 @@ def test_cartpole_learns_beyond_random(tmp_path):
 
 
 def test_nonfinite_updates_stop_the_run(tmp_path):
-    # A NaN learning rate makes every update non-finite: each is skipped, then the run stops.
+    # A huge learning rate blows the parameters up to where every forward pass overflows:
+    # each update is then skipped, and the run stops.
     result = run_cli(
         *CLASSIC, "--logdir", str(tmp_path / "run"), "--steps", "2000",
-        "--model_opt.lr", "nan", "--max_nonfinite", "3", timeout=600,
+        "--model_opt.lr", "1e30", "--max_nonfinite", "3", timeout=600,
     )  # fmt: skip
     assert result.returncode == 1, result.stderr[-2000:]
     assert "3 consecutive non-finite updates" in result.stderr
@@ -246,3 +228,287 @@ def test_atari_debug_same_seed_is_bit_identical(tmp_path):
         assert result.returncode == 0, result.stderr[-3000:]
         rows.append(_comparable(read_metrics(tmp_path / name / "metrics.jsonl")))
     assert rows[0] == rows[1] and len(rows[0]) >= 2
+
+
+class RecordingEnv:
+    """A real `VectorEnv` that records every action it is sent and every step it returns."""
+
+    def __init__(self, env):
+        self.env = env
+        self.sent: list[np.ndarray] = []
+        self.returned: list[dict[str, np.ndarray]] = [self.env.reset()]
+
+    def __getattr__(self, name):
+        return getattr(self.env, name)
+
+    def reset(self):
+        self.returned = [{k: v.copy() for k, v in self.env.reset().items()}]
+        self.sent = []
+        return self.returned[-1]
+
+    def step(self, action):
+        self.sent.append(np.array(action))
+        self.returned.append({k: v.copy() for k, v in self.env.step(action).items()})
+        return self.returned[-1]
+
+
+def expected_episodes(recorder: RecordingEnv, discrete: bool) -> list[dict[str, np.ndarray]]:
+    """The episodes the replay must hold, rebuilt from what the env saw and returned: row t
+    of env i is the step returned at t, with the action sent on the step that produced it
+    (zeros on an episode's first row). Only episodes that ended before the run stopped."""
+    rows = recorder.returned
+    episodes = []
+    for i in range(recorder.num_envs):
+        current: list[dict] = []
+        # The last returned step is never recorded: the loop stops before adding it.
+        for t, step in enumerate(rows[:-1]):
+            row = {k: v[i] for k, v in step.items()}
+            if step["is_first"][i]:
+                current = []
+                action = np.zeros(recorder.num_actions)
+            else:
+                action = recorder.sent[t - 1][i]
+                if discrete:
+                    action = np.eye(recorder.num_actions)[np.argmax(action)]
+            row["action"] = action
+            row["policy"] = t > 0 and not step["is_first"][i]
+            row["time"] = t
+            current.append(row)
+            if step["is_last"][i]:
+                episodes.append({k: np.stack([r[k] for r in current]) for k in current[0]})
+    return episodes
+
+
+@pytest.mark.parametrize(
+    "presets, task",
+    [(["classic", "debug"], "classic_cartpole"), (["atari", "debug"], "atari_pong")],
+)
+def test_replay_holds_exactly_what_the_envs_saw(tmp_path, monkeypatch, presets, task):
+    """The whole data path in process, after the prefill too: every replay row is the step
+    an env returned, with the exact one-hot action that produced it."""
+    config = make_config(
+        presets,
+        {"task": task, "logdir": str(tmp_path), "envs": 2, "steps": 640, "prefill": 200,
+         "eval_every": 320, "log_every": 320, "wandb.mode": "disabled"},
+    )  # fmt: skip
+    created = []
+
+    def recording_make_env(config, num_envs, seed):
+        created.append(RecordingEnv(train_module.VectorEnv(
+            config.task, num_envs, seed, config.time_limit, config.action_repeat
+        )))  # fmt: skip
+        return created[-1]
+
+    monkeypatch.setattr(train_module, "make_env", recording_make_env)
+    train_module.train(config, types.SimpleNamespace(signum=None))
+
+    (env,) = [e for e in created if e.num_envs == 2]
+    # Evaluation used its own envs: the training envs were stepped once per loop iteration.
+    assert len(env.sent) == config.steps // 2
+    assert any(len(e.sent) for e in created if e is not env)
+    expected = expected_episodes(env, env.discrete)
+    obs_key = next(k for k in ("image", "vector") if k in expected[0])
+    unmatched = {}
+    for episode in expected:
+        unmatched.setdefault(episode[obs_key].tobytes(), []).append(episode)
+    files = sorted((tmp_path / "replay").glob("*.npz"))
+    assert len(files) == len(expected)
+    policy_rows = 0
+    for path in files:
+        with np.load(path, allow_pickle=False) as data:
+            stored = {k: data[k] for k in data.files}
+        want = unmatched[stored[obs_key].tobytes()].pop()
+        for key in stored:
+            np.testing.assert_array_equal(stored[key], want[key], err_msg=f"{path.name}: {key}")
+        assert stored["action"].dtype == (np.uint8 if env.discrete else np.float32)
+        assert (stored["action"][1:].sum(-1) == 1).all() and (stored["action"][0] == 0).all()
+        policy_rows += int(want["policy"][want["time"] > config.prefill // 2].sum())
+    assert policy_rows >= 100  # episodes the agent played, not only the prefill's
+
+
+def _files(logdir):
+    return {p: p.read_bytes() for p in logdir.rglob("*") if p.is_file() and p.name != ".lock"}
+
+
+def _one_error_line(result, fragment):
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert len(lines) == 1 and fragment in lines[0], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A short classic run with checkpoints at 0, 400 and 800, to copy and damage."""
+    logdir = tmp_path_factory.mktemp("finished") / "run"
+    result = run_cli(*CLASSIC, "--logdir", str(logdir), "--steps", "800")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return logdir
+
+
+def _copy_run(finished_run, tmp_path):
+    import shutil
+
+    logdir = tmp_path / "run"
+    shutil.copytree(finished_run, logdir)
+    return logdir
+
+
+def test_logdir_with_data_but_no_checkpoint_is_refused(finished_run, tmp_path):
+    import shutil
+
+    logdir = _copy_run(finished_run, tmp_path)
+    shutil.rmtree(logdir / "checkpoints")
+    before = _files(logdir)
+    result = run_cli(*CLASSIC, "--logdir", str(logdir), "--steps", "1200", timeout=300)
+    _one_error_line(result, "no checkpoint; refusing to start over")
+    assert _files(logdir) == before
+
+
+def test_unreadable_latest_checkpoint_is_moved_aside_and_the_run_continues(finished_run, tmp_path):
+    logdir = _copy_run(finished_run, tmp_path)
+    state_files = [p for p in (logdir / "checkpoints" / "800" / "state").rglob("*") if p.is_file()]
+    max(state_files, key=lambda p: p.stat().st_size).unlink()
+    result = run_cli(*CLASSIC, "--logdir", str(logdir), "--steps", "1200")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming from checkpoint at step 400" in result.stdout
+    assert (logdir / "checkpoints" / "1200").is_dir()
+    assert list((logdir / "checkpoints_unreadable").iterdir())  # kept, not deleted
+    steps = [row["step"] for row in read_metrics(logdir / "metrics.jsonl")]
+    assert steps == sorted(set(steps)) and steps[-1] == 1200
+
+
+def test_shape_changing_config_change_is_one_line(finished_run, tmp_path):
+    logdir = _copy_run(finished_run, tmp_path)
+    before = _files(logdir)
+    result = run_cli(
+        *CLASSIC, "--logdir", str(logdir), "--resume.allow_config_change", "true",
+        "--rssm.deter", "48", timeout=300,
+    )  # fmt: skip
+    _one_error_line(result, "shape")
+    assert _files(logdir) == before
+
+
+@pytest.mark.parametrize("text", ["{unclosed: [", "just a string\n"])
+def test_corrupt_config_yaml_is_one_line(finished_run, tmp_path, text):
+    logdir = _copy_run(finished_run, tmp_path)
+    (logdir / "config.yaml").write_text(text)
+    before = _files(logdir)
+    result = run_cli(*CLASSIC, "--logdir", str(logdir), timeout=300)
+    _one_error_line(result, "config.yaml")
+    assert _files(logdir) == before
+
+
+def test_malformed_metrics_line_in_the_middle_is_skipped(finished_run, tmp_path):
+    logdir = _copy_run(finished_run, tmp_path)
+    path = logdir / "metrics.jsonl"
+    lines = path.read_text().splitlines()
+    lines[1] = lines[1][: len(lines[1]) // 2]
+    path.write_text("\n".join(lines) + "\n")
+    result = run_cli(*CLASSIC, "--logdir", str(logdir), "--steps", "1200")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "metrics.jsonl:2" in result.stderr
+    steps = [row["step"] for row in read_metrics(logdir / "metrics.jsonl")]
+    assert steps == sorted(set(steps)) and steps[-1] == 1200
+
+
+def test_unknown_task_creates_nothing(tmp_path):
+    logdir = tmp_path / "run"
+    result = run_cli(*CLASSIC, "--logdir", str(logdir), "--task", "atari_pongg", timeout=120)
+    _one_error_line(result, "unknown task")
+    assert not logdir.exists()
+
+
+def test_second_run_in_a_logdir_is_refused_naming_the_first(tmp_path):
+    import signal
+    import time
+
+    logdir = tmp_path / "run"
+    first = subprocess.Popen(
+        [sys.executable, "-m", "dreamer_jax.train", *CLASSIC, "--logdir", str(logdir),
+         "--steps", "100000"],
+        cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert "dreamer-jax:" in first.stdout.readline()
+        before = (logdir / "replay").exists() and sorted((logdir / "replay").iterdir())
+        second = run_cli(*CLASSIC, "--logdir", str(logdir), "--steps", "100000", timeout=300)
+        _one_error_line(second, f"pid {first.pid}")
+        assert "resuming" not in second.stdout
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=300) == 128 + signal.SIGTERM
+        del before, time
+    finally:
+        first.kill()
+
+
+def test_error_inside_the_loop_saves_a_checkpoint(tmp_path, monkeypatch):
+    config = make_config(
+        ["classic", "debug"],
+        {"task": "classic_cartpole", "logdir": str(tmp_path), "steps": 2000,
+         "eval_every": 500, "checkpoint_every": 100_000, "wandb.mode": "disabled"},
+    )  # fmt: skip
+
+    def broken_report(*args):
+        raise RuntimeError("report failed")
+
+    monkeypatch.setattr(train_module, "open_loop_frames", broken_report)
+    with pytest.raises(RuntimeError, match="report failed"):
+        train_module.train(config, types.SimpleNamespace(signum=None))
+    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps[-1] >= config.prefill  # the first eval comes after the prefill's updates
+
+
+def test_out_of_memory_batch_is_one_line_naming_dataset_batch(tmp_path):
+    result = run_cli(
+        "--configs", "atari", "debug", "--task", "atari_pong", "--logdir", str(tmp_path / "run"),
+        "--steps", "400", "--prefill", "200", "--time_limit", "100", "--wandb.mode", "disabled",
+        "--dataset.batch", "10000000", timeout=600,
+    )  # fmt: skip
+    _one_error_line(result, "out of memory with dataset.batch 10000000")
+    assert "GiB" in result.stderr
+
+
+def test_out_of_memory_recognises_numpy_and_xla_messages():
+    numpy_error = MemoryError("Unable to allocate 381. GiB for an array with shape (10, 4)")
+    assert train_module.out_of_memory(numpy_error) == "381.GiB"
+    xla = RuntimeError(
+        "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 3221225472 bytes."
+    )
+    assert train_module.out_of_memory(xla) == "3.00GiB"
+    assert train_module.out_of_memory(RuntimeError("shapes do not match")) is None
+
+
+STOP_PROGRAM = """
+import hashlib
+from dreamer_jax.train import StopSignal
+with StopSignal() as stop:
+    print("busy", flush=True)
+    hashlib.pbkdf2_hmac("sha256", b"p", b"s", 400_000_000)  # a long C call, like an XLA compile
+    print("done", stop.signum, flush=True)
+"""
+
+
+def test_first_ctrl_c_is_acknowledged_at_once_and_a_second_quits():
+    import signal
+    import time
+
+    process = subprocess.Popen(
+        [sys.executable, "-c", STOP_PROGRAM], cwd=ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        assert process.stdout.readline().strip() == "busy"
+        time.sleep(0.2)
+        process.send_signal(signal.SIGINT)
+        lines = [process.stdout.readline(), process.stdout.readline()]
+        acknowledged = "".join(lines)
+        # Acknowledged while the C call still runs: the program has not printed "done".
+        assert "stopping after this step" in acknowledged and "Ctrl-C again" in acknowledged
+        assert "done" not in acknowledged and process.poll() is None
+        process.send_signal(signal.SIGINT)
+        rest, _ = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signal.SIGINT
+    assert "quitting now" in rest and "done" not in rest

@@ -71,3 +71,22 @@ def test_world_model_loss_terms_finite_and_consistent():
     np.testing.assert_allclose(loss, expected, rtol=1e-5)
     assert all(np.isfinite(v) for v in jax.tree.leaves(metrics))
     assert jnp.all(posterior.stoch.sum(-1) > 0.99)
+
+
+def test_prior_at_t_depends_on_action_t_and_no_later_action():
+    # Row t's action led to observation t, so the prior of step t is predicted from it.
+    agent = vector_agent()
+    config = agent.config
+    state = agent.init(jax.random.key(0))
+    data = preprocess(structured_batch(config.dataset.batch, config.dataset.length), config)
+    model, params = agent.world_model, state.wm_params
+    embed = model.apply(params, data["vector"], method=WorldModel.encode)
+
+    def prior_logits(action):  # [B, T, S, K]
+        _, prior = observe(model, params, embed, action, data["is_first"], jax.random.key(1))
+        return prior.logits
+
+    jacobian = jax.jacrev(prior_logits)(jnp.asarray(data["action"]))  # [B, T, S, K, B, T, A]
+    influence = np.abs(np.asarray(jacobian)).sum((0, 2, 3, 4, 6))  # [t of prior, s of action]
+    assert np.all(np.diag(influence) > 0)
+    np.testing.assert_array_equal(np.triu(influence, 1), 0.0)
