@@ -6,7 +6,7 @@ TASK ?= atari_pong
 SEED ?= 0
 LOGDIR ?= runs/$(TASK)/$(SEED)
 
-.PHONY: install install-gpu test lint format bench train
+.PHONY: install install-gpu test test-fast lint format bench train
 
 install:
 	$(PY) -m venv $(VENV)
@@ -19,16 +19,20 @@ CUDA_EXTRA ?= cuda12
 install-gpu: install
 	$(BIN)/pip install "jax[$(CUDA_EXTRA)]"
 
+# CI runs everything; test-fast skips the tests marked slow (learning, chaos, long CLI runs).
 test:
 	$(BIN)/python -m pytest -n 2 --durations=15 tests
 
+test-fast:
+	$(BIN)/python -m pytest -n 2 -m "not slow" --durations=5 tests
+
 lint:
-	$(BIN)/ruff check dreamer_jax scripts tests experiments
-	$(BIN)/ruff format --check dreamer_jax scripts tests experiments
+	$(BIN)/ruff check dreamer_jax scripts tests
+	$(BIN)/ruff format --check dreamer_jax scripts tests
 
 format:
-	$(BIN)/ruff check --fix dreamer_jax scripts tests experiments
-	$(BIN)/ruff format dreamer_jax scripts tests experiments
+	$(BIN)/ruff check --fix dreamer_jax scripts tests
+	$(BIN)/ruff format dreamer_jax scripts tests
 
 bench:
 	$(BIN)/python scripts/bench.py --configs atari

@@ -1,3 +1,19 @@
-"""dreamer-jax: DreamerV2 as a pure-functional JAX/Flax system."""
+"""dreamer-jax: DreamerV2 as a pure-functional JAX/Flax system.
+
+`dreamer_jax.load(logdir)` gives a run's agent, state, config and step (`dreamer_jax.api`).
+"""
+
+from typing import Any
 
 __version__ = "0.1.0"
+__all__ = ["load"]
+
+
+def __getattr__(name: str) -> Any:
+    # Imported on first use, so that importing a light module (dreamer_jax.config) does not
+    # import jax, flax and envpool with the package.
+    if name == "load":
+        from dreamer_jax.api import load
+
+        return load
+    raise AttributeError(f"module 'dreamer_jax' has no attribute '{name}'")

@@ -17,6 +17,9 @@ from __future__ import annotations
 import copy
 import math
 import pathlib
+import re
+import sys
+import textwrap
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -88,9 +91,12 @@ class Config(Mapping):
                 out[key] = value
         return out
 
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
     def save(self, path: str | pathlib.Path) -> None:
         """Writes YAML atomically: a crash leaves the previous file or this one, never a part."""
-        write_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=False).encode())
+        write_atomic(path, self.to_yaml().encode())
 
 
 def _freeze(value: Any) -> Any:
@@ -366,6 +372,10 @@ _RULES: dict[str, _Rule] = {
     "wandb.mode": _one_of("offline", "online", "disabled"),
     "wandb.project": _TYPED,
     "wandb.entity": _TYPED,
+    "wandb.group": _TYPED,
+    "wandb.tags": _TYPED,
+    "wandb.notes": _TYPED,
+    "eval_video_frames": _COUNT,  # 0: no policy video
 }
 
 
@@ -441,3 +451,119 @@ def load_config(argv: Sequence[str], base_presets: Sequence[str] = ()) -> Config
     """The CLI entry: parse `argv` and build the config (raises ConfigError)."""
     presets, overrides = parse_args(argv)
     return make_config([*base_presets, *presets], overrides)
+
+
+HELP_FLAGS = ("-h", "--help")
+HELP_WIDTH = 100
+PRINT_FLAG = "--print_config"
+
+
+def program_name(module: str) -> str:
+    """How the user started `module`: by its console script (`dreamer-train`, from
+    pyproject.toml) or as `python -m <module>`."""
+    script = pathlib.Path(sys.argv[0]).name
+    return script if script.startswith("dreamer-") else f"python -m {module}"
+
+
+def parse_cli(argv: Sequence[str], program: str, description: str) -> Config | str:
+    """The config `argv` asks for, or the text to print before exiting 0: the usage for
+    `-h`/`--help` (anywhere in `argv`), the resolved config as YAML for `--print_config`.
+    Raises ConfigError."""
+    if any(arg in HELP_FLAGS for arg in argv):
+        return help_text(program, description)
+    config = load_config([arg for arg in argv if arg != PRINT_FLAG])
+    return config.to_yaml() if PRINT_FLAG in argv else config
+
+
+def help_text(program: str, description: str, path: pathlib.Path = CONFIGS_PATH) -> str:
+    """The usage, the presets and every key with its type, default and allowed values, all
+    read from `configs.yaml` and `_RULES`, so the help cannot fall behind the config."""
+    text = path.read_text()
+    presets = read_presets(path)
+    defaults = presets.pop("defaults")
+    notes = _preset_comments(text)
+    width = max(map(len, presets)) + 4
+    preset_lines = [
+        textwrap.fill(
+            notes.get(name) or f"sets {', '.join(preset)}",
+            HELP_WIDTH, initial_indent=f"  {name:<{width - 2}}", subsequent_indent=" " * width,
+        )
+        for name, preset in presets.items()
+    ]  # fmt: skip
+    return "\n".join([
+        f"usage: {program} --logdir DIR [--configs PRESET ...] [--KEY VALUE ...]",
+        f"       {program} [--configs PRESET ...] [--KEY VALUE ...] {PRINT_FLAG}",
+        "",
+        description.strip(),
+        "",
+        "Presets (applied over the defaults in the order given to --configs):",
+        *preset_lines,
+        f"  (what a preset sets: {program} --configs NAME {PRINT_FLAG})",
+        "",
+        "Options: --KEY VALUE sets any key below; a group's keys are dotted (--rssm.deter 256),",
+        "a list takes several values or one [a,b]; a bool key given alone means true.",
+        f"  {PRINT_FLAG}  print the resolved config (YAML) and exit",
+        "  -h, --help      print this help and exit",
+        "",
+        "Keys (type, default, allowed values):",
+        *_key_lines(defaults, _key_comments(text)),
+    ]) + "\n"  # fmt: skip
+
+
+def _key_lines(defaults: Mapping[str, Any], comments: Mapping[str, str]) -> list[str]:
+    """One aligned line per dotted key; a group's comment goes on a line of its own first."""
+    rows = [
+        (f"--{key}", _type_name(value), _show(value), key)
+        for key, value in Config(defaults).flat().items()
+    ]
+    # Long defaults ([400,400,400,400]) push their own line's note rather than every line's.
+    widths = [max(len(row[i]) for row in rows) for i in range(2)] + [10]
+    lines, group = [], ""
+    for *columns, key in rows:
+        top = key.split(".")[0]
+        if "." in key and top != group and top in comments:
+            lines.append(f"  --{top}.*: {comments[top]}")
+        group = top
+        note = "; ".join(n for n in (_RULES[key].expects, comments.get(key)) if n)
+        cells = [f"{cell:<{width}}" for cell, width in zip(columns, widths, strict=True)]
+        lines.append(f"  {'  '.join(cells)}  {note}".rstrip())
+    return lines
+
+
+def _show(value: Any) -> str:
+    """A default as it is typed on the command line."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list | tuple):
+        return f"[{','.join(map(_show, value))}]"
+    return str(value) if value != "" else "''"
+
+
+def _preset_comments(text: str) -> dict[str, str]:
+    """`{name: comment}` from the comment lines right above each top-level block."""
+    comments, block = {}, []
+    for line in text.splitlines():
+        if line.startswith("#"):
+            block.append(line.lstrip("#").strip())
+            continue
+        name = re.match(r"(\w+):", line)
+        if name and block:
+            comments[name[1]] = " ".join(block)
+        block = []
+    return comments
+
+
+def _key_comments(text: str) -> dict[str, str]:
+    """`{key: comment}` from the inline comments of the `defaults` block's lines (a group's
+    comment under the group's name)."""
+    comments, inside = {}, False
+    for line in text.splitlines():
+        if re.match(r"\w", line):
+            inside = line.startswith("defaults:")
+        entry = re.match(r"  (\w+): .*?\s#\s*(.*)", line)
+        if inside and entry:
+            # "tanh | identity" repeats the allowed values that the help already shows.
+            comments[entry[1]] = re.sub(r"^[\w']+( \| [\w']+)+\.?\s*", "", entry[2])
+    return comments

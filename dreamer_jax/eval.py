@@ -19,9 +19,9 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from dreamer_jax.agent import Agent
-from dreamer_jax.checkpoint import Checkpointer, CheckpointError
-from dreamer_jax.config import ConfigError, load_run_config
+from dreamer_jax.api import load
+from dreamer_jax.checkpoint import CheckpointError
+from dreamer_jax.config import ConfigError, program_name
 from dreamer_jax.envs import VectorEnv
 from dreamer_jax.logger import save_gif
 
@@ -41,13 +41,16 @@ def episode_shares(episodes: int, num_envs: int) -> list[int]:
     return [episodes // num_envs + (i < episodes % num_envs) for i in range(num_envs)]
 
 
-def evaluate(agent, env, state, episodes: int, key: jax.Array, record_video=False) -> Evaluation:
+def evaluate(
+    agent, env, state, episodes: int, key: jax.Array, record_video=False, max_frames=None
+) -> Evaluation:
     """Play `episodes` whole episodes with the eval (mode) policy in the `N` envs of `env`.
 
     Each env plays its fixed share of the episodes from reset, so the result does not favour
     short episodes the way keeping the first ones to finish would. envpool steps all envs
     together: an env whose share is done keeps running, its further episodes ignored.
-    `key` is split once per policy step.
+    `key` is split once per policy step. `record_video` keeps env 0's first episode's frames
+    (image tasks), at most `max_frames` of them (None: all).
     """
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
@@ -63,6 +66,7 @@ def evaluate(agent, env, state, episodes: int, key: jax.Array, record_video=Fals
     while any(len(done) < share for done, share in zip(returns, shares, strict=True)):
         if recording:
             frames.append(obs["image"][0])
+            recording = max_frames is None or len(frames) < max_frames
         key, step_key = jax.random.split(key)
         action, carry = agent.policy_step(state, obs, carry, step_key, mode="eval")
         obs = env.step(np.asarray(action))
@@ -84,35 +88,31 @@ class EvalError(ValueError):
 
 
 def _restore(logdir: pathlib.Path, envs: int, seed: int | None):
-    """`(config, env, agent, step, state, seed)` of the run's newest restorable checkpoint."""
-    config = load_run_config(logdir / "config.yaml")
-    checkpoints = logdir / "checkpoints"
-    if not checkpoints.is_dir():
-        raise EvalError(f"no checkpoints in {logdir}")
+    """`(config, env, agent, step, state, seed)` of the run's newest restorable checkpoint,
+    with `envs` fresh envs seeded with `seed` (None: the run's seed + 2e6)."""
+    agent, state, config, step = load(logdir)
     seed = config.seed + 2_000_000 if seed is None else seed
     env = VectorEnv(config.task, envs, seed, config.time_limit, config.action_repeat)
-    agent = Agent(config, env.obs_space, env.num_actions, env.discrete)
-    template = agent.init(jax.random.key(0))
-    checkpointer = Checkpointer(checkpoints, keep=config.checkpoint_keep, read_only=True)
-    try:
-        restored = checkpointer.restore_latest(template)
-    finally:
-        checkpointer.close()
-    if restored is None:
-        raise EvalError(f"no checkpoint in {checkpoints} could be restored")
-    step, state, _ = restored
     return config, env, agent, step, state, seed
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--logdir", required=True)
-    parser.add_argument("--episodes", type=int, default=10)
-    parser.add_argument("--envs", type=int, default=1)
+    parser = argparse.ArgumentParser(
+        prog=program_name("dreamer_jax.eval"),
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--logdir", required=True, help="the run (config.yaml, checkpoints/)")
+    parser.add_argument("--episodes", type=int, default=10, help="episodes to play (default: 10)")
+    parser.add_argument(
+        "--envs", type=int, default=1, help="parallel envs sharing the episodes (default: 1)"
+    )
     parser.add_argument(
         "--seed", type=int, default=None, help="env/policy seed (default: run seed + 2e6)"
     )
-    parser.add_argument("--video", action="store_true")
+    parser.add_argument(
+        "--video", action="store_true", help="write <logdir>/eval_<step>.gif (image tasks)"
+    )
     args = parser.parse_args(argv)
     logdir = pathlib.Path(args.logdir)
     try:

@@ -39,6 +39,7 @@ import pathlib
 import secrets
 import sys
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -52,6 +53,7 @@ METRICS_FILE = "metrics.jsonl"
 WANDB_INIT_TIMEOUT_S = 20.0
 WANDB_ID_FILE = "wandb_run_id.txt"
 VIDEO_FPS = 10
+STRIP_FRAMES = 50
 # Shown first in the plain per-write line; every other scalar follows in insertion order.
 _HEADLINE = ("train_return", "eval_return", "fps", "updates_per_s")
 _RESERVED = ("step", "frames")
@@ -73,7 +75,10 @@ class Logger:
       config_flat: flat config (`{"rssm.deter": 600, ...}`), stored as the wandb config.
       wandb_mode: "offline" (default, under `logdir`, no network), "online" or "disabled".
       wandb_project, wandb_entity: used by wandb ("" entity means wandb's default).
-      run_name: wandb display name; None lets wandb choose.
+      run_name: wandb display name, completed with the run's short wandb id
+        (`<run_name>-<id>`, e.g. `atari_pong-0-1a2b3c4d`); None lets wandb choose.
+      wandb_group, wandb_tags, wandb_notes: the wandb run's group (a sweep or experiment
+        name; "" for none), tags and notes.
       total_steps: agent steps of the whole run, for the progress bar total (0: unknown).
       action_repeat: env frames per agent step; `frames = step * action_repeat`.
       progress: True forces the tqdm bar, False forces plain lines, None picks the bar
@@ -90,6 +95,9 @@ class Logger:
         wandb_project: str = "dreamer-jax",
         wandb_entity: str = "",
         run_name: str | None = None,
+        wandb_group: str = "",
+        wandb_tags: Sequence[str] = (),
+        wandb_notes: str = "",
         total_steps: int = 0,
         action_repeat: int = 1,
         progress: bool | None = None,
@@ -116,7 +124,15 @@ class Logger:
         self._wandb = None
         if wandb_mode != "disabled":
             self._wandb = _init_wandb(
-                self.logdir, config_flat, wandb_mode, wandb_project, wandb_entity, run_name
+                self.logdir,
+                config_flat,
+                wandb_mode,
+                run_name,
+                project=wandb_project,
+                entity=wandb_entity or None,
+                group=wandb_group or None,
+                tags=list(wandb_tags) or None,
+                notes=wandb_notes or None,
             )
         purge = None if resume_step is None else resume_step + 1
         self._tb = SummaryWriter(logdir=str(self.logdir), purge_step=purge)
@@ -151,7 +167,12 @@ class Logger:
             clip = frames[None].transpose(0, 1, 4, 2, 3)
             self._tb.add_video(name, clip, global_step=step, fps=VIDEO_FPS)
         else:
-            strip = np.concatenate(list(frames), axis=1)  # [H, T*W, C]
+            # [H, T*W, C] of at most STRIP_FRAMES evenly spaced frames (a long eval episode
+            # would make an image tens of thousands of pixels wide).
+            picked = frames[
+                np.linspace(0, len(frames) - 1, min(len(frames), STRIP_FRAMES)).astype(int)
+            ]
+            strip = np.concatenate(list(picked), axis=1)
             self._tb.add_image(name, strip, global_step=step, dataformats="HWC")
         if self._wandb is not None:
             import wandb
@@ -255,15 +276,12 @@ def _truncate_metrics(path: pathlib.Path, resume_step: int | None) -> None:
 
 
 def _init_wandb(
-    logdir: pathlib.Path,
-    config_flat: dict,
-    mode: str,
-    project: str,
-    entity: str,
-    run_name: str | None,
+    logdir: pathlib.Path, config_flat: dict, mode: str, run_name: str | None, **options: Any
 ):
-    """Starts (or resumes) the wandb run of `logdir`. Online, any failure is a WandbError;
-    offline, a failure only warns and the run continues without wandb."""
+    """Starts (or resumes) the wandb run of `logdir`, named `<run_name>-<run id>`, with
+    `options` (project, entity, group, tags, notes) passed to `wandb.init`. Online, any
+    failure is a WandbError; offline, a failure only warns and the run continues without
+    wandb."""
     hint = (
         "to log without a network use --wandb.mode offline, "
         f"then `wandb sync {logdir}/wandb/offline-run-*`"
@@ -286,15 +304,14 @@ def _init_wandb(
             run_id = secrets.token_hex(4)  # wandb ids: short, lowercase alphanumeric
             id_path.write_text(run_id + "\n", encoding="utf-8")
         return wandb.init(
-            project=project,
-            entity=entity or None,
-            name=run_name,
+            name=None if run_name is None else f"{run_name}-{run_id}",
             config=config_flat,
             dir=str(logdir),
             mode=mode,
             id=run_id,
             resume="allow",
             settings=settings,
+            **options,
         )
     except WandbError:
         raise

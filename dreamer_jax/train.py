@@ -2,6 +2,10 @@
 `train_every` policy steps, evaluate, log, checkpoint, resume.
 
     python -m dreamer_jax.train --configs atari --task atari_pong --logdir runs/atari_pong/0
+    python -m dreamer_jax.train --configs classic --task classic_cartpole --logdir runs/cartpole/0
+
+Tasks: atari_<game> (the paper's 55 games, e.g. atari_ms_pacman), classic_cartpole,
+classic_acrobot, dmc_<domain>_<task> (e.g. dmc_walker_walk).
 
 Counts are policy steps summed over the parallel envs (as the official code);
 frames = steps × action repeat. Running the same command again with an existing logdir
@@ -28,12 +32,14 @@ import jax
 import numpy as np
 
 from dreamer_jax.agent import Agent, TrainState
+from dreamer_jax.api import make_agent
 from dreamer_jax.checkpoint import Checkpointer, CheckpointError
-from dreamer_jax.config import Config, ConfigError, load_config, load_run_config
+from dreamer_jax.config import Config, ConfigError, load_run_config, parse_cli, program_name
 from dreamer_jax.envs import UnknownTaskError, VectorEnv
 from dreamer_jax.eval import evaluate
 from dreamer_jax.logger import METRICS_FILE, LogdirError, Logger, WandbError
 from dreamer_jax.paths import DirectoryError, ensure_writable, lock_directory
+from dreamer_jax.provenance import provenance, record_start
 from dreamer_jax.replay import Replay
 from dreamer_jax.report import open_loop_video
 from dreamer_jax.world_model import open_loop_prediction, preprocess
@@ -43,7 +49,7 @@ EVAL_SEED_OFFSET = 1_000_000
 # Keys a resumed run may change freely: run length, logging and bookkeeping.
 RESUMABLE_KEYS = (
     "logdir", "steps", "log_every", "eval_every", "eval_eps", "checkpoint_every",
-    "checkpoint_keep", "wandb", "jit", "resume", "max_nonfinite",
+    "checkpoint_keep", "wandb", "jit", "resume", "max_nonfinite", "eval_video_frames",
 )  # fmt: skip
 
 
@@ -196,10 +202,7 @@ def check_inputs(config: Config, logdir: pathlib.Path) -> Agent:
                 f"config differs from the saved run in {logdir} at {', '.join(changed)}; "
                 "pass --resume.allow_config_change true to resume anyway"
             )
-    env_probe = make_env(config, 1, config.seed)
-    agent = Agent(config, env_probe.obs_space, env_probe.num_actions, env_probe.discrete)
-    env_probe.close()
-    return agent
+    return make_agent(config)
 
 
 def _holds_run_data(logdir: pathlib.Path) -> bool:
@@ -208,16 +211,19 @@ def _holds_run_data(logdir: pathlib.Path) -> bool:
     return has_metrics or any((logdir / "replay").glob("*.npz"))
 
 
-def train(config: Config, stop: StopSignal) -> dict[str, Any]:
-    """Run (or resume) training to `config.steps`; returns the final loop state."""
+def train(config: Config, stop: StopSignal, argv: Sequence[str] = ()) -> dict[str, Any]:
+    """Run (or resume) training to `config.steps`; returns the final loop state. `argv` is
+    the command line, recorded in `run.json`."""
     logdir = pathlib.Path(config.logdir).expanduser()
     agent = check_inputs(config, logdir)
     ensure_writable(logdir, "log directory", LogdirError)
     with lock_directory(logdir):
-        return _train(config, agent, logdir, stop)
+        return _train(config, agent, logdir, stop, argv)
 
 
-def _train(config: Config, agent: Agent, logdir: pathlib.Path, stop: StopSignal) -> dict:
+def _train(
+    config: Config, agent: Agent, logdir: pathlib.Path, stop: StopSignal, argv: Sequence[str]
+) -> dict:
     checkpointer = Checkpointer(logdir / "checkpoints", keep=config.checkpoint_keep)
     init_key, act_key, eval_key = jax.random.split(jax.random.key(config.seed), 3)
     state = agent.init(init_key)
@@ -260,13 +266,17 @@ def _train(config: Config, agent: Agent, logdir: pathlib.Path, stop: StopSignal)
     eval_env = make_env(
         config, config.eval_envs, env_seed(config, loop["step"], resumed, EVAL_SEED_OFFSET)
     )
+    run_info = record_start(logdir, provenance(argv), loop["step"])
     logger = Logger(
         logdir,
-        config.flat(),
+        {**config.flat(), "run": {k: v for k, v in run_info.items() if k != "starts"}},
         wandb_mode=config.wandb.mode,
         wandb_project=config.wandb.project,
         wandb_entity=config.wandb.entity,
         run_name=f"{config.task}-{config.seed}",
+        wandb_group=config.wandb.group,
+        wandb_tags=config.wandb.tags,
+        wandb_notes=config.wandb.notes,
         total_steps=config.steps,
         action_repeat=config.action_repeat,
         resume_step=loop["step"] if resumed else None,
@@ -362,9 +372,15 @@ def _train(config: Config, agent: Agent, logdir: pathlib.Path, stop: StopSignal)
             if step >= loop["next_eval"] and updates > 0:
                 loop["next_eval"] = (step // config.eval_every + 1) * config.eval_every
                 eval_key, episodes_key, openl_key = jax.random.split(eval_key, 3)
-                result = evaluate(agent, eval_env, state, config.eval_eps, episodes_key)
+                result = evaluate(
+                    agent, eval_env, state, config.eval_eps, episodes_key,
+                    record_video=config.eval_video_frames > 0,
+                    max_frames=config.eval_video_frames,
+                )  # fmt: skip
                 logger.scalar("eval_return", float(np.mean(result.returns)))
                 logger.scalar("eval_length", float(np.mean(result.lengths)))
+                if result.frames:
+                    logger.video("eval_policy", np.stack(result.frames), step=step)
                 frames = open_loop_frames(agent, state, replay.sample(report_rng), openl_key)
                 logger.video("openl", frames, step=step)
 
@@ -436,15 +452,18 @@ def _save_after_error(save_checkpoint, state: TrainState, step: int, checkpointe
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        config = load_config(argv)
+        config = parse_cli(argv, program_name("dreamer_jax.train"), __doc__)
+        if isinstance(config, str):  # --help or --print_config: print and run nothing
+            print(config, end="")
+            return 0
         if not config.logdir:
             raise ConfigError("--logdir is required (where metrics, checkpoints and replay go)")
         with StopSignal() as stop:
             if config.jit:
-                train(config, stop)
+                train(config, stop, argv)
             else:
                 with jax.disable_jit():
-                    train(config, stop)
+                    train(config, stop, argv)
     except (
         ConfigError, UnknownTaskError, DirectoryError, CheckpointError, RunError, WandbError,
     ) as error:  # fmt: skip

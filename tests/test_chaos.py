@@ -4,9 +4,12 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_chaos_three_kills(tmp_path):
     result = subprocess.run(
         [sys.executable, "scripts/chaos.py", "--kills", "3", "--logdir", str(tmp_path / "run")],

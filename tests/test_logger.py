@@ -225,6 +225,33 @@ def test_wandb_offline_run_lives_in_the_logdir_and_resumes(tmp_path, monkeypatch
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]
 
 
+def test_wandb_run_is_named_grouped_and_tagged(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logger = _logger(
+        tmp_path, wandb_mode="offline", run_name="atari_pong-3", wandb_group="atari55",
+        wandb_tags=["paper", "bf16"], wandb_notes="a note",
+    )  # fmt: skip
+    try:
+        run_id = (tmp_path / "wandb_run_id.txt").read_text().strip()
+        run = logger._wandb
+        assert run.name == f"atari_pong-3-{run_id}"
+        assert run.group == "atari55" and set(run.tags) == {"paper", "bf16"}
+        assert run.notes == "a note"
+    finally:
+        logger.close()
+
+
+def test_long_video_makes_a_bounded_tensorboard_strip(tmp_path, monkeypatch):
+    import dreamer_jax.logger as logger_module
+
+    monkeypatch.setattr(logger_module.importlib.util, "find_spec", lambda name: None)
+    logger = _logger(tmp_path)
+    logger.video("eval_policy", _frames(500, 4, 6, 1), step=1)
+    logger.close()
+    ((_, value),) = _tb_events(tmp_path)["eval_policy"]
+    assert value.image.width == logger_module.STRIP_FRAMES * 6 and value.image.height == 4
+
+
 def test_failed_wandb_offline_init_warns_and_logging_continues(tmp_path, monkeypatch):
     import wandb
 

@@ -1,0 +1,539 @@
+"""Final scores, normalized Atari aggregates and learning curves of many runs, for a paper.
+
+    python -m dreamer_jax.analyze runs/atari55 --out results [--reps 2000] [--wandb.mode online]
+
+Reads every run under RUNS_DIR (a folder holding `config.yaml` and `metrics.jsonl`; its task
+and seed come from its config) and writes, under --out:
+  aggregate.json     per task: seeds, final return (mean over seeds), normalized scores; over
+                     the tasks with Atari baselines: the paper's four aggregates and the IQM
+                     with its 95 % stratified-bootstrap confidence interval.
+  curves_<task>.png  eval return against frames (binned mean and min-max band over seeds),
+                     with the official DreamerV2 curves and the random and human-gamer scores.
+  curves.png         every task's curve in one grid.
+  aggregate.png      the aggregates: the IQM with its interval, the other four as points.
+With `--wandb.mode offline|online` the numbers and figures also go to a wandb run of their own
+(job_type "analysis"). Each definition is stated exactly in the docstring of its function
+below, and in docs/analysis.md. Reference data (`dreamer_jax/data/`, copied from the official
+DreamerV2 repository, each file naming its source) serve normalization and plots only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import gzip
+import json
+import math
+import pathlib
+import sys
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from dreamer_jax.config import ConfigError, load_run_config, program_name
+from dreamer_jax.logger import METRICS_FILE, WANDB_INIT_TIMEOUT_S, read_metrics
+from dreamer_jax.paths import DirectoryError, ensure_writable, write_atomic
+
+DATA_DIR = pathlib.Path(__file__).with_name("data")
+BASELINES_PATH = DATA_DIR / "atari_baselines.json"
+CURVES_PATH = DATA_DIR / "atari_dreamerv2_curves.json.gz"
+CONFIG_FILE = "config.yaml"
+# A seed's final return averages its evaluations over this last fraction of its frames.
+FINAL_FRACTION = 0.1
+# The curves file also holds a "nosched" variant; the paper's agent is "dreamerv2".
+REFERENCE_METHOD = "dreamerv2"
+CONFIDENCE = 0.95
+BASELINE_KEYS = ("random", "human_gamer", "human_record")
+
+
+class AnalysisError(RuntimeError):
+    """Nothing to analyze, a bad argument, or wandb cannot start. The message is one line."""
+
+
+class Run(NamedTuple):
+    """One run's evaluations: `frames` and `returns` [N] of its rows that hold an eval_return,
+    in logged order, and `last_frames`, the frames of its last logged row (eval or not)."""
+
+    path: pathlib.Path
+    task: str
+    seed: int
+    frames: np.ndarray
+    returns: np.ndarray
+    last_frames: int
+
+
+def load_runs(runs_dir: str | pathlib.Path, only: str | None = None) -> list[Run]:
+    """Every run under `runs_dir` (any depth), sorted by path; with `only`, those whose folder
+    path relative to `runs_dir` matches that fnmatch pattern (`*` also matches "/").
+
+    A run whose config.yaml or metrics.jsonl cannot be used, or that has logged no
+    eval_return yet, is skipped with a one-line warning. AnalysisError when `runs_dir` is not
+    a directory, holds no usable run, or holds two runs of one task and seed (a folder that
+    mixes variants of a sweep: their seeds would be averaged as one method's)."""
+    runs_dir = pathlib.Path(runs_dir)
+    if not runs_dir.is_dir():
+        raise AnalysisError(f"{runs_dir} is not a directory")
+    folders = [metrics.parent for metrics in sorted(runs_dir.rglob(METRICS_FILE))]
+    if only is not None:
+        folders = [f for f in folders if fnmatch.fnmatchcase(str(f.relative_to(runs_dir)), only)]
+    found = [_load_run(folder) for folder in folders]
+    runs = [run for run in found if run is not None]
+    if not runs:
+        where = runs_dir if only is None else f"{runs_dir} matching {only!r}"
+        raise AnalysisError(
+            f"no run under {where}: a run is a folder holding {CONFIG_FILE} and a "
+            f"{METRICS_FILE} with eval_return rows"
+        )
+    first: dict[tuple[str, int], Run] = {}
+    for run in runs:
+        other = first.setdefault((run.task, run.seed), run)
+        if other is not run:
+            raise AnalysisError(
+                f"{other.path} and {run.path} are both {run.task} seed {run.seed}: "
+                "select one variant with --only (e.g. --only '*/<variant>/*')"
+            )
+    return runs
+
+
+def _load_run(path: pathlib.Path) -> Run | None:
+    """The run in folder `path`, or None (with a warning) when it cannot be used."""
+    if not (path / CONFIG_FILE).is_file():
+        return None  # a metrics.jsonl of something else, not a run
+    try:
+        config = load_run_config(path / CONFIG_FILE)
+        rows = read_metrics(path / METRICS_FILE)
+    except (ConfigError, OSError) as error:
+        warnings.warn(f"skipping a run: {error}", stacklevel=2)
+        return None
+    if not all(isinstance(row.get("frames"), int | float) for row in rows):
+        warnings.warn(f"skipping {path}: {METRICS_FILE} has rows without frames", stacklevel=2)
+        return None
+    evals = [row for row in rows if isinstance(row.get("eval_return"), int | float)]
+    if not evals:
+        warnings.warn(f"skipping {path}: no eval_return logged yet", stacklevel=2)
+        return None
+    return Run(
+        path=path,
+        task=config.task,
+        seed=config.seed,
+        frames=np.array([row["frames"] for row in evals], float),
+        returns=np.array([row["eval_return"] for row in evals], float),
+        last_frames=rows[-1]["frames"],
+    )
+
+
+def final_return(run: Run) -> float:
+    """The mean of the run's eval returns logged in the last 10 % of its frames: its eval rows
+    with `frames >= 0.9 · last_frames`, where `last_frames` is the frames of its last logged
+    row (eval or not). If none is that late, its last eval return alone."""
+    late = run.frames >= (1 - FINAL_FRACTION) * run.last_frames
+    return float(run.returns[late].mean()) if late.any() else float(run.returns[-1])
+
+
+def load_baselines(path: pathlib.Path = BASELINES_PATH) -> dict[str, dict[str, float]]:
+    """`{task: {"random", "human_gamer", "human_record"}}` for the Atari games that have all
+    three (the packaged copy of the official DreamerV2 scores; the file names its source)."""
+    scores = json.loads(path.read_text(encoding="utf-8"))["scores"]
+    return {task: s for task, s in scores.items() if all(k in s for k in BASELINE_KEYS)}
+
+
+def load_reference_curves(path: pathlib.Path = CURVES_PATH) -> dict[str, list[tuple]]:
+    """`{task: [(frames [N], returns [N]) per seed]}` of the official DreamerV2 Atari runs
+    (the paper's agent, 200M frames; the file names its source). For plots only."""
+    with gzip.open(path, "rt", encoding="utf-8") as file:
+        runs = json.load(file)["runs"]
+    curves: dict[str, list[tuple]] = {}
+    for run in runs:
+        if run["method"] == REFERENCE_METHOD:
+            curve = (np.asarray(run["xs"], float), np.asarray(run["ys"], float))
+            curves.setdefault(run["task"], []).append(curve)
+    return curves
+
+
+def normalize(scores: Any, baseline: Mapping[str, float], high: str) -> np.ndarray:
+    """`(scores − random) / (baseline[high] − random)`: 0 is random play, 1 the human gamer
+    (`high="human_gamer"`) or the human world record (`high="human_record"`)."""
+    low = baseline["random"]
+    return (np.asarray(scores, float) - low) / (baseline[high] - low)
+
+
+def normalized_means(returns: np.ndarray, baseline: Mapping[str, float]) -> dict[str, float]:
+    """Means over seeds of the gamer-, record- and clipped-record-normalized `returns` [S];
+    clipping is per seed: `min(record-normalized, 1)`."""
+    record = normalize(returns, baseline, "human_record")
+    return {
+        "final_gamer_normalized": float(normalize(returns, baseline, "human_gamer").mean()),
+        "final_record_normalized": float(record.mean()),
+        "final_clipped_record_normalized": float(np.minimum(record, 1.0).mean()),
+    }
+
+
+def task_summary(runs: Sequence[Run], baselines: Mapping[str, Mapping]) -> dict[str, dict]:
+    """Per task, tasks and seeds sorted: `seeds`; `frames`, the fewest any seed reached;
+    `seed_returns` ({seed: final return}); `final_return`, their mean; `normalized`, whether
+    the task has Atari baselines, and if so `normalized_means` of the seeds' final returns."""
+    by_task: dict[str, list[Run]] = {}
+    for run in sorted(runs, key=lambda r: (r.task, r.seed)):
+        by_task.setdefault(run.task, []).append(run)
+    summary = {}
+    for task, task_runs in by_task.items():
+        returns = np.array([final_return(run) for run in task_runs])
+        entry = {
+            "seeds": len(task_runs),
+            "frames": min(run.last_frames for run in task_runs),
+            "final_return": float(returns.mean()),
+            "seed_returns": {
+                str(run.seed): float(r) for run, r in zip(task_runs, returns, strict=True)
+            },
+            "normalized": task in baselines,
+        }
+        if task in baselines:
+            entry.update(normalized_means(returns, baselines[task]))
+        summary[task] = entry
+    return summary
+
+
+def aggregate(
+    summary: Mapping[str, Mapping], baselines: Mapping[str, Mapping], reps: int, seed: int = 0
+) -> dict[str, Any] | None:
+    """The aggregates over the tasks of `summary` (from `task_summary`) that have baselines;
+    None if none has. With a task's score = its mean over seeds (`normalized_means`):
+      gamer_median, gamer_mean: median and mean over tasks of the gamer-normalized scores;
+      record_mean: mean over tasks of the record-normalized scores;
+      clipped_record_mean: mean over tasks of the clipped-record scores (clipped per seed);
+      iqm, iqm_ci: `iqm_with_ci` of the gamer-normalized final returns of every task × seed.
+    Where tasks have different numbers of seeds, the IQM takes each task's lowest
+    `iqm_seeds_per_task` seeds (the smallest count), as the bootstrap needs a full matrix."""
+    tasks = [task for task, entry in summary.items() if entry["normalized"]]
+    if not tasks:
+        return None
+    scores = {
+        name: np.array([summary[t][f"final_{name}_normalized"] for t in tasks])
+        for name in ("gamer", "record", "clipped_record")
+    }
+    per_task = min(summary[t]["seeds"] for t in tasks)
+    lowest = {t: list(summary[t]["seed_returns"].values())[:per_task] for t in tasks}
+    gamer = np.stack([normalize(lowest[t], baselines[t], "human_gamer") for t in tasks], 1)
+    iqm, ci = iqm_with_ci(gamer, reps, seed)
+    return {
+        "tasks": len(tasks),
+        "gamer_median": float(np.median(scores["gamer"])),
+        "gamer_mean": float(scores["gamer"].mean()),
+        "record_mean": float(scores["record"].mean()),
+        "clipped_record_mean": float(scores["clipped_record"].mean()),
+        "iqm": iqm,
+        "iqm_ci": ci,
+        "iqm_seeds_per_task": per_task,
+        "bootstrap_reps": reps,
+        "bootstrap_seed": seed,
+    }
+
+
+def iqm_with_ci(scores: np.ndarray, reps: int, seed: int = 0) -> tuple[float, list[float]]:
+    """The interquartile mean of `scores` [seeds, tasks] (the mean of the middle 50 % of all
+    its values: `rliable.metrics.aggregate_iqm`) and its 95 % confidence interval [lo, hi]
+    from rliable's stratified bootstrap (seeds resampled with replacement within each task,
+    `reps` resamples, percentile interval), reproducible for a given `seed`."""
+    # Imported here: rliable pulls in arch and statsmodels, seconds that --help need not wait.
+    from rliable import library, metrics
+
+    def iqm(x: np.ndarray) -> np.ndarray:
+        return np.array([metrics.aggregate_iqm(x)])
+
+    # rliable 1.2 resamples with numpy's global RNG whatever `random_state` says: seed it for
+    # this call only, and give the caller's state back.
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        points, intervals = library.get_interval_estimates(
+            {"iqm": scores}, iqm, reps=reps, confidence_interval_size=CONFIDENCE
+        )
+    finally:
+        np.random.set_state(state)
+    low, high = intervals["iqm"][:, 0]
+    return float(points["iqm"][0]), [float(low), float(high)]
+
+
+def bin_curve(frames: np.ndarray, values: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """The mean of `values` [N] in each frame bin `[edges[i], edges[i+1])` (the last bin also
+    holds its right edge) [K = len(edges) − 1]; NaN where a bin holds none. Points outside
+    `[edges[0], edges[-1]]` are left out."""
+    keep = (frames >= edges[0]) & (frames <= edges[-1])
+    bins = len(edges) - 1
+    index = np.minimum(np.searchsorted(edges, frames[keep], side="right") - 1, bins - 1)
+    sums = np.bincount(index, values[keep], minlength=bins)
+    counts = np.bincount(index, minlength=bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return sums / counts
+
+
+def curve_band(curves: Sequence[tuple], edges: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Each seed's `(frames, returns)` binned by `bin_curve`, then per bin the mean, min and
+    max over the seeds that have a value there; bins empty for every seed are dropped.
+    Returns bin centers, mean, min, max, each [K']."""
+    binned = np.stack([bin_curve(frames, returns, edges) for frames, returns in curves])
+    filled = np.isfinite(binned).any(axis=0)
+    binned = binned[:, filled]  # [S, K']
+    centers = ((edges[:-1] + edges[1:]) / 2)[filled]
+    return centers, np.nanmean(binned, 0), np.nanmin(binned, 0), np.nanmax(binned, 0)
+
+
+def frame_edges(runs: Sequence[Run], bins: int) -> np.ndarray:
+    """Bin edges [K + 1]: K equal bins from the runs' first to their last eval frames, K =
+    `bins` or, if fewer, the most evaluations any run logged: evaluations at a fixed interval
+    then fall one per bin, so a short run's curve has neither gaps nor merged points."""
+    count = min(bins, max(len(run.frames) for run in runs))
+    first = min(run.frames.min() for run in runs)
+    return np.linspace(first, max(run.frames.max() for run in runs), count + 1)
+
+
+def plot_task(
+    ax,
+    task: str,
+    runs: Sequence[Run],
+    bins: int,
+    baseline: Mapping[str, float] | None = None,
+    reference: Sequence[tuple] = (),
+) -> None:
+    """Draws on the matplotlib `ax` the runs' eval return against frames (`curve_band` on
+    `frame_edges`: mean line, min-max band over seeds); the official DreamerV2 `reference`
+    curves binned alike (mean over their seeds, gray), so only within the runs' frames, the
+    budget compared, and not at all if none of their evaluations falls there; and dashed
+    random and human-gamer lines when `baseline` is given."""
+    edges = frame_edges(runs, bins)
+    x, mean, low, high = curve_band([(run.frames, run.returns) for run in runs], edges)
+    (line,) = ax.plot(x, mean, marker=_marker(x), label=f"dreamer-jax ({len(runs)} seeds)")
+    ax.fill_between(x, low, high, color=line.get_color(), alpha=0.25, linewidth=0)
+    if reference:
+        ref_x, ref_mean, _, _ = curve_band(reference, edges)
+        label = f"DreamerV2 official ({len(reference)} seeds)"
+        if len(ref_x):
+            ax.plot(ref_x, ref_mean, marker=_marker(ref_x), color="gray", label=label)
+    if baseline:
+        ax.axhline(baseline["random"], ls="--", lw=1, color="tab:red", label="random")
+        ax.axhline(baseline["human_gamer"], ls="--", lw=1, color="tab:green", label="human gamer")
+    ax.set_title(task)
+    ax.set_xlabel("frames")
+    ax.set_ylabel("eval return")
+    ax.legend(fontsize="x-small")
+
+
+def _marker(x: np.ndarray) -> str | None:
+    return "o" if len(x) == 1 else None  # a line of one point would not show
+
+
+def write_plots(
+    out: pathlib.Path,
+    runs: Sequence[Run],
+    agg: Mapping[str, Any] | None,
+    baselines: Mapping[str, Mapping],
+    reference: Mapping[str, Sequence[tuple]],
+    bins: int,
+) -> list[pathlib.Path]:
+    """Writes `curves_<task>.png` per task, `curves.png` (all tasks) and, when `agg` is not
+    None, `aggregate.png` under `out`; returns their paths."""
+    # Figure objects, not pyplot: no global backend or figure registry to set up or leak.
+    from matplotlib.figure import Figure
+
+    by_task: dict[str, list[Run]] = {}
+    for run in runs:
+        by_task.setdefault(run.task, []).append(run)
+    tasks = sorted(by_task)
+
+    def draw(ax, task: str) -> None:
+        plot_task(ax, task, by_task[task], bins, baselines.get(task), reference.get(task, ()))
+
+    paths = []
+    for task in tasks:
+        fig = Figure(figsize=(5, 3.5), layout="constrained")
+        draw(fig.add_subplot(), task)
+        paths.append(_save(fig, out / f"curves_{task}.png"))
+    cols = min(5, len(tasks))
+    rows = math.ceil(len(tasks) / cols)
+    fig = Figure(figsize=(4 * cols, 3 * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).flatten()
+    for ax, task in zip(axes, tasks, strict=False):
+        draw(ax, task)
+    for ax in axes[len(tasks) :]:
+        ax.set_axis_off()
+    paths.append(_save(fig, out / "curves.png"))
+    if agg is not None:
+        fig = Figure(figsize=(6, 3), layout="constrained")
+        plot_aggregate(fig.add_subplot(), agg)
+        paths.append(_save(fig, out / "aggregate.png"))
+    return paths
+
+
+def plot_aggregate(ax, agg: Mapping[str, Any]) -> None:
+    """Draws on `ax` the IQM with its confidence interval and the other four aggregates of
+    `agg` (from `aggregate`) as points, against a dashed line at 1 (human level)."""
+    names = ["gamer_median", "gamer_mean", "record_mean", "clipped_record_mean"]
+    low, high = agg["iqm_ci"]
+    ax.errorbar(
+        [agg["iqm"]],
+        [0],
+        xerr=[[agg["iqm"] - low], [high - agg["iqm"]]],
+        fmt="o",
+        capsize=4,
+        label=f"IQM, {CONFIDENCE:.0%} CI",
+    )
+    ax.plot([agg[name] for name in names], range(1, len(names) + 1), "s", color="tab:gray")
+    ax.axvline(1.0, ls="--", lw=1, color="black")
+    ax.set_yticks(range(len(names) + 1), ["IQM (gamer)", *names])
+    ax.invert_yaxis()
+    ax.set_xlabel("normalized score")
+    seeds = agg["iqm_seeds_per_task"]
+    ax.set_title(f"{agg['tasks']} tasks, IQM over {seeds} seeds per task", fontsize="medium")
+    ax.legend(fontsize="x-small")
+
+
+def _save(fig, path: pathlib.Path) -> pathlib.Path:
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def log_wandb(
+    out: pathlib.Path,
+    summary: Mapping[str, Mapping],
+    agg: Mapping[str, Any] | None,
+    images: Sequence[pathlib.Path],
+    mode: str,
+    project: str,
+    group: str,
+) -> None:
+    """Logs the aggregate numbers, each task's final returns (a table) and the figures (as
+    `wandb.Image`) into one new wandb run (job_type "analysis"), its files under `out`."""
+    import wandb
+
+    settings = wandb.Settings(silent=True, console="off", init_timeout=WANDB_INIT_TIMEOUT_S)
+    try:
+        run = wandb.init(
+            project=project,
+            group=group or None,
+            job_type="analysis",
+            dir=str(out),
+            mode=mode,
+            settings=settings,
+        )
+    except Exception as error:
+        reason = (str(error).splitlines() or [""])[0]
+        raise AnalysisError(
+            f"wandb {mode} init failed ({type(error).__name__}: {reason})"
+        ) from None
+    columns = ["task", "seeds", "frames", "final_return", "final_gamer_normalized"]
+    table = wandb.Table(
+        columns=columns, data=[[t, *(e.get(c) for c in columns[1:])] for t, e in summary.items()]
+    )
+    numbers = {}
+    if agg is not None:
+        numbers = {f"aggregate/{k}": v for k, v in agg.items() if k != "iqm_ci"}
+        numbers.update(
+            {"aggregate/iqm_ci_low": agg["iqm_ci"][0], "aggregate/iqm_ci_high": agg["iqm_ci"][1]}
+        )
+    run.log(
+        {**numbers, "tasks": table, **{f"figures/{p.stem}": wandb.Image(str(p)) for p in images}}
+    )
+    run.finish()
+
+
+def _report(summary: Mapping[str, Mapping], agg: Mapping[str, Any] | None) -> str:
+    """The summary printed at the end: one line per task, then the aggregates."""
+    lines = [f"{'task':<28} {'seeds':>5} {'frames':>11} {'final return':>13} {'gamer-norm':>10}"]
+    for task, entry in summary.items():
+        gamer = entry.get("final_gamer_normalized")
+        lines.append(
+            f"{task:<28} {entry['seeds']:>5} {entry['frames']:>11} "
+            f"{entry['final_return']:>13.4g} {'-' if gamer is None else f'{gamer:.4g}':>10}"
+        )
+    if agg is not None:
+        low, high = agg["iqm_ci"]
+        lines.append(
+            f"over {agg['tasks']} Atari tasks: gamer median {agg['gamer_median']:.4g}, "
+            f"gamer mean {agg['gamer_mean']:.4g}, record mean {agg['record_mean']:.4g}, "
+            f"clipped record mean {agg['clipped_record_mean']:.4g}, "
+            f"IQM {agg['iqm']:.4g} [{low:.4g}, {high:.4g}] ({CONFIDENCE:.0%} CI)"
+        )
+    return "\n".join(lines)
+
+
+def analyze(args: argparse.Namespace) -> None:
+    """The whole command: read, score, write the JSON and the figures, print, log to wandb."""
+    for name in ("reps", "bins"):
+        if getattr(args, name) < 1:
+            raise AnalysisError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    runs = load_runs(args.runs_dir, args.only)
+    out = pathlib.Path(args.out)
+    ensure_writable(out, "output directory")
+    baselines = load_baselines()
+    summary = task_summary(runs, baselines)
+    for task, entry in summary.items():
+        if not entry["normalized"]:
+            print(
+                f"note: {task} has no Atari baselines: raw final return only, "
+                "left out of the aggregates"
+            )
+    agg = aggregate(summary, baselines, args.reps, args.seed)
+    if agg is None:
+        print("note: no task has Atari baselines, so there are no aggregates")
+    elif len({summary[t]["seeds"] for t in summary if summary[t]["normalized"]}) > 1:
+        print(
+            f"note: tasks have different seed counts; the IQM uses each task's "
+            f"{agg['iqm_seeds_per_task']} lowest seeds"
+        )
+    result = {"runs_dir": str(args.runs_dir), "only": args.only, "tasks": summary, "aggregate": agg}
+    write_atomic(out / "aggregate.json", (json.dumps(result, indent=2) + "\n").encode())
+    images = write_plots(out, runs, agg, baselines, load_reference_curves(), args.bins)
+    print(_report(summary, agg))
+    print(f"wrote {out / 'aggregate.json'} and {len(images)} figures to {out}")
+    if args.wandb_mode != "disabled":
+        log_wandb(out, summary, agg, images, args.wandb_mode, args.wandb_project, args.wandb_group)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=program_name("dreamer_jax.analyze"),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=__doc__.splitlines()[0] + " See docs/analysis.md.",
+    )
+    parser.add_argument("runs_dir", metavar="RUNS_DIR", help="folder searched for runs")
+    parser.add_argument("--out", required=True, metavar="DIR", help="where results go")
+    parser.add_argument(
+        "--only",
+        metavar="GLOB",
+        help="only the runs whose folder, relative to RUNS_DIR, matches GLOB "
+        "(e.g. '*/kl_balance_0.5/*' for one variant of a sweep)",
+    )
+    parser.add_argument("--reps", type=int, default=2000, help="bootstrap resamples for the CI")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    parser.add_argument("--bins", type=int, default=40, help="frame bins of the curves")
+    parser.add_argument(
+        "--wandb.mode",
+        dest="wandb_mode",
+        default="disabled",
+        choices=("disabled", "offline", "online"),
+    )
+    parser.add_argument("--wandb.project", dest="wandb_project", default="dreamer-jax")
+    parser.add_argument("--wandb.group", dest="wandb_group", default="", help="e.g. the sweep")
+    return parser
+
+
+def _warn_one_line(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.showwarning = _warn_one_line  # a skipped run is one line, not a source dump
+        try:
+            analyze(args)
+        except (AnalysisError, DirectoryError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,653 @@
+"""Run a grid of training runs from a sweep file: tasks × seeds × variants.
+
+    python -m dreamer_jax.sweep experiments/smoke.yaml --dry-run
+    python -m dreamer_jax.sweep experiments/atari55.yaml --jobs 4
+    python -m dreamer_jax.sweep experiments/ablations.yaml --only 'atari_pong/*' --launcher slurm
+
+A sweep file (YAML) holds `tasks` and `seeds` (required), and optionally `name` (default:
+the file's stem), `configs` (presets), `overrides` (`{dotted.key: value}` or nested),
+`variants` (`{variant: overrides}`, default one variant `base` with none), `root` (default
+`runs`, relative to the working directory) and `slurm` (options of `--launcher slurm`).
+
+Each run logs to `<root>/<name>/<task>/<variant>/seed_<s>`, its output to that path plus
+`.log`. A run whose checkpoints reach its config's `steps` is finished and skipped; one
+whose logdir exists is resumed (train resumes by itself); others start fresh. Every run's
+config is checked before anything starts; a bad sweep file exits 2 with one line.
+More in docs/sweeps.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import difflib
+import fnmatch
+import os
+import pathlib
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from dreamer_jax.config import ConfigError, load_config, program_name
+from dreamer_jax.envs import available_tasks
+
+FIELDS = ("name", "configs", "overrides", "tasks", "seeds", "variants", "root", "slurm")
+DEFAULT_VARIANT = "base"
+# The grid sets these for every run; a sweep file must not.
+GRID_KEYS = ("task", "seed", "logdir")
+STATUSES = ("done", "resumed", "skipped", "failed", "interrupted", "not started")
+_SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # a name that is one safe path segment
+_LOG_TAIL_BYTES = 4096
+POLL_S = 0.2  # how often the local launcher checks its runs
+
+
+class SweepError(ValueError):
+    """A bad sweep file, option or submission. The message is one line."""
+
+
+class RunFailed(RuntimeError):
+    """A run of a Slurm job exited non-zero. The message is one line."""
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A validated sweep file. `overrides` and each variant's are flat `{dotted.key: value}`."""
+
+    path: pathlib.Path
+    name: str
+    configs: tuple[str, ...]
+    overrides: dict[str, Any]
+    tasks: tuple[str, ...]
+    seeds: tuple[int, ...]
+    variants: dict[str, dict[str, Any]]
+    root: pathlib.Path
+    slurm: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Run:
+    """One cell of the grid: its train command and where it logs; `steps` from its config."""
+
+    task: str
+    variant: str
+    seed: int
+    logdir: pathlib.Path
+    command: tuple[str, ...]
+    steps: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.task}/{self.variant}/seed_{self.seed}"
+
+    @property
+    def log(self) -> pathlib.Path:
+        """Next to the logdir, so the run's own folder holds only what train writes."""
+        return self.logdir.with_name(self.logdir.name + ".log")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    run: Run
+    status: str  # one of STATUSES
+    returncode: int | None = None
+
+
+@dataclass(frozen=True)
+class SlurmJob:
+    """What `--launcher slurm` submits for one run: `parameters` go to submitit's
+    `AutoExecutor.update_parameters`."""
+
+    command: tuple[str, ...]
+    logdir: pathlib.Path
+    log: pathlib.Path
+    parameters: dict[str, Any]
+
+
+# ---------------------------------------------------------------------------- sweep file
+
+
+def load_sweep(path: str | pathlib.Path) -> Sweep:
+    """The sweep file at `path`, its fields type-checked and its tasks known (SweepError)."""
+    path = pathlib.Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SweepError(f"sweep file {path} not found") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise SweepError(f"sweep file {path} cannot be read: {error}") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or type(error).__name__
+        raise SweepError(f"{path} is not valid YAML{where}: {problem}") from None
+    if not isinstance(data, dict):
+        raise SweepError(f"{path} must hold a mapping with at least 'tasks' and 'seeds'")
+
+    def fail(message: str) -> SweepError:
+        return SweepError(f"{path}: {message}")
+
+    unknown = sorted(map(str, set(data) - set(FIELDS)))
+    if unknown:
+        raise fail(f"unknown key(s) {', '.join(unknown)}; a sweep file holds {', '.join(FIELDS)}")
+    for field in ("tasks", "seeds"):
+        if field not in data:
+            raise fail(f"'{field}' is required")
+    name = data.get("name", path.stem)
+    if not isinstance(name, str) or not _SEGMENT.fullmatch(name):
+        raise fail(f"'name' must be a name of letters, digits, '_', '.', '-', got {name!r}")
+    root = data.get("root", "runs")
+    if not isinstance(root, str) or not root:
+        raise fail(f"'root' must be a non-empty path, got {root!r}")
+    tasks = _distinct(data["tasks"], str, "tasks", fail)
+    known = available_tasks()
+    for task in tasks:
+        if task not in known:
+            close = ", ".join(difflib.get_close_matches(task, known, n=3, cutoff=0.6)) or "none"
+            raise fail(f"unknown task '{task}'; close matches: {close}")
+    seeds = _distinct(data["seeds"], int, "seeds", fail)
+    if any(seed < 0 for seed in seeds):
+        raise fail(f"'seeds' must be ints >= 0, got {list(seeds)}")
+    configs = data.get("configs", [])
+    if not isinstance(configs, list) or not all(isinstance(c, str) for c in configs):
+        raise fail(f"'configs' must be a list of preset names, got {configs!r}")
+    variants = data.get("variants", {DEFAULT_VARIANT: {}})
+    if not isinstance(variants, dict) or not variants:
+        raise fail(f"'variants' must be a non-empty mapping of name to overrides, got {variants!r}")
+    for variant in variants:
+        if not isinstance(variant, str):
+            # YAML 1.1 reads a bare off/on/yes/no as a bool and 1e3 as a number.
+            raise fail(f"variant name {variant!r} is not a string; quote it in the file")
+        if not _SEGMENT.fullmatch(variant):
+            raise fail(f"variant name {variant!r} must be letters, digits, '_', '.', '-'")
+    slurm = data.get("slurm", {})
+    if not isinstance(slurm, dict) or not all(isinstance(key, str) for key in slurm):
+        raise fail(f"'slurm' must be a mapping of option to value, got {slurm!r}")
+    return Sweep(
+        path=path,
+        name=name,
+        configs=tuple(configs),
+        overrides=_overrides(data.get("overrides"), "overrides", fail),
+        tasks=tasks,
+        seeds=seeds,
+        variants={v: _overrides(o, f"variant '{v}'", fail) for v, o in variants.items()},
+        root=pathlib.Path(root),
+        slurm=dict(slurm),
+    )
+
+
+def _distinct(values: Any, kind: type, field: str, fail) -> tuple:
+    """`values` as a tuple, if it is a non-empty list of distinct `kind`s."""
+    ok = isinstance(values, list) and values
+    if not ok or not all(isinstance(v, kind) and not isinstance(v, bool) for v in values):
+        what = "ints" if kind is int else "names"
+        raise fail(f"'{field}' must be a non-empty list of {what}, got {values!r}")
+    repeated = sorted({str(v) for v in values if values.count(v) > 1})
+    if repeated:
+        raise fail(f"'{field}' repeats {', '.join(repeated)}: two runs would share a logdir")
+    return tuple(values)
+
+
+def _overrides(tree: Any, where: str, fail) -> dict[str, Any]:
+    """A mapping of overrides (None: none), nested groups flattened to dotted keys."""
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise fail(f"{where} must be a mapping of config keys to values, got {tree!r}")
+    flat = _flatten(tree)
+    grid = [key for key in flat if key in GRID_KEYS]
+    if grid:
+        raise fail(f"{where} sets {', '.join(grid)}, which the grid sets for each run")
+    return flat
+
+
+def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _cli_value(value: Any) -> str:
+    """A value as the train command line reads it back (config.parse_args)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list | tuple):
+        return f"[{','.join(map(_cli_value, value))}]"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))  # YAML's 1.0e+7: --steps 10000000
+    return str(value)
+
+
+def expand(sweep: Sweep) -> list[Run]:
+    """Every run of the grid, tasks outermost, then variants, then seeds. Each command is
+    parsed as train will parse it, so a bad key or value fails here (SweepError naming the
+    run), before any run starts."""
+    runs = []
+    for task in sweep.tasks:
+        for variant, variant_overrides in sweep.variants.items():
+            # The sweep's own settings (base, then variant) win over these defaults.
+            overrides = {
+                "wandb.group": sweep.name,
+                "wandb.tags": [variant],
+                **sweep.overrides,
+                **variant_overrides,
+            }
+            for seed in sweep.seeds:
+                logdir = sweep.root / sweep.name / task / variant / f"seed_{seed}"
+                args = ["--task", task, "--seed", str(seed), "--logdir", str(logdir)]
+                if sweep.configs:
+                    args = ["--configs", *sweep.configs, *args]
+                for key, value in overrides.items():
+                    args += [f"--{key}", _cli_value(value)]
+                name = f"{task}/{variant}/seed_{seed}"
+                try:
+                    config = load_config(args)
+                except ConfigError as error:
+                    raise SweepError(f"{sweep.path}: run {name}: {error}") from None
+                command = (sys.executable, "-m", "dreamer_jax.train", *args)
+                runs.append(Run(task, variant, seed, logdir, command, config.steps))
+    return runs
+
+
+def select(runs: Sequence[Run], pattern: str | None) -> list[Run]:
+    """The runs whose `<task>/<variant>/seed_<s>` matches the fnmatch `pattern` (None: all)."""
+    if pattern is None:
+        return list(runs)
+    chosen = [run for run in runs if fnmatch.fnmatchcase(run.name, pattern)]
+    if not chosen:
+        raise SweepError(f"--only '{pattern}' matches no run (runs are named like {runs[0].name})")
+    return chosen
+
+
+# ---------------------------------------------------------------------------- run state
+
+
+def checkpoint_steps(logdir: pathlib.Path) -> list[int]:
+    """The steps of the checkpoints under `<logdir>/checkpoints` (orbax names each step's
+    directory by the integer; anything else, like an unfinished save, is not one)."""
+    directory = logdir / "checkpoints"
+    if not directory.is_dir():
+        return []
+    return sorted(
+        int(entry.name)
+        for entry in directory.iterdir()
+        if entry.name.isascii() and entry.name.isdigit() and entry.is_dir()
+    )
+
+
+def run_state(run: Run) -> str:
+    """`finished` (a checkpoint at `run.steps` or later), `resume` (the logdir exists) or
+    `new`."""
+    steps = checkpoint_steps(run.logdir)
+    if steps and steps[-1] >= run.steps:
+        return "finished"
+    return "resume" if run.logdir.exists() else "new"
+
+
+# ---------------------------------------------------------------------------- local launcher
+
+
+def visible_gpus(environ: Mapping[str, str]) -> list[str]:
+    """The GPUs children may use: the entries of `CUDA_VISIBLE_DEVICES` when it is set,
+    else one per `GPU` line of `nvidia-smi -L`, else none."""
+    if "CUDA_VISIBLE_DEVICES" in environ:
+        return [d.strip() for d in environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()]
+    smi = shutil.which("nvidia-smi", path=environ.get("PATH"))
+    if smi is None:
+        return []
+    try:
+        listing = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    if listing.returncode != 0:
+        return []
+    gpu_lines = [line for line in listing.stdout.splitlines() if line.startswith("GPU ")]
+    return [str(i) for i in range(len(gpu_lines))]
+
+
+def child_env(environ: Mapping[str, str], gpu: str | None) -> dict[str, str]:
+    """The parent's environment, plus: no GPU memory preallocation (unless the parent sets
+    it), so several runs fit on one GPU; `gpu` (if any) as the only visible device;
+    unbuffered output, so the log follows the run."""
+    env = {**environ, "PYTHONUNBUFFERED": "1"}
+    env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    return env
+
+
+@contextlib.contextmanager
+def _log_file(log: pathlib.Path, command: Sequence[str]) -> Iterator[Any]:
+    """`log` opened for appending (a resumed run adds to its log), headed by the command."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a", encoding="utf-8") as file:
+        file.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command)}\n")
+        file.flush()
+        yield file
+
+
+class _Interrupts:
+    """Counts SIGINT/SIGTERM received while in the block, instead of raising."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.count = 0
+        self._previous: dict = {}
+
+    def _handle(self, *_):
+        self.count += 1
+
+    def __enter__(self):
+        for signum in self.SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+def _least_loaded(gpus: Sequence[str], busy: Sequence[str | None]) -> str | None:
+    """The first of `gpus` with the fewest runs in `busy` (None when there are no GPUs)."""
+    if not gpus:
+        return None
+    load = [busy.count(gpu) for gpu in gpus]
+    return gpus[load.index(min(load))]
+
+
+def _start(run: Run, env: Mapping[str, str]) -> subprocess.Popen:
+    """Starts `run` with its output appended to its log, in a session of its own."""
+    with _log_file(run.log, run.command) as log:
+        return subprocess.Popen(
+            run.command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+
+
+def run_local(
+    runs: Sequence[Run],
+    jobs: int,
+    gpus: Sequence[str],
+    environ: Mapping[str, str] | None = None,
+) -> list[Outcome]:
+    """Runs the unfinished `runs`, `jobs` at a time, each on the GPU running the fewest
+    (round-robin when all are equal); the outcomes come in the order of `runs`.
+
+    A failed run is recorded and the others go on. On SIGINT/SIGTERM no new run starts and
+    each running one gets a SIGINT (train checkpoints and exits); the sweep waits for them.
+    A second signal is passed on too (train then quits at once). Children run in sessions
+    of their own, so a terminal's Ctrl-C reaches them once, through the sweep.
+    """
+    environ = os.environ if environ is None else environ
+    outcomes: dict[Run, Outcome] = {}
+    pending = []
+    for run in runs:
+        if run_state(run) == "finished":
+            outcomes[run] = Outcome(run, "skipped")
+        else:
+            pending.append(run)
+    total = len(pending)
+    running: dict[subprocess.Popen, tuple[Run, str, str | None, float]] = {}
+    forwarded = 0
+    with _Interrupts() as interrupts:
+        while running or (pending and not interrupts.count):
+            if interrupts.count > forwarded:
+                forwarded = interrupts.count
+                for process in running:
+                    process.send_signal(signal.SIGINT)
+                print(
+                    f"sweep: interrupted; asked {len(running)} running run(s) to checkpoint "
+                    "and stop, starting no more (signal again to quit them now)",
+                    flush=True,
+                )
+            while pending and len(running) < jobs and not interrupts.count:
+                run = pending.pop(0)
+                state = run_state(run)
+                gpu = _least_loaded(gpus, [slot[2] for slot in running.values()])
+                process = _start(run, child_env(environ, gpu))
+                running[process] = (run, state, gpu, time.monotonic())
+                device = f" on GPU {gpu}" if gpu is not None else ""
+                index = total - len(pending)
+                print(f"[{index}/{total}] start {run.name} ({state}){device}, log {run.log}",
+                      flush=True)  # fmt: skip
+            finished = [process for process in running if process.poll() is not None]
+            for process in finished:
+                run, state, _, started = running.pop(process)
+                code = process.returncode
+                if code == 0:
+                    status = "resumed" if state == "resume" else "done"
+                else:
+                    status = "interrupted" if forwarded else "failed"
+                outcomes[run] = Outcome(run, status, code)
+                took = _duration(time.monotonic() - started)
+                print(f"{status} {run.name} (exit {code}, {took})", flush=True)
+            if not finished:
+                time.sleep(POLL_S)
+    for run in pending:
+        outcomes[run] = Outcome(run, "not started")
+    return [outcomes[run] for run in runs]
+
+
+def _last_line(path: pathlib.Path) -> str:
+    """The last non-empty line of a log (where train writes its one-line error)."""
+    try:
+        with open(path, "rb") as file:
+            file.seek(max(0, file.seek(0, os.SEEK_END) - _LOG_TAIL_BYTES))
+            lines = file.read().decode(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return next((line.strip() for line in reversed(lines) if line.strip()), "")
+
+
+def summary(name: str, outcomes: Sequence[Outcome]) -> str:
+    """A table of how many runs ended in each status, then each failure's logdir and log."""
+    counts = {status: 0 for status in STATUSES}
+    for outcome in outcomes:
+        counts[outcome.status] += 1
+    lines = [f"sweep {name}: {len(outcomes)} run(s)"]
+    lines += [f"  {status:<12} {count}" for status, count in counts.items()]
+    failures = [outcome for outcome in outcomes if outcome.status == "failed"]
+    if failures:
+        lines.append("failed runs:")
+    for outcome in failures:
+        run = outcome.run
+        lines += [
+            f"  {run.name} (exit {outcome.returncode})",
+            f"    logdir {run.logdir}",
+            f"    log    {run.log}",
+            f"    last   {_last_line(run.log)}",
+        ]
+    if counts["interrupted"] or counts["not started"]:
+        lines.append("run the same command again to resume the unfinished runs")
+    return "\n".join(lines)
+
+
+def exit_code(outcomes: Sequence[Outcome]) -> int:
+    """1 if a run failed, else 130 if the sweep was interrupted, else 0."""
+    statuses = {outcome.status for outcome in outcomes}
+    if "failed" in statuses:
+        return 1
+    return 128 + signal.SIGINT if statuses & {"interrupted", "not started"} else 0
+
+
+# ---------------------------------------------------------------------------- slurm launcher
+
+
+def slurm_jobs(sweep: Sweep, runs: Sequence[Run]) -> list[SlurmJob]:
+    """One job per run: the sweep file's `slurm:` options as submitit's `slurm_<option>`
+    parameters (`time` in minutes, `partition`, `gpus_per_node`, `mem_gb`, ...), and a job
+    name that says which run it is."""
+    options = {f"slurm_{key}": value for key, value in sweep.slurm.items()}
+    return [
+        SlurmJob(
+            command=run.command,
+            logdir=run.logdir,
+            log=run.log,
+            parameters={
+                **options,
+                "slurm_job_name": f"{sweep.name}-{run.task}-{run.variant}-{run.seed}",
+            },
+        )
+        for run in runs
+    ]
+
+
+def run_logged(command: Sequence[str], log: str, cwd: str) -> int:
+    """The body of a Slurm job: runs `command` in `cwd` with its output appended to `log`.
+    Raises RunFailed when it exits non-zero, so the job is marked failed.
+
+    Near its time limit Slurm signals every process of the job (submitit asks for SIGUSR2
+    90 s ahead), and SIGUSR2 would kill train on the spot: train runs with it blocked. When
+    submitit's handler then ends this function, train gets a SIGINT (it checkpoints and
+    exits) and is waited for.
+    """
+    with _log_file(pathlib.Path(log), command) as file:
+        # A blocked signal stays blocked across fork and exec.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
+        try:
+            process = subprocess.Popen(
+                list(command), stdout=file, stderr=subprocess.STDOUT, cwd=cwd,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},  # one run per job: no GPU sharing
+            )  # fmt: skip
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        try:
+            code = process.wait()
+        except BaseException:
+            process.send_signal(signal.SIGINT)
+            process.wait()
+            raise
+    if code != 0:
+        raise RunFailed(f"exit {code}: {shlex.join(command)}; see {log}")
+    return code
+
+
+def submit_slurm(sweep: Sweep, jobs: Sequence[SlurmJob]) -> list[str]:
+    """Submits each job through submitit (imported here: an optional dependency); returns
+    the Slurm job ids. submitit's own files go to `<root>/<name>/.submitit`."""
+    try:
+        import submitit
+    except ImportError:
+        raise SweepError("pip install submitit (or dreamer-jax[slurm])") from None
+    folder = sweep.root / sweep.name / ".submitit" / "%j"
+    ids = []
+    for job in jobs:
+        executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
+        try:
+            executor.update_parameters(**job.parameters)
+        except (NameError, AssertionError, TypeError, ValueError) as error:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+            raise SweepError(f"{sweep.path}: slurm options: {first}") from None
+        try:
+            submitted = executor.submit(run_logged, list(job.command), str(job.log), os.getcwd())
+        except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+            raise SweepError(
+                f"submitting {job.logdir} failed after {len(ids)} job(s): {first}"
+            ) from None
+        ids.append(str(submitted.job_id))
+        print(f"submitted job {submitted.job_id}: {job.logdir}, log {job.log}", flush=True)
+    return ids
+
+
+# ---------------------------------------------------------------------------- command line
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise SweepError(message)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text!r}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=program_name("dreamer_jax.sweep"),
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("file", help="the sweep file (YAML), e.g. experiments/smoke.yaml")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print each run's state and command; run nothing"
+    )
+    parser.add_argument(
+        "--only", metavar="PATTERN", help="only the runs whose <task>/<variant>/seed_<s> match"
+    )
+    parser.add_argument(
+        "--jobs", type=_positive, default=1, metavar="N", help="runs at once (local launcher)"
+    )
+    parser.add_argument(
+        "--launcher",
+        choices=("local", "slurm"),
+        default="local",
+        help="local: subprocesses on this machine (default); slurm: one job per run (submitit)",
+    )
+    return parser
+
+
+def _plan(sweep: Sweep, runs: Sequence[Run], launcher: str) -> str:
+    """The dry-run listing: one line per run with its state, logdir and command."""
+    lines = []
+    if launcher == "slurm":
+        options = " ".join(f"slurm_{k}={v}" for k, v in sweep.slurm.items()) or "(none)"
+        lines.append(f"# slurm parameters: {options}")
+    states = [run_state(run) for run in runs]
+    lines += [
+        f"{state:<8} {run.logdir}  {shlex.join(run.command)}"
+        for state, run in zip(states, runs, strict=True)
+    ]
+    counts = ", ".join(f"{states.count(s)} {s}" for s in ("new", "resume", "finished"))
+    lines.append(f"# {len(runs)} run(s): {counts}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+        sweep = load_sweep(args.file)
+        runs = select(expand(sweep), args.only)
+        if args.dry_run:
+            print(_plan(sweep, runs, args.launcher))
+            return 0
+        if args.launcher == "slurm":
+            todo = [run for run in runs if run_state(run) != "finished"]
+            ids = submit_slurm(sweep, slurm_jobs(sweep, todo))
+            print(f"sweep {sweep.name}: {len(ids)} job(s) submitted, "
+                  f"{len(runs) - len(todo)} finished run(s) skipped")  # fmt: skip
+            return 0
+        outcomes = run_local(runs, args.jobs, visible_gpus(os.environ))
+    except SweepError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(summary(sweep.name, outcomes), flush=True)
+    return exit_code(outcomes)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

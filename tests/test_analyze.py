@@ -1,0 +1,383 @@
+"""dreamer_jax.analyze on synthetic run folders, against hand-computed values."""
+
+import gzip
+import json
+import pathlib
+import subprocess
+import sys
+
+import chex
+import numpy as np
+import pytest
+from matplotlib.figure import Figure
+from PIL import Image
+
+from dreamer_jax import analyze
+from dreamer_jax.config import make_config
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+# The official (random, human_gamer, human_record) scores, typed in from the source file.
+PONG = {"random": -20.7, "human_gamer": 14.6, "human_record": 21.0}
+BREAKOUT = {"random": 1.7, "human_gamer": 30.5, "human_record": 864.0}
+BOXING = {"random": 0.1, "human_gamer": 12.1, "human_record": 100.0}
+GAMES = {"atari_pong": PONG, "atari_breakout": BREAKOUT, "atari_boxing": BOXING}
+# Final gamer-normalized score per game and seed 0..3 of the synthetic sweep: distinct values,
+# skewed so that median, mean and IQM all differ, and some seeds beat the human record.
+GAMER = {
+    "atari_pong": [0.0, 0.5, 1.0, 1.2],
+    "atari_breakout": [0.1, 2.0, 3.0, 10.0],
+    "atari_boxing": [0.0, 0.5, 1.0, 9.15],
+}
+
+
+def write_run(root, task, seed, rows, name=None):
+    """A run folder as train.py leaves it: config.yaml and metrics.jsonl of `rows`."""
+    path = root / (name or f"{task}/seed_{seed}")
+    path.mkdir(parents=True)
+    make_config([], {"task": task, "seed": seed}).save(path / "config.yaml")
+    (path / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def eval_rows(pairs, last_frames=None):
+    """Rows with `eval_return` at the given (frames, value) pairs, then a train-only row at
+    `last_frames` if given."""
+    rows = [{"step": f // 4, "frames": f, "eval_return": v, "train_return": 0.0} for f, v in pairs]
+    if last_frames is not None:
+        rows.append({"step": last_frames // 4, "frames": last_frames, "model_loss": 1.0})
+    return rows
+
+
+def score(game, gamer):
+    """The raw return that normalizes to `gamer` on `game`."""
+    low, high = GAMES[game]["random"], GAMES[game]["human_gamer"]
+    return low + gamer * (high - low)
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    """3 Atari games x 4 seeds and one cartpole run. Each run's early eval (frame 100) is far
+    off and must not count; its final evals are at frames 960 and 1000, averaging to
+    `score(game, GAMER[game][seed])`."""
+    runs = tmp_path / "runs"
+    for game, gamers in GAMER.items():
+        for seed, gamer in enumerate(gamers):
+            final = score(game, gamer)
+            write_run(
+                runs, game, seed, eval_rows([(100, -1e4), (960, final - 1), (1000, final + 1)])
+            )
+    write_run(runs, "classic_cartpole", 0, eval_rows([(100, 20.0), (200, 50.0)]))
+    return runs
+
+
+def test_final_return_averages_the_evals_of_the_last_tenth_of_frames(tmp_path):
+    # last_frames = 1000 (a train row), so the window is frames >= 900: the evals at 900
+    # and 950 count, 870 does not (it would if the window ended at the last eval, 950).
+    pairs = [(0, -5.0), (850, 10.0), (870, 100.0), (900, 20.0), (950, 40.0)]
+    write_run(tmp_path, "atari_pong", 0, eval_rows(pairs, last_frames=1000))
+    (run,) = analyze.load_runs(tmp_path)
+    assert run.last_frames == 1000
+    assert analyze.final_return(run) == pytest.approx(30.0)
+
+
+def test_final_return_without_late_evals_is_the_last_one(tmp_path):
+    write_run(tmp_path, "atari_pong", 0, eval_rows([(100, 5.0), (500, 7.0)], last_frames=1000))
+    (run,) = analyze.load_runs(tmp_path)
+    assert analyze.final_return(run) == 7.0
+
+
+def test_task_seed_and_curve_come_from_the_run_folder(tmp_path):
+    write_run(tmp_path, "atari_boxing", 7, eval_rows([(10, 1.0), (30, 2.0)]), name="any/where")
+    (run,) = analyze.load_runs(tmp_path)
+    assert (run.task, run.seed, run.path) == ("atari_boxing", 7, tmp_path / "any/where")
+    np.testing.assert_array_equal(run.frames, [10, 30])
+    np.testing.assert_array_equal(run.returns, [1.0, 2.0])
+
+
+def test_baselines_are_the_official_scores_of_every_atari_game():
+    from dreamer_jax.envs import ATARI_GAMES
+
+    baselines = analyze.load_baselines()
+    for game, expected in GAMES.items():
+        assert baselines[game] == expected
+    assert {f"atari_{game}" for game in ATARI_GAMES} <= set(baselines)
+    assert "atari_pooyan" not in baselines  # no human_gamer score: cannot be normalized
+    assert "danijar/dreamerv2" in json.loads(analyze.BASELINES_PATH.read_text())["_source"]
+
+
+def test_reference_curves_are_the_official_dreamerv2_runs():
+    curves = analyze.load_reference_curves()
+    assert len(curves) == 55 and all(len(seeds) == 8 for seeds in curves.values())
+    frames, returns = curves["atari_pong"][0]
+    assert frames.shape == returns.shape and frames.max() <= 2e8
+    with gzip.open(analyze.CURVES_PATH, "rt") as file:
+        assert "danijar/dreamerv2" in json.load(file)["_source"]
+
+
+def test_task_summary_by_hand(sweep):
+    summary = analyze.task_summary(analyze.load_runs(sweep), analyze.load_baselines())
+    assert list(summary) == ["atari_boxing", "atari_breakout", "atari_pong", "classic_cartpole"]
+    for game, gamers in GAMER.items():
+        entry = summary[game]
+        low, gamer_high, record_high = (GAMES[game][k] for k in analyze.BASELINE_KEYS)
+        returns = low + np.array(gamers) * (gamer_high - low)
+        record = (returns - low) / (record_high - low)
+        assert entry["seeds"] == 4 and entry["frames"] == 1000 and entry["normalized"]
+        assert entry["seed_returns"] == pytest.approx({str(s): r for s, r in enumerate(returns)})
+        assert entry["final_return"] == pytest.approx(returns.mean())
+        assert entry["final_gamer_normalized"] == pytest.approx(np.mean(gamers))
+        assert entry["final_record_normalized"] == pytest.approx(record.mean())
+        assert entry["final_clipped_record_normalized"] == pytest.approx(
+            np.minimum(record, 1).mean()
+        )
+    # Boxing's best seed (gamer 9.15 -> return 109.9) is above the record: clipped per seed.
+    boxing = summary["atari_boxing"]
+    assert boxing["final_clipped_record_normalized"] == pytest.approx(
+        (0 + 6 / 99.9 + 12 / 99.9 + 1) / 4
+    )
+    assert boxing["final_clipped_record_normalized"] < min(boxing["final_record_normalized"], 1)
+    cartpole = summary["classic_cartpole"]
+    assert cartpole["final_return"] == 50.0 and not cartpole["normalized"]
+    assert "final_gamer_normalized" not in cartpole
+
+
+def test_aggregates_by_hand(sweep):
+    baselines = analyze.load_baselines()
+    summary = analyze.task_summary(analyze.load_runs(sweep), baselines)
+    agg = analyze.aggregate(summary, baselines, reps=50)
+    task_gamer = [np.mean(g) for g in GAMER.values()]  # 0.675, 3.775, 2.6625
+    task_record = [summary[t]["final_record_normalized"] for t in GAMER]
+    task_clipped = [summary[t]["final_clipped_record_normalized"] for t in GAMER]
+    assert agg["tasks"] == 3  # cartpole left out
+    assert agg["gamer_median"] == pytest.approx(2.6625)
+    assert agg["gamer_mean"] == pytest.approx(np.mean(task_gamer))
+    assert agg["record_mean"] == pytest.approx(np.mean(task_record))
+    assert agg["clipped_record_mean"] == pytest.approx(np.mean(task_clipped))
+    # 12 scores sorted: 0 0 .1 | .5 .5 1 1 1.2 2 | 3 9.15 10 -> the middle six.
+    assert agg["iqm"] == pytest.approx((0.5 + 0.5 + 1 + 1 + 1.2 + 2) / 6)
+    low, high = agg["iqm_ci"]
+    assert low <= agg["iqm"] <= high and low < high
+    assert (agg["iqm_seeds_per_task"], agg["bootstrap_reps"]) == (4, 50)
+
+
+def test_iqm_is_the_mean_of_the_middle_half_with_a_reproducible_ci():
+    scores = np.array([[0.0, 7.0], [1.0, 3.0], [2.0, 50.0], [-9.0, 4.0]])  # [seeds, tasks]
+    np.random.seed(123)
+    before = np.random.get_state()[1].copy()
+    iqm, (low, high) = analyze.iqm_with_ci(scores, reps=200, seed=5)
+    np.testing.assert_array_equal(np.random.get_state()[1], before)  # caller's RNG untouched
+    assert iqm == pytest.approx((1 + 2 + 3 + 4) / 4)  # 8 values: the middle 4
+    assert low <= iqm <= high and low < high
+    assert analyze.iqm_with_ci(scores, reps=200, seed=5) == (iqm, [low, high])
+    assert analyze.iqm_with_ci(scores, reps=200, seed=6)[1] != [low, high]
+
+
+def test_iqm_with_unequal_seed_counts_uses_each_tasks_lowest_seeds(tmp_path):
+    for seed, gamer in enumerate([0.0, 1.0, 2.0, 30.0]):
+        write_run(tmp_path, "atari_pong", seed, eval_rows([(10, score("atari_pong", gamer))]))
+    for seed, gamer in [(4, 5.0), (9, 6.0), (2, 100.0)]:
+        write_run(
+            tmp_path, "atari_breakout", seed, eval_rows([(10, score("atari_breakout", gamer))])
+        )
+    baselines = analyze.load_baselines()
+    summary = analyze.task_summary(analyze.load_runs(tmp_path), baselines)
+    agg = analyze.aggregate(summary, baselines, reps=20)
+    # Pong seeds 0, 1, 2 (gamer 0, 1, 2) and breakout seeds 2, 4, 5 -> gamer 100, 5, 6.
+    assert agg["iqm_seeds_per_task"] == 3
+    assert agg["iqm"] == pytest.approx(np.mean([1.0, 2.0, 5.0, 6.0]))
+
+
+def test_no_atari_task_means_no_aggregate(tmp_path):
+    write_run(tmp_path, "classic_cartpole", 0, eval_rows([(10, 1.0)]))
+    summary = analyze.task_summary(analyze.load_runs(tmp_path), analyze.load_baselines())
+    assert analyze.aggregate(summary, analyze.load_baselines(), reps=10) is None
+
+
+def test_broken_config_is_skipped_with_a_warning_naming_it(tmp_path):
+    write_run(tmp_path, "atari_pong", 0, eval_rows([(10, 1.0)]))
+    broken = write_run(tmp_path, "atari_pong", 1, eval_rows([(10, 2.0)]))
+    (broken / "config.yaml").write_text("rssm: [unclosed\n")
+    with pytest.warns(UserWarning, match=str(broken / "config.yaml")):
+        runs = analyze.load_runs(tmp_path)
+    assert [run.seed for run in runs] == [0]
+
+
+def test_run_without_evals_is_skipped_and_other_folders_ignored(tmp_path):
+    write_run(tmp_path, "atari_pong", 0, eval_rows([(10, 1.0)]))
+    write_run(tmp_path, "atari_pong", 1, eval_rows([], last_frames=100))
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "metrics.jsonl").write_text('{"step": 1, "frames": 4}\n')
+    with pytest.warns(UserWarning, match="no eval_return"):
+        runs = analyze.load_runs(tmp_path)
+    assert [run.seed for run in runs] == [0]
+
+
+def test_two_runs_of_one_task_and_seed_are_an_error(tmp_path):
+    write_run(tmp_path, "atari_pong", 0, eval_rows([(10, 1.0)]), name="kl_0.5/seed_0")
+    write_run(tmp_path, "atari_pong", 0, eval_rows([(10, 2.0)]), name="kl_0.8/seed_0")
+    with pytest.raises(analyze.AnalysisError, match="one variant"):
+        analyze.load_runs(tmp_path)
+    (run,) = analyze.load_runs(tmp_path, only="*0.8/*")
+    assert run.returns[0] == 2.0
+    with pytest.raises(analyze.AnalysisError, match="matching 'kl_0.9/'"):
+        analyze.load_runs(tmp_path, only="kl_0.9/")
+
+
+def test_bin_curve_by_hand():
+    edges = np.array([0.0, 10.0, 20.0, 30.0])
+    frames = np.array([0.0, 5.0, 10.0, 30.0, 31.0])
+    values = np.array([1.0, 3.0, 7.0, 9.0, 100.0])
+    # [0, 10): 1, 3 | [10, 20): 7 | [20, 30]: 9 (right edge kept); 31 is past the edges.
+    np.testing.assert_array_equal(analyze.bin_curve(frames, values, edges), [2.0, 7.0, 9.0])
+    binned = analyze.bin_curve(np.array([25.0]), np.array([4.0]), edges)
+    np.testing.assert_array_equal(binned, [np.nan, np.nan, 4.0])
+
+
+def test_curve_band_is_mean_min_max_over_seeds_of_binned_curves():
+    edges = np.array([0.0, 10.0, 20.0, 30.0])
+    seed_a = (np.array([1.0, 2.0, 25.0]), np.array([2.0, 4.0, 10.0]))  # bins: 3, -, 10
+    seed_b = (np.array([5.0, 29.0]), np.array([5.0, 20.0]))  # bins: 5, -, 20
+    x, mean, low, high = analyze.curve_band([seed_a, seed_b], edges)
+    chex.assert_shape([x, mean, low, high], (2,))  # the middle bin is empty for both seeds
+    np.testing.assert_array_equal(x, [5.0, 25.0])
+    np.testing.assert_array_equal(mean, [4.0, 15.0])
+    np.testing.assert_array_equal(low, [3.0, 10.0])
+    np.testing.assert_array_equal(high, [5.0, 20.0])
+
+
+def test_plot_task_draws_reference_and_baselines_only_when_given(tmp_path):
+    write_run(tmp_path, "atari_pong", 0, eval_rows([(0, -20.0), (100, 0.0)]))
+    write_run(tmp_path, "atari_pong", 1, eval_rows([(0, -21.0), (100, 2.0)]))
+    runs = analyze.load_runs(tmp_path)
+    # A synthetic reference, one seed: the evals past the runs' 100 frames are not drawn.
+    reference = [(np.array([0.0, 100.0, 500.0]), np.array([-19.0, 5.0, 21.0]))]
+    ax = Figure().add_subplot()
+    analyze.plot_task(ax, "atari_pong", runs, bins=2, baseline=PONG, reference=reference)
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert set(lines) == {
+        "dreamer-jax (2 seeds)",
+        "DreamerV2 official (1 seeds)",
+        "random",
+        "human gamer",
+    }
+    np.testing.assert_array_equal(lines["dreamer-jax (2 seeds)"].get_ydata(), [-20.5, 1.0])
+    np.testing.assert_array_equal(lines["DreamerV2 official (1 seeds)"].get_ydata(), [-19.0, 5.0])
+    assert lines["random"].get_ydata()[0] == PONG["random"]
+    assert lines["human gamer"].get_ydata()[0] == PONG["human_gamer"]
+    ax = Figure().add_subplot()
+    analyze.plot_task(ax, "classic_cartpole", runs, bins=2)
+    assert [line.get_label() for line in ax.get_lines()] == ["dreamer-jax (2 seeds)"]
+    ax = Figure().add_subplot()  # a reference that starts past the runs' frames is not drawn
+    analyze.plot_task(ax, "atari_pong", runs, bins=2, reference=[(np.array([1e6]), np.ones(1))])
+    assert [line.get_label() for line in ax.get_lines()] == ["dreamer-jax (2 seeds)"]
+
+
+def test_plot_aggregate_draws_the_iqm_interval_and_the_four_aggregates():
+    agg = {
+        "tasks": 3,
+        "gamer_median": 2.0,
+        "gamer_mean": 3.0,
+        "record_mean": 0.5,
+        "clipped_record_mean": 0.4,
+        "iqm": 1.5,
+        "iqm_ci": [1.0, 2.5],
+        "iqm_seeds_per_task": 4,
+    }
+    ax = Figure().add_subplot()
+    analyze.plot_aggregate(ax, agg)
+    (errorbar,) = ax.containers
+    _, _, (bars,) = errorbar
+    np.testing.assert_array_equal(bars.get_segments()[0][:, 0], [1.0, 2.5])
+    points = [line for line in ax.get_lines() if line.get_marker() == "s"]
+    np.testing.assert_array_equal(points[0].get_xdata(), [2.0, 3.0, 0.5, 0.4])
+
+
+def test_frame_edges_put_regular_evals_one_per_bin(tmp_path):
+    write_run(tmp_path, "atari_pong", 0, eval_rows([(100, 1.0), (200, 2.0)]))
+    write_run(tmp_path, "atari_pong", 1, eval_rows([(100, 3.0), (200, 4.0), (300, 5.0)]))
+    runs = analyze.load_runs(tmp_path)
+    curves = [(run.frames, run.returns) for run in runs]
+    # At most as many bins as evaluations (3), spanning the first to the last eval.
+    edges = analyze.frame_edges(runs, bins=40)
+    np.testing.assert_allclose(edges, [100, 100 + 200 / 3, 100 + 400 / 3, 300])
+    np.testing.assert_array_equal(analyze.curve_band(curves, edges)[1], [2.0, 3.0, 5.0])
+    edges = analyze.frame_edges(runs, bins=2)
+    np.testing.assert_array_equal(edges, [100, 200, 300])
+    # [100, 200): 1 and 3 | [200, 300]: 2 and mean(4, 5) for the two seeds.
+    np.testing.assert_array_equal(analyze.curve_band(curves, edges)[1], [2.0, 3.25])
+
+
+def test_main_writes_aggregate_json_and_figures(sweep, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert analyze.main([str(sweep), "--out", str(out), "--reps", "30"]) == 0
+    result = json.loads((out / "aggregate.json").read_text())
+    summary = analyze.task_summary(analyze.load_runs(sweep), analyze.load_baselines())
+    assert result["tasks"] == json.loads(json.dumps(summary))
+    assert result["tasks"]["classic_cartpole"]["normalized"] is False
+    assert result["aggregate"]["gamer_median"] == pytest.approx(2.6625)
+    assert result["aggregate"]["bootstrap_reps"] == 30
+    names = ["aggregate.png", "curves.png"] + [f"curves_{task}.png" for task in summary]
+    for name in names:
+        with Image.open(out / name) as image:
+            assert image.format == "PNG" and min(image.size) > 100
+    printed = capsys.readouterr().out
+    assert "note: classic_cartpole has no Atari baselines" in printed
+    assert "over 3 Atari tasks: gamer median 2.66" in printed
+
+
+def test_main_logs_to_wandb_offline(sweep, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    out = tmp_path / "out"
+    args = [
+        str(sweep),
+        "--out",
+        str(out),
+        "--reps",
+        "10",
+        "--wandb.mode",
+        "offline",
+        "--wandb.group",
+        "atari55",
+    ]
+    assert analyze.main(args) == 0
+    (run_dir,) = (out / "wandb").glob("offline-run-*")
+    assert list(run_dir.glob("*.wandb"))
+    images = {p.name.split("_")[0] for p in (run_dir / "files/media/images").rglob("*.png")}
+    assert {"curves", "aggregate"} <= images
+
+
+def _cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "dreamer_jax.analyze", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize("runs_dir", ["missing", "empty"])
+def test_cli_no_runs_exits_2_with_one_line(tmp_path, runs_dir):
+    (tmp_path / "empty").mkdir()
+    result = _cli(str(tmp_path / runs_dir), "--out", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_help():
+    result = _cli("--help")
+    assert (
+        result.returncode == 0 and "RUNS_DIR" in result.stdout and "--wandb.mode" in result.stdout
+    )
+
+
+def test_cli_warnings_are_one_line_each(tmp_path):
+    write_run(tmp_path, "classic_cartpole", 0, eval_rows([(10, 1.0)]))
+    broken = write_run(tmp_path, "classic_cartpole", 1, eval_rows([(10, 1.0)])) / "config.yaml"
+    broken.write_text("{")
+    result = _cli(str(tmp_path), "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"warning: skipping a run: {broken} is not valid YAML")

@@ -1,0 +1,503 @@
+"""The sweep runner: grid expansion, layout, run states and validation as fast unit tests;
+the local launcher with stand-in commands (concurrency, GPU assignment, Ctrl-C) and for real
+on tiny cartpole runs; the Slurm launcher by the jobs it would submit to a fake submitit."""
+
+import os
+import pathlib
+import shlex
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import types
+
+import pytest
+import yaml
+
+from dreamer_jax.config import load_config
+from dreamer_jax.envs import ATARI_GAMES
+from dreamer_jax.sweep import (
+    Run,
+    RunFailed,
+    expand,
+    load_sweep,
+    main,
+    run_local,
+    run_logged,
+    run_state,
+    slurm_jobs,
+    visible_gpus,
+)
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+EXPERIMENTS = ROOT / "experiments"
+
+
+def write_sweep(tmp_path, text, name="sweep.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def run_config(run):
+    """The config the run's train command resolves to."""
+    assert run.command[1:3] == ("-m", "dreamer_jax.train")
+    return load_config(run.command[3:])
+
+
+def make_checkpoint(logdir, step):
+    (logdir / "checkpoints" / str(step)).mkdir(parents=True)
+
+
+# ---------------------------------------------------------------------------- the grid
+
+
+def test_grid_expands_tasks_variants_seeds_with_layout_and_overrides(tmp_path):
+    path = write_sweep(
+        tmp_path,
+        f"""
+        name: study
+        configs: [classic, debug]
+        overrides: {{kl.balance: 0.6, dataset: {{batch: 2}}, steps: 1.0e+3}}
+        tasks: [classic_cartpole, classic_acrobot]
+        seeds: [3, 1]
+        variants:
+          a: {{kl.balance: 0.5}}
+          b: {{kl: {{balance: 0.7}}, encoder.mlp_layers: [8, 8]}}
+        root: {tmp_path / "out"}
+        """,
+    )
+    runs = expand(load_sweep(path))
+    assert [run.name for run in runs] == [
+        f"{task}/{variant}/seed_{seed}"
+        for task in ("classic_cartpole", "classic_acrobot")
+        for variant in ("a", "b")
+        for seed in (3, 1)
+    ]
+    for run in runs:
+        logdir = tmp_path / "out" / "study" / run.task / run.variant / f"seed_{run.seed}"
+        assert run.logdir == logdir
+        assert run.log == logdir.parent / f"seed_{run.seed}.log"
+        config = run_config(run)
+        assert (config.task, config.seed, config.logdir) == (run.task, run.seed, str(logdir))
+        assert config.dataset.batch == 2 and config.steps == run.steps == 1000
+        assert config.kl.balance == {"a": 0.5, "b": 0.7}[run.variant]  # the variant wins
+        assert list(config.encoder.mlp_layers) == ([8, 8] if run.variant == "b" else [32, 32])
+        assert config.rssm.deter == 32  # the debug preset
+        assert config.wandb.group == "study" and list(config.wandb.tags) == [run.variant]
+
+
+def test_without_variants_there_is_one_named_base(tmp_path):
+    path = write_sweep(tmp_path, "tasks: [classic_cartpole]\nseeds: [0]\n", name="mine.yaml")
+    sweep = load_sweep(path)
+    (run,) = expand(sweep)
+    assert sweep.name == "mine" and run.variant == "base"
+    assert run.logdir == pathlib.Path("runs/mine/classic_cartpole/base/seed_0")
+    assert run_config(run).kl.balance == 0.8  # the defaults, untouched
+
+
+def test_run_state_new_resume_finished(tmp_path):
+    logdir = tmp_path / "run"
+    run = Run("classic_cartpole", "base", 0, logdir, ("true",), steps=100)
+    assert run_state(run) == "new"
+    logdir.mkdir()
+    assert run_state(run) == "resume"
+    make_checkpoint(logdir, 0)
+    make_checkpoint(logdir, 50)
+    # An unfinished orbax save, a stray folder and a file are not checkpoints.
+    (logdir / "checkpoints" / "150.orbax-checkpoint-tmp-1700000000").mkdir()
+    (logdir / "checkpoints" / "notes").mkdir()
+    (logdir / "checkpoints" / "200").write_text("")
+    assert run_state(run) == "resume"
+    make_checkpoint(logdir, 100)
+    assert run_state(run) == "finished"
+
+
+def test_dry_run_prints_states_and_commands_and_creates_nothing(tmp_path, capsys):
+    root = tmp_path / "runs"
+    path = write_sweep(
+        tmp_path,
+        f"""
+        configs: [classic, debug]
+        overrides: {{steps: 400}}
+        tasks: [classic_cartpole]
+        seeds: [0, 1, 2]
+        root: {root}
+        """,
+    )
+    runs = expand(load_sweep(path))
+    make_checkpoint(runs[0].logdir, 400)
+    runs[1].logdir.mkdir(parents=True)
+    before = sorted(root.rglob("*"))
+    assert main([str(path), "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[:2] for line in lines[:3]] == [
+        [state, str(run.logdir)]
+        for state, run in zip(("finished", "resume", "new"), runs, strict=True)
+    ]
+    for line, run in zip(lines, runs, strict=False):
+        assert line.endswith(shlex.join(run.command))
+    assert lines[3] == "# 3 run(s): 1 new, 1 resume, 1 finished"
+    assert sorted(root.rglob("*")) == before
+
+
+def test_only_filters_runs_by_pattern(tmp_path, capsys):
+    path = write_sweep(
+        tmp_path,
+        f"""
+        tasks: [classic_cartpole, classic_acrobot]
+        seeds: [0, 1]
+        root: {tmp_path}
+        """,
+    )
+    assert main([str(path), "--dry-run", "--only", "classic_a*/seed_1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and "classic_acrobot/base/seed_1 " in out[0]
+    assert main([str(path), "--dry-run", "--only", "atari_*"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--only 'atari_*' matches no run" in err
+
+
+BAD_SWEEPS = [
+    ("tasks: [classic_cartpole]\nseeds: [0]\nseed: 1\n", "unknown key(s) seed"),
+    ("seeds: [0]\n", "'tasks' is required"),
+    ("tasks: [classic_cartpole]\nseeds: '0'\n", "'seeds' must be a non-empty list of ints"),
+    ("tasks: [classic_cartpole]\nseeds: [0, true]\n", "'seeds' must be a non-empty list"),
+    ("tasks: [classic_cartpole]\nseeds: [1, 1]\n", "'seeds' repeats 1"),
+    ("tasks: [classic_cartpol]\nseeds: [0]\n", "unknown task 'classic_cartpol'; close matches: "
+     "classic_cartpole"),
+    ("tasks: [classic_cartpole]\nseeds: [0]\nname: a/b\n", "'name' must be"),
+    ("tasks: [classic_cartpole]\nseeds: [0]\noverrides: {seed: 3}\n",
+     "overrides sets seed, which the grid sets"),
+    ("tasks: [classic_cartpole]\nseeds: [0]\nvariants: {v: [1]}\n", "variant 'v' must be a map"),
+    ("tasks: [classic_cartpole]\nseeds: [0]\nconfigs: [nope]\n",
+     "run classic_cartpole/base/seed_0: unknown config preset 'nope'"),
+    ("tasks: [classic_cartpole]\nseeds: [0, 7]\nvariants: {kl_off: {kl.balance: 2}}\n",
+     "run classic_cartpole/kl_off/seed_0: config key 'kl.balance' expects a number in [0, 1]"),
+    ("tasks: [classic_cartpole]\nseeds: [0]\nvariants: {off: {}}\n",
+     "variant name False is not a string; quote it"),
+    ("tasks: [classic_cartpole]\nseeds: [0]\nvariants: {x: {rssm: {detr: 3}}}\n",
+     "run classic_cartpole/x/seed_0: unknown config key 'rssm.detr'"),
+    ("tasks: [classic_cartpole\n", "is not valid YAML at line"),
+    ("- 1\n", "must hold a mapping"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("text, fragment", BAD_SWEEPS)
+def test_bad_sweep_file_is_one_line_naming_the_file(tmp_path, capsys, text, fragment):
+    path = write_sweep(tmp_path, text)
+    assert main([str(path), "--dry-run"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1 and str(path) in captured.err
+    assert fragment in captured.err
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [(["missing.yaml"], "sweep file missing.yaml not found"),
+     (["x.yaml", "--jobs", "0"], "argument --jobs: must be an int >= 1, got '0'"),
+     (["x.yaml", "--launcher", "pbs"], "argument --launcher: invalid choice: 'pbs'")],
+)  # fmt: skip
+def test_bad_command_line_is_one_line(capsys, args, fragment):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and fragment in err
+
+
+def test_help_exits_0_with_the_sweep_file_format(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--dry-run" in out and "--launcher" in out and "<task>/<variant>/seed_<s>" in out
+
+
+def test_shipped_sweeps_expand_to_the_intended_grids():
+    atari = expand(load_sweep(EXPERIMENTS / "atari55.yaml"))
+    assert len(atari) == 55 * 5
+    assert {run.task for run in atari} == {f"atari_{game}" for game in ATARI_GAMES}
+    assert {run.seed for run in atari} == set(range(5))
+    config = run_config(atari[0])
+    assert config.action_repeat == 4 and config.steps == 5e7 and config.rssm.deter == 600
+
+    pong = expand(load_sweep(EXPERIMENTS / "pong_seeds.yaml"))
+    assert {run.task for run in pong} == {"atari_pong"} and len(pong) == 10
+
+    ablations = expand(load_sweep(EXPERIMENTS / "ablations.yaml"))
+    settings = {
+        run.variant: (run_config(run).kl.balance, run_config(run).actor_grad)
+        for run in ablations
+        if run.task == "atari_pong" and run.seed == 0
+    }
+    assert settings == {
+        "reinforce": (0.8, "reinforce"),
+        "kl_balance_off": (0.5, "reinforce"),
+        "dynamics": (0.8, "dynamics"),
+    }
+
+    smoke = expand(load_sweep(EXPERIMENTS / "smoke.yaml"))
+    assert [run.name for run in smoke] == [f"classic_cartpole/base/seed_{s}" for s in (0, 1)]
+    assert run_config(smoke[0]).rssm.deter == 32 and smoke[0].steps == 400
+
+
+# ---------------------------------------------------------------------------- local launcher
+
+
+def test_visible_gpus_from_cuda_visible_devices_or_nvidia_smi(tmp_path):
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": "2, 3"}) == ["2", "3"]
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": ""}) == []
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    assert visible_gpus({"PATH": str(tools)}) == []  # no nvidia-smi: a CPU machine
+    smi = tools / "nvidia-smi"
+    smi.write_text(
+        "#!/bin/sh\n"
+        "echo 'GPU 0: NVIDIA H100 (UUID: GPU-a)'\n"
+        "echo '  MIG 3g.40gb Device 0: (UUID: MIG-b)'\n"
+        "echo 'GPU 1: NVIDIA H100 (UUID: GPU-c)'\n"
+    )
+    smi.chmod(0o755)
+    assert visible_gpus({"PATH": str(tools)}) == ["0", "1"]
+
+
+# Records its environment, then waits until `count` runs have recorded theirs: it exits 0
+# only if all ran at once.
+TOGETHER = """
+import os, pathlib, sys, time
+marks, name, count = pathlib.Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+env = [os.environ.get(k, "-") for k in
+       ("CUDA_VISIBLE_DEVICES", "XLA_PYTHON_CLIENT_PREALLOCATE", "SWEEP_TEST_VAR")]
+(marks / name).write_text(" ".join(env))
+deadline = time.monotonic() + 20
+while len(list(marks.iterdir())) < count:
+    if time.monotonic() > deadline:
+        sys.exit(1)
+    time.sleep(0.05)
+"""
+
+
+def test_jobs_run_at_once_with_gpus_round_robin_and_the_parent_environment(tmp_path):
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    runs = [
+        Run("t", "v", seed, tmp_path / "runs" / f"seed_{seed}",
+            (sys.executable, "-c", TOGETHER, str(marks), f"seed_{seed}", "3"), steps=1)
+        for seed in range(3)
+    ]  # fmt: skip
+    environ = {**os.environ, "SWEEP_TEST_VAR": "inherited"}
+    environ.pop("XLA_PYTHON_CLIENT_PREALLOCATE", None)
+    environ.pop("CUDA_VISIBLE_DEVICES", None)
+    outcomes = run_local(runs, jobs=3, gpus=["0", "1"], environ=environ)
+    assert [(o.status, o.returncode) for o in outcomes] == [("done", 0)] * 3
+    seen = {path.name: path.read_text().split() for path in marks.iterdir()}
+    assert seen == {
+        "seed_0": ["0", "false", "inherited"],
+        "seed_1": ["1", "false", "inherited"],
+        "seed_2": ["0", "false", "inherited"],
+    }
+
+
+# Marks that it started; on SIGINT marks that it stopped and exits 130 (as train does).
+PATIENT = """
+import pathlib, signal, sys, time
+marks, name = pathlib.Path(sys.argv[1]), sys.argv[2]
+def stop(*_):
+    time.sleep(0.3)  # a checkpoint being written
+    (marks / f"stopped_{name}").write_text("")
+    sys.exit(130)
+signal.signal(signal.SIGINT, stop)
+(marks / f"started_{name}").write_text("")
+time.sleep(60)
+"""
+
+SWEEP_PROGRAM = """
+import pathlib, sys
+from dreamer_jax.sweep import Run, exit_code, run_local, summary
+marks = pathlib.Path(sys.argv[1])
+runs = [Run("t", "v", s, marks / "runs" / f"seed_{s}",
+            (sys.executable, "-c", sys.argv[2], str(marks), str(s)), 1) for s in range(3)]
+outcomes = run_local(runs, jobs=2, gpus=[])
+print(summary("patient", outcomes), flush=True)
+sys.exit(exit_code(outcomes))
+"""
+
+
+def test_sigint_on_the_sweep_stops_the_runs_gracefully_and_waits(tmp_path):
+    sweep = subprocess.Popen(
+        [sys.executable, "-c", SWEEP_PROGRAM, str(tmp_path), PATIENT],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not all((tmp_path / f"started_{s}").exists() for s in (0, 1)):
+            assert time.monotonic() < deadline and sweep.poll() is None
+            time.sleep(0.05)
+        sweep.send_signal(signal.SIGINT)
+        out, _ = sweep.communicate(timeout=60)
+    finally:
+        sweep.kill()
+    assert sweep.returncode == 130, out
+    # Both running runs got the signal and were waited for; the third never started.
+    assert (tmp_path / "stopped_0").exists() and (tmp_path / "stopped_1").exists()
+    assert not (tmp_path / "started_2").exists()
+    assert "interrupted  2" in out and "not started  1" in out and "Traceback" not in out
+
+
+def write_smoke_sweep(tmp_path, seeds):
+    """experiments/smoke.yaml with other seeds, its runs under `tmp_path/runs`."""
+    data = yaml.safe_load((EXPERIMENTS / "smoke.yaml").read_text())
+    data.update(seeds=seeds, root="runs")
+    path = tmp_path / "smoke.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def run_sweep(tmp_path, *args):
+    return subprocess.run(
+        [sys.executable, "-m", "dreamer_jax.sweep", *map(str, args)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+
+
+@pytest.mark.slow  # two real training runs: 15-35 s on 2 cores
+def test_local_sweep_for_real_finishes_reports_a_failure_then_skips(tmp_path):
+    path = write_smoke_sweep(tmp_path, [0, 1, 2])
+    base = pathlib.Path("runs/smoke/classic_cartpole/base")
+    # A logdir with metrics but no checkpoint: train refuses it (exit 2) at run time. It is
+    # the first run, so the runs after it show that the sweep goes on.
+    doomed = tmp_path / base / "seed_0"
+    doomed.mkdir(parents=True)
+    (doomed / "metrics.jsonl").write_text('{"step": 0}\n')
+
+    first = run_sweep(tmp_path, path, "--jobs", "2")
+    assert first.returncode == 1, first.stdout + first.stderr
+    out = first.stdout
+    assert "done         2" in out and "failed       1" in out and "resumed      0" in out
+    assert f"logdir {base / 'seed_0'}" in out and f"log    {base / 'seed_0.log'}" in out
+    assert "holds a run's metrics or replay but no checkpoint" in out  # the log's last line
+    for seed in (1, 2):
+        checkpoints = (tmp_path / base / f"seed_{seed}" / "checkpoints").iterdir()
+        assert max(int(checkpoint.name) for checkpoint in checkpoints) >= 400
+
+    logs = {seed: (tmp_path / base / f"seed_{seed}.log").read_text() for seed in (1, 2)}
+    second = run_sweep(tmp_path, path, "--only", "*/seed_[12]")
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "skipped      2" in second.stdout and "done         0" in second.stdout
+    assert logs == {seed: (tmp_path / base / f"seed_{seed}.log").read_text() for seed in (1, 2)}
+
+
+# ---------------------------------------------------------------------------- slurm launcher
+
+
+SLURM_SWEEP = """
+configs: [classic, debug]
+overrides: {steps: 400}
+tasks: [classic_cartpole]
+seeds: [0, 1]
+root: ROOT
+slurm: {partition: gpu, time: 60, gpus_per_node: 1, mem_gb: 16, account: lab}
+"""
+
+
+def test_slurm_job_specs(tmp_path):
+    sweep = load_sweep(write_sweep(tmp_path, SLURM_SWEEP.replace("ROOT", str(tmp_path))))
+    runs = expand(sweep)
+    jobs = slurm_jobs(sweep, runs)
+    assert [(job.command, job.logdir, job.log) for job in jobs] == [
+        (run.command, run.logdir, run.log) for run in runs
+    ]
+    assert jobs[1].parameters == {
+        "slurm_partition": "gpu",
+        "slurm_time": 60,
+        "slurm_gpus_per_node": 1,
+        "slurm_mem_gb": 16,
+        "slurm_account": "lab",
+        "slurm_job_name": "sweep-classic_cartpole-base-1",
+    }
+
+
+class FakeExecutor:
+    """Records what submitit's AutoExecutor would be asked to do."""
+
+    submitted: list = []
+
+    def __init__(self, folder, cluster=None):
+        self.folder, self.cluster, self.parameters = folder, cluster, {}
+
+    def update_parameters(self, **parameters):
+        self.parameters.update(parameters)
+
+    def submit(self, function, *args):
+        FakeExecutor.submitted.append((self.folder, self.cluster, self.parameters, function, args))
+        return types.SimpleNamespace(job_id=str(1000 + len(FakeExecutor.submitted)))
+
+
+def test_slurm_launcher_submits_the_unfinished_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "submitit", types.SimpleNamespace(AutoExecutor=FakeExecutor))
+    monkeypatch.setattr(FakeExecutor, "submitted", [])
+    path = write_sweep(tmp_path, SLURM_SWEEP.replace("ROOT", str(tmp_path)))
+    finished, todo = expand(load_sweep(path))
+    make_checkpoint(finished.logdir, 400)
+    assert main([str(path), "--launcher", "slurm"]) == 0
+    ((folder, cluster, parameters, function, args),) = FakeExecutor.submitted
+    assert cluster == "slurm" and folder == tmp_path / "sweep" / ".submitit" / "%j"
+    assert parameters == slurm_jobs(load_sweep(path), [todo])[0].parameters
+    assert function is run_logged
+    assert args == (list(todo.command), str(todo.log), os.getcwd())
+    out = capsys.readouterr().out
+    assert f"submitted job 1001: {todo.logdir}" in out
+    assert "1 job(s) submitted, 1 finished run(s) skipped" in out
+
+
+def test_slurm_without_submitit_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "submitit", None)  # makes `import submitit` fail
+    path = write_sweep(tmp_path, SLURM_SWEEP.replace("ROOT", str(tmp_path)))
+    assert main([str(path), "--launcher", "slurm"]) == 2
+    assert capsys.readouterr().err == "error: pip install submitit (or dreamer-jax[slurm])\n"
+
+
+# A Slurm job's body as submitit runs it: its SIGUSR2 handler raises (the job timed out).
+SLURM_JOB = """
+import signal, sys
+from dreamer_jax.sweep import run_logged
+def timed_out(*_):
+    raise RuntimeError("job timed out")
+signal.signal(signal.SIGUSR2, timed_out)
+marks, log, name = sys.argv[2:5]
+run_logged([sys.executable, "-c", sys.argv[1], marks, name], log, marks)
+"""
+
+
+def test_slurm_job_time_limit_signal_lets_train_checkpoint(tmp_path):
+    log = tmp_path / "seed_0.log"
+    job = subprocess.Popen(
+        [sys.executable, "-c", SLURM_JOB, PATIENT, str(tmp_path), str(log), "0"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "started_0").exists():
+            assert time.monotonic() < deadline and job.poll() is None
+            time.sleep(0.05)
+        os.killpg(job.pid, signal.SIGUSR2)  # Slurm signals every process of the job
+        out, _ = job.communicate(timeout=60)
+    finally:
+        job.kill()
+    # The run survived SIGUSR2, got a SIGINT and was waited for; then the job ended.
+    assert (tmp_path / "stopped_0").exists()
+    assert job.returncode == 1 and out.strip().endswith("RuntimeError: job timed out")
+
+
+def test_run_logged_appends_output_and_raises_on_failure(tmp_path):
+    log = tmp_path / "logs" / "seed_0.log"
+    ok = [sys.executable, "-c", "import os; print('hello', os.getcwd())"]
+    assert run_logged(ok, str(log), str(tmp_path)) == 0
+    fail = [sys.executable, "-c", "import sys; sys.exit('error: boom')"]
+    with pytest.raises(RunFailed, match=r"^exit 1: .*; see .*seed_0\.log$"):
+        run_logged(fail, str(log), str(tmp_path))
+    lines = log.read_text().splitlines()
+    assert len(lines) == 4 and lines[0].startswith("# ") and lines[2].startswith("# ")
+    assert lines[1] == f"hello {tmp_path}" and lines[3] == "error: boom"
