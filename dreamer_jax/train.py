@@ -162,7 +162,8 @@ class StopSignal:
         for signum in self.SIGNALS:
             # The watcher acts; the handler only keeps Python from raising KeyboardInterrupt.
             self._previous[signum] = signal.signal(signum, lambda *_: None)
-        threading.Thread(target=self._watch, name="stop-signal", daemon=True).start()
+        self._watcher = threading.Thread(target=self._watch, name="stop-signal", daemon=True)
+        self._watcher.start()
         return self
 
     def _watch(self) -> None:
@@ -187,7 +188,8 @@ class StopSignal:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         signal.set_wakeup_fd(self._previous_fd)
-        self._writer.close()  # ends the watcher
+        self._writer.close()  # the watcher's recv() returns b"" and it ends
+        self._watcher.join(timeout=5)
         self._reader.close()
 
 
