@@ -23,8 +23,6 @@ Dtype = jnp.dtype
 # kernels and zero biases on every Dense/Conv/ConvTranspose, LayerNorm epsilon 1e-3.
 _glorot = nn.initializers.xavier_uniform()
 Dense = functools.partial(nn.Dense, kernel_init=_glorot)
-Conv = functools.partial(nn.Conv, kernel_init=_glorot)
-ConvTranspose = functools.partial(nn.ConvTranspose, kernel_init=_glorot)
 
 
 class RSSMState(NamedTuple):
@@ -85,6 +83,89 @@ class MLP(nn.Module):
         return x
 
 
+def _patches(x: jax.Array, taps: int, rows: int, cols: int) -> jax.Array:
+    """Stride-1 im2col by slicing: `[N, H, W, C]` -> `[N, rows, cols, taps*taps*C]`, where
+    pixel `(i, j)` holds window `x[i:i+taps, j:j+taps]` in `(tap row, tap col, C)` order."""
+    return jnp.concatenate(
+        [x[:, i : i + rows, j : j + cols] for i in range(taps) for j in range(taps)], -1
+    )
+
+
+def conv_stride2(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """`nn.Conv(strides=2, padding="VALID")` without bias as one matmul: `[N, H, W, C]`,
+    kernel `[k, k, C, O]` -> `[N, (H-k)//2+1, (W-k)//2+1, O]`.
+
+    Space-to-depth turns the stride-2 k×k window into a stride-1 t×t window (`t = ceil(k/2)`)
+    over 2×2 pixel blocks; an odd kernel gets a zero last row and column to fit the blocks.
+    """
+    k, _, c, o = kernel.shape
+    t = (k + 1) // 2
+    n, h, w, _ = x.shape
+    rows, cols = (h - k) // 2 + 1, (w - k) // 2 + 1
+    # Exactly the 2(rows+t-1) input rows the windows read: crops, or pads one zero row that
+    # only a zero kernel row reads.
+    pads = [(0, 0, 0), (0, 2 * (rows + t - 1) - h, 0), (0, 2 * (cols + t - 1) - w, 0), (0, 0, 0)]
+    x = jax.lax.pad(x, jnp.zeros((), x.dtype), pads)
+    x = x.reshape(n, rows + t - 1, 2, cols + t - 1, 2, c).transpose(0, 1, 3, 2, 4, 5)
+    x = x.reshape(n, rows + t - 1, cols + t - 1, 4 * c)
+    kernel = jnp.pad(kernel, ((0, 2 * t - k), (0, 2 * t - k), (0, 0), (0, 0)))
+    kernel = kernel.reshape(t, 2, t, 2, c, o).transpose(0, 2, 1, 3, 4, 5).reshape(-1, o)
+    return _patches(x, t, rows, cols) @ kernel
+
+
+def conv_transpose_stride2(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """`nn.ConvTranspose(strides=2, padding="VALID")` without bias as one matmul:
+    `[N, H, W, C]`, kernel `[k, k, C, O]` -> `[N, 2H+k-2, 2W+k-2, O]`.
+
+    flax does not flip the kernel: input pixel `i` adds `x[i]·kernel[k-1-a]` to output pixel
+    `2i+a`. Two exact lowerings; each materializes one large array, so the smaller wins:
+    - `4·O <= C`: the adjoint (transpose) of `conv_stride2` with the flipped kernel, its in and
+      out channels swapped. Its matmul maps each input pixel to all the output values it
+      touches, then adds them up in place: t²·4·O values per input pixel (`t = ceil(k/2)`).
+    - otherwise, sub-pixel: each of the 4 output phases (row, column parity) is a stride-1 t×t
+      convolution, so one matmul of the input's t×t patches (t²·C values per pixel) computes
+      all 4 and depth-to-space interleaves them.
+    """
+    k, _, c, o = kernel.shape
+    n, h, w, _ = x.shape
+    if 4 * o <= c:
+        out = jax.ShapeDtypeStruct((n, 2 * h + k - 2, 2 * w + k - 2, o), x.dtype)
+        flipped = kernel[::-1, ::-1].swapaxes(2, 3)
+        return jax.linear_transpose(lambda y: conv_stride2(y, flipped), out)(x)[0]
+    t = (k + 1) // 2
+    # A zero first row and column make an odd kernel even (and add one zero output row and
+    # column, cropped below). Then tap i of phase r reads kernel row 2i + 1 - r.
+    kernel = jnp.pad(kernel, ((2 * t - k, 0), (2 * t - k, 0), (0, 0), (0, 0)))
+    kernel = kernel.reshape(t, 2, t, 2, c, o)[:, ::-1, :, ::-1]
+    kernel = kernel.transpose(0, 2, 4, 1, 3, 5).reshape(t * t * c, 4 * o)
+    rows, cols = h + t - 1, w + t - 1
+    x = jnp.pad(x, ((0, 0), (t - 1, t - 1), (t - 1, t - 1), (0, 0)))
+    y = (_patches(x, t, rows, cols) @ kernel).reshape(n, rows, cols, 2, 2, o)
+    y = y.transpose(0, 1, 3, 2, 4, 5).reshape(n, 2 * rows, 2 * cols, o)
+    return y[:, : 2 * h + k - 2, : 2 * w + k - 2]
+
+
+class _Stride2Conv(nn.Module):
+    """A stride-2 VALID `nn.Conv` (or `nn.ConvTranspose` if `transpose`) with the same
+    parameters and maths, lowered to matmuls: XLA:CPU runs matmuls several times faster than
+    its convolutions (docs/benchmarks.md). `[N, H, W, C]` -> `[N, H', W', features]`.
+    """
+
+    features: int
+    kernel_size: int
+    transpose: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shape = (self.kernel_size, self.kernel_size, x.shape[-1], self.features)
+        kernel = self.param("kernel", _glorot, shape)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        conv = conv_transpose_stride2 if self.transpose else conv_stride2
+        return conv(x, kernel) + bias
+
+
 class ConvEncoder(nn.Module):
     """`[..., 64, 64, C]` image in [-0.5, 0.5] -> `[..., 2*2*8*depth]` embedding."""
 
@@ -97,7 +178,7 @@ class ConvEncoder(nn.Module):
         lead = image.shape[:-3]
         x = image.reshape(-1, *image.shape[-3:]).astype(self.dtype)
         for i, kernel in enumerate(self.kernels):
-            conv = Conv(2**i * self.depth, (kernel, kernel), 2, "VALID", dtype=self.dtype)
+            conv = _Stride2Conv(2**i * self.depth, kernel, dtype=self.dtype, name=f"Conv_{i}")
             x = nn.elu(conv(x))
         return x.reshape(*lead, -1)
 
@@ -118,7 +199,8 @@ class ConvDecoder(nn.Module):
         for i, kernel in enumerate(self.kernels):
             last = i == len(self.kernels) - 1
             depth = self.channels if last else 2 ** (len(self.kernels) - i - 2) * self.depth
-            x = ConvTranspose(depth, (kernel, kernel), (2, 2), "VALID", dtype=self.dtype)(x)
+            name = f"ConvTranspose_{i}"
+            x = _Stride2Conv(depth, kernel, transpose=True, dtype=self.dtype, name=name)(x)
             x = x if last else nn.elu(x)
         return x.reshape(*lead, *x.shape[1:])
 

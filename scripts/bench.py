@@ -205,6 +205,9 @@ def bench_replay(config, episodes: int = 50, episode_length: int = 1000):
 
 
 def main(argv: list[str]) -> int:
+    if any(arg in ("-h", "--help") for arg in argv):
+        print(__doc__)
+        return 0
     record = "--no-record" not in argv
     modes = ("--collector", "--replay", "--determinism")
     mode = next((m for m in modes if m in argv), "--learner")[2:]

@@ -1,5 +1,7 @@
 """Small builders shared by the learner tests (not a test module)."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from dreamer_jax.agent import Agent
@@ -34,3 +36,19 @@ def structured_batch(batch: int, length: int, seed: int = 0) -> dict[str, np.nda
         "is_last": is_terminal.copy(),
         "is_terminal": is_terminal,
     }
+
+
+def product_input_dtypes(fn, *args) -> set[jnp.dtype]:
+    """The operand dtypes of every matmul and convolution `fn` runs (nested jaxprs too)."""
+    found = set()
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
+                found.update(v.aval.dtype for v in eqn.invars)
+            for param in eqn.params.values():
+                if hasattr(param, "jaxpr"):  # a nested (closed) jaxpr: jit, custom_vjp, ...
+                    walk(param.jaxpr if hasattr(param.jaxpr, "eqns") else param.jaxpr.jaxpr)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found

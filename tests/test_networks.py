@@ -1,8 +1,13 @@
+import functools
+from collections.abc import Sequence
+
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from helpers import vector_agent
+import pytest
+from helpers import product_input_dtypes, vector_agent
 
 from dreamer_jax.agent import Agent
 from dreamer_jax.config import make_config
@@ -46,6 +51,141 @@ def test_conv_encoder_decoder_shapes():
     feat = jnp.zeros((2, 3, 40))
     out = decoder.apply(decoder.init(jax.random.key(0), feat), feat)
     chex.assert_shape(out, (2, 3, 64, 64, 3))
+
+
+_glorot = nn.initializers.xavier_uniform()
+
+
+class FlaxConvEncoder(nn.Module):
+    """The reference: the encoder built from flax's `nn.Conv` (the project's code before the
+    matmul lowering; scripts/bench_conv.py times it too)."""
+
+    depth: int = 48
+    kernels: Sequence[int] = (4, 4, 4, 4)
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, image):
+        lead = image.shape[:-3]
+        x = image.reshape(-1, *image.shape[-3:]).astype(self.dtype)
+        for i, kernel in enumerate(self.kernels):
+            conv = nn.Conv(2**i * self.depth, (kernel, kernel), 2, "VALID", dtype=self.dtype,
+                           kernel_init=_glorot)  # fmt: skip
+            x = nn.elu(conv(x))
+        return x.reshape(*lead, -1)
+
+
+class FlaxConvDecoder(nn.Module):
+    """The reference decoder, from flax's `nn.ConvTranspose` (which does not flip kernels)."""
+
+    channels: int
+    depth: int = 48
+    kernels: Sequence[int] = (5, 5, 6, 6)
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, feat):
+        lead = feat.shape[:-1]
+        x = nn.Dense(32 * self.depth, dtype=self.dtype, kernel_init=_glorot)(
+            feat.astype(self.dtype)
+        )
+        x = x.reshape(-1, 1, 1, 32 * self.depth)
+        for i, kernel in enumerate(self.kernels):
+            last = i == len(self.kernels) - 1
+            depth = self.channels if last else 2 ** (len(self.kernels) - i - 2) * self.depth
+            conv = nn.ConvTranspose(depth, (kernel, kernel), (2, 2), "VALID", dtype=self.dtype,
+                                    kernel_init=_glorot)  # fmt: skip
+            x = conv(x)
+            x = x if last else nn.elu(x)
+        return x.reshape(*lead, *x.shape[1:])
+
+
+def _conv_pairs(depth=4, lead=(2,), enc_kernels=(4, 4, 4, 4), dec_kernels=(5, 5, 6, 6), channels=1):
+    """(module, flax reference, random input) for the encoder and for the decoder."""
+    rng = np.random.default_rng(0)
+    image = rng.uniform(-0.5, 0.5, (*lead, 64, 64, channels)).astype(np.float32)
+    feat = rng.normal(size=(*lead, 24)).astype(np.float32)
+    return [
+        (ConvEncoder(depth, enc_kernels), FlaxConvEncoder(depth, enc_kernels), image),
+        (
+            ConvDecoder(channels, depth, dec_kernels),
+            FlaxConvDecoder(channels, depth, dec_kernels),
+            feat,
+        ),
+    ]
+
+
+def _random_params(module, x, seed=1):
+    """Random (non-init) values in `module`'s parameter tree: init biases are zero and would
+    hide errors. Kernels are scaled by 1/sqrt(fan-in) so activations stay O(1)."""
+    rng = np.random.default_rng(seed)
+    scale = lambda shape: 1 / np.sqrt(np.prod(shape[:-1])) if len(shape) > 1 else 0.3
+    return jax.tree.map(
+        lambda leaf: (scale(leaf.shape) * rng.normal(size=leaf.shape)).astype(np.float32),
+        jax.eval_shape(module.init, jax.random.key(0), x),
+    )
+
+
+def _assert_trees_close(actual, desired, rtol=2e-5):
+    """Leafwise `|a − d| <= rtol·(|d| + max|d|)`: relative, with an absolute floor for the
+    near-zero entries of a large tensor."""
+    for a, d in zip(jax.tree.leaves(actual), jax.tree.leaves(desired), strict=True):
+        chex.assert_equal_shape([a, d])
+        np.testing.assert_allclose(a, d, rtol=rtol, atol=rtol * float(np.max(np.abs(d))))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _output_and_grads(module, params, x, weights):
+    """The output and the gradients w.r.t. every parameter and the input of a loss that
+    weights each output entry differently (so a misplaced entry changes every gradient)."""
+    loss = lambda params, x: jnp.sum(weights * module.apply(params, x) ** 2)
+    return module.apply(params, x), jax.grad(loss, (0, 1))(params, x)
+
+
+# The debug size, the Atari shapes on 2 frames, and odd kernels (zero-padded to even inside);
+# between them the decoder runs both lowerings with even and odd kernels.
+@pytest.mark.parametrize(
+    "depth, lead, enc_kernels, dec_kernels, channels",
+    [
+        (4, (2, 3), (4, 4, 4, 4), (5, 5, 6, 6), 3),
+        (48, (2,), (4, 4, 4, 4), (5, 5, 6, 6), 1),
+        (4, (2,), (3, 5, 3, 4), (3, 5, 4, 5), 1),
+    ],
+)
+def test_conv_encoder_decoder_equal_flax_conv_layers(
+    depth, lead, enc_kernels, dec_kernels, channels
+):
+    for module, reference, x in _conv_pairs(depth, lead, enc_kernels, dec_kernels, channels):
+        # Same parameter tree: names and shapes.
+        chex.assert_trees_all_equal_shapes_and_dtypes(
+            jax.eval_shape(module.init, jax.random.key(0), x),
+            jax.eval_shape(reference.init, jax.random.key(0), x),
+        )
+        params = _random_params(reference, x)
+        shape = jax.eval_shape(reference.apply, params, x).shape
+        weights = np.random.default_rng(2).normal(size=shape).astype(np.float32)
+        _assert_trees_close(
+            _output_and_grads(module, params, x, weights),
+            _output_and_grads(reference, params, x, weights),
+        )
+
+
+def test_conv_encoder_decoder_init_equals_flax_conv_layers():
+    # Same names, so the same per-parameter init keys: bit-identical glorot kernels, zero biases.
+    for module, reference, x in _conv_pairs():
+        chex.assert_trees_all_equal(
+            module.init(jax.random.key(3), x), reference.init(jax.random.key(3), x)
+        )
+
+
+def test_conv_encoder_decoder_compute_in_bf16_with_fp32_params():
+    for module, _, x in _conv_pairs():
+        params = _random_params(module, x)
+        half = module.clone(dtype=jnp.bfloat16)
+        assert product_input_dtypes(half.apply, params, x) == {jnp.dtype(jnp.bfloat16)}
+        out, full = jax.jit(half.apply)(params, x), jax.jit(module.apply)(params, x)
+        assert out.dtype == jnp.bfloat16
+        _assert_trees_close(out.astype(jnp.float32), full, rtol=3e-2)
 
 
 def test_gru_matches_numpy_formula_with_bias_and_layernorm_eps():
