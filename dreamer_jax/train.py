@@ -329,6 +329,7 @@ def _train(
     train_metrics: list[dict] = []
     last_metrics: dict | None = None
     episode_returns: list[float] = []
+    step_spec = env.step_spec
     obs = env.reset()
     prev_action = np.zeros((env.num_envs, env.num_actions), np.float32)
     carry = agent.initial_carry(env.num_envs)
@@ -339,7 +340,7 @@ def _train(
             # and a logdir with data but no checkpoint can only be a damaged one.
             save_checkpoint()
         while step < config.steps and stop.signum is None:
-            for episode in replay.add(replay_record(obs, prev_action, env.step_spec)):
+            for episode in replay.add(replay_record(obs, prev_action, step_spec)):
                 episode_returns.append(float(episode["reward"].sum()))
             if step < config.prefill:
                 action = env.random_actions(random_rng)
