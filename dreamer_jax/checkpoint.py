@@ -15,12 +15,14 @@ Nothing is deleted except by orbax's keep-the-last-k policy after a successful s
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pathlib
 import re
 import shutil
 import sys
+import time
 import warnings
 from typing import Any
 
@@ -194,13 +196,26 @@ class Checkpointer:
             )
             self._manager.wait_until_finished()
         except Exception as error:  # orbax wraps OS errors in several types
-            # The partial save holds disk space and would block a later save of this step.
-            for partial in self.directory.glob(f"{step}{_TMP_MARK}*"):
-                shutil.rmtree(partial, ignore_errors=True)
+            self._remove_partial(step)
             raise CheckpointError(
                 f"could not save checkpoint {step} in {self.directory}: {_reason(error)} "
                 "(the previous checkpoints are intact)"
             ) from error
+
+    def _remove_partial(self, step: int) -> None:
+        """Removes the temporary directory of a failed save of `step`: it holds disk space and
+        would block a later save of this step. orbax's writer threads can still add files to
+        it for a moment after the failure, so this waits for them and retries."""
+        # It raises the failure again, which the caller is already reporting.
+        with contextlib.suppress(Exception):
+            self._manager.wait_until_finished()
+        for _ in range(50):
+            partials = list(self.directory.glob(f"{step}{_TMP_MARK}*"))
+            if not partials:
+                return
+            for partial in partials:
+                shutil.rmtree(partial, ignore_errors=True)
+            time.sleep(0.1)
 
     def restore_latest(self, template: TrainState) -> tuple[int, TrainState, dict] | None:
         """The newest checkpoint that restores, as `(step, state, loop_state)`; None if there
