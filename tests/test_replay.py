@@ -364,13 +364,16 @@ def test_dataset_is_deterministic_whatever_the_thread_timing():
     assert any((batch >= 1000).any() for batch in run(0.0))
 
 
-def test_dataset_resume_redraws_unconsumed_batches():
-    def fresh():
-        replay = make_replay(prefetch=3, seed=7)
-        for j, n in enumerate([9, 14, 25]):
-            replay.add_episode(make_episode(n, offset=1000 * j))
-        return replay
+def three_episode_replay(prefetch: int):
+    """A seeded replay of three episodes (9, 14, 25 steps) whose rewards tell them apart."""
+    replay = make_replay(prefetch=prefetch, seed=7)
+    for j, n in enumerate([9, 14, 25]):
+        replay.add_episode(make_episode(n, offset=1000 * j))
+    return replay
 
+
+def test_dataset_resume_redraws_unconsumed_batches():
+    fresh = lambda: three_episode_replay(prefetch=3)
     expected = take(fresh(), 4)
     replay = fresh()
     batches = replay.dataset()
@@ -388,12 +391,7 @@ def test_report_samples_leave_the_dataset_stream_alone():
     """A report's sample() mid-training changes neither the training batches nor the saved
     state: the run that sampled, its resume and a run that never sampled agree."""
 
-    def fresh():
-        replay = make_replay(prefetch=2, seed=7)
-        for j, n in enumerate([9, 14, 25]):
-            replay.add_episode(make_episode(n, offset=1000 * j))
-        return replay
-
+    fresh = lambda: three_episode_replay(prefetch=2)
     expected = take(fresh(), 7)
     replay = fresh()
     batches = replay.dataset()
