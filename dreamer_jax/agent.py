@@ -5,6 +5,12 @@
     state, metrics = agent.train_step(state, batch)          # batch leaves [B, T, ...]
     action, carry = agent.policy_step(state, obs, carry, key, mode="train")
 
+The same three over a leading seed axis (`dreamer_jax.seeds`), N runs as one program:
+
+    states = agent.init_seeds(keys)                          # keys [N]
+    states, metrics = agent.train_seeds(states, batches)     # batch leaves [N, B, T, ...]
+    action, carry, keys = agent.act_seeds(states, obs, carry, keys, mode="train")
+
 `train_step` is world model + actor + critic in one XLA program with the state buffers
 donated; it keeps its PRNG key in the state. An update whose loss or gradient is not finite
 is skipped (state unchanged apart from the counters) and counted.
@@ -95,6 +101,10 @@ class Agent:
         self.init = jax.jit(self._init)
         self.train_step = jax.jit(self._train_step, donate_argnums=0)
         self.policy_step = jax.jit(self._policy_step, static_argnames="mode")
+        # The seed axis: vmap keeps every seed's maths and PRNG stream those of a single run.
+        self.init_seeds = jax.jit(jax.vmap(self._init))
+        self.train_seeds = jax.jit(jax.vmap(self._train_step), donate_argnums=0)
+        self.act_seeds = jax.jit(self._act_seeds, static_argnames="mode")
 
     # ------------------------------------------------------------------ init
     def _init(self, key: jax.Array) -> TrainState:
@@ -236,10 +246,25 @@ class Agent:
         return new_state, metrics
 
     # ----------------------------------------------------------- policy step
-    def initial_carry(self, num_envs: int) -> tuple[RSSMState, jax.Array]:
-        """`(latent, prev_action)` for `num_envs` environments; reset by `is_first` anyway."""
-        latent = initial_state(num_envs, *rssm_sizes(self.config))
-        return latent, jnp.zeros((num_envs, self.num_actions), jnp.float32)
+    def initial_carry(
+        self, num_envs: int, num_seeds: int | None = None
+    ) -> tuple[RSSMState, jax.Array]:
+        """`(latent, prev_action)` zeros for `num_envs` environments (`[num_envs, ...]`, or
+        `[num_seeds, num_envs, ...]` on the seed axis); reset by `is_first` anyway."""
+        lead = (num_envs,) if num_seeds is None else (num_seeds, num_envs)
+        carry = initial_state(1, *rssm_sizes(self.config)), jnp.zeros((1, self.num_actions))
+        return jax.tree.map(lambda x: jnp.zeros((*lead, *x.shape[1:]), jnp.float32), carry)
+
+    def _act_seeds(self, states, obs, carry, keys, mode: str):
+        """`policy_step` for each seed `[N, E, ...]`, each splitting its own key `[N]` once
+        per step as a single run's loop does. Returns `(action [N, E, A], carry, keys)`."""
+
+        def act(state, obs, carry, key):
+            key, step_key = jax.random.split(key)
+            action, carry = self._policy_step(state, obs, carry, step_key, mode)
+            return action, carry, key
+
+        return jax.vmap(act)(states, obs, carry, keys)
 
     def _policy_step(
         self,

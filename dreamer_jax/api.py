@@ -4,7 +4,8 @@
     carry = run.agent.initial_carry(1)
     action, carry = run.agent.policy_step(run.state, obs, carry, key, mode="eval")
 
-`python -m dreamer_jax.eval` plays whole episodes with it.
+`python -m dreamer_jax.eval` plays whole episodes with it. A run trained with
+`--num_seeds N` is loaded one seed at a time, from its folder `<logdir>/seed_<s>`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dreamer_jax.agent import Agent, TrainState
 from dreamer_jax.checkpoint import Checkpointer, CheckpointError
 from dreamer_jax.config import Config, load_run_config
 from dreamer_jax.envs import VectorEnv
+from dreamer_jax.seeds import run_seeds, select
 
 
 class LoadedRun(NamedTuple):
@@ -39,25 +41,44 @@ def make_agent(config: Config) -> Agent:
         env.close()
 
 
+def _locate(logdir: pathlib.Path) -> tuple[pathlib.Path, Config, int, Config]:
+    """`(run folder, run config, seed index, seed config)` of a run folder or of one seed
+    folder (`<logdir>/seed_<s>`) of a many-seed run, whose checkpoints hold all seeds."""
+    config = load_run_config(logdir / "config.yaml")
+    if config.num_seeds > 1:
+        first, last = run_seeds(config)[0], run_seeds(config)[-1]
+        example = logdir / f"seed_{first}"
+        raise CheckpointError(f"{logdir} holds seeds {first}..{last}; load one, e.g. {example}")
+    parent = logdir.parent
+    if not (logdir / "checkpoints").is_dir() and (parent / "config.yaml").is_file():
+        run_config = load_run_config(parent / "config.yaml")
+        if config.seed in run_seeds(run_config) and run_config.num_seeds > 1:
+            return parent, run_config, config.seed - run_config.seed, config
+    return logdir, config, 0, config
+
+
 def load(logdir: str | pathlib.Path) -> LoadedRun:
     """The run in `logdir` (`config.yaml` and `checkpoints/`) at its newest checkpoint that
-    restores, ready for `agent.policy_step`. Writes nothing, so a run still training can be
-    loaded. Raises `ConfigError` (no or bad `config.yaml`), `CheckpointError` (no checkpoint
-    restores, or its shapes differ from the config's) or `UnknownTaskError`: one line each."""
+    restores, ready for `agent.policy_step`; for a many-seed run, pass one seed's folder
+    `<logdir>/seed_<s>`. Writes nothing, so a run still training can be loaded. Raises
+    `ConfigError` (no or bad `config.yaml`), `CheckpointError` (no checkpoint restores, its
+    shapes differ from the config's, or the folder holds several seeds) or
+    `UnknownTaskError`: one line each."""
     logdir = pathlib.Path(logdir).expanduser()
-    config = load_run_config(logdir / "config.yaml")
-    directory = logdir / "checkpoints"
+    run_dir, run_config, index, config = _locate(logdir)
+    directory = run_dir / "checkpoints"
     if not directory.is_dir():
         raise CheckpointError(f"no checkpoints in {logdir}")
-    agent = make_agent(config)
+    agent = make_agent(run_config)
     # Only its structure is used, as the template that restoring fills in.
-    template = agent.init(jax.random.key(0))
-    checkpointer = Checkpointer(directory, keep=config.checkpoint_keep, read_only=True)
+    keys = jax.random.split(jax.random.key(0), run_config.num_seeds)
+    template = agent.init_seeds(keys)
+    checkpointer = Checkpointer(directory, keep=run_config.checkpoint_keep, read_only=True)
     try:
         restored = checkpointer.restore_latest(template)
     finally:
         checkpointer.close()
     if restored is None:
         raise CheckpointError(f"no checkpoint in {directory} could be restored")
-    step, state, _ = restored
-    return LoadedRun(agent, state, config, step)
+    step, states, _ = restored
+    return LoadedRun(agent, select(states, index), config, step)

@@ -309,6 +309,7 @@ _RULES: dict[str, _Rule] = {
     "logdir": _TYPED,  # train.py requires it
     # jax.random.key keeps only 32 bits without x64, and eval seeds envs with seed + 2e6.
     "seed": _int(0, 2**31 - 1),
+    "num_seeds": _SIZE,
     "task": _TYPED,  # checked against the available tasks by envs.VectorEnv
     "envs": _SIZE,
     "eval_envs": _SIZE,
@@ -387,6 +388,11 @@ def _validate(config: Config) -> None:
             raise ConfigError(
                 f"config key '{key}' expects {rule.expects}, got {_to_plain(value)!r}"
             )
+    if config.seed + config.num_seeds - 1 > 2**31 - 1:
+        raise ConfigError(
+            f"config keys 'seed' + 'num_seeds' - 1 ({config.seed + config.num_seeds - 1}) "
+            f"must be at most {2**31 - 1}"
+        )
     # Episodes shorter than this are never stored: the run would collect and never train.
     sample = max(config.replay.minlen, config.dataset.length)
     if config.replay.capacity < sample:

@@ -12,7 +12,9 @@ reward 0, and ignores the env's action (envpool resets it instead of stepping).
 Tasks: `atari_<game>` (the 55 games of the paper, SPEC §5 protocol), `classic_cartpole`,
 `classic_acrobot`, and `dmc_<domain>_<task>` for the dm_control tasks envpool provides.
 `time_limit` always counts policy steps (after action repeat). Each env gets its own seed
-derived from `seed`, so pools with different seeds share no env.
+derived from `seed`, so pools with different seeds share no env. With a list of seeds the
+pool holds one group of envs per seed, group g the same envs as a pool seeded `seeds[g]`:
+the N seeds of a run step in one pool.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import difflib
 import functools
 import re
 import warnings
+from collections.abc import Sequence
 
 import envpool
 import gymnasium
@@ -105,10 +108,18 @@ def _env_seeds(seed: int, num_envs: int) -> list[int]:
 
 
 class VectorEnv:
-    """N environments of one task, stepped together."""
+    """N environments of one task, stepped together.
+
+    `seed` is an int, or a list of G seeds for G equal groups of `num_envs // G` envs (env
+    `g * num_envs // G + i` is env i of a pool of `num_envs // G` envs seeded `seeds[g]`)."""
 
     def __init__(
-        self, task: str, num_envs: int, seed: int, time_limit: int = 0, action_repeat: int = 1
+        self,
+        task: str,
+        num_envs: int,
+        seed: int | Sequence[int],
+        time_limit: int = 0,
+        action_repeat: int = 1,
     ):
         ids = _task_ids()
         if task not in ids:
@@ -121,6 +132,10 @@ class VectorEnv:
                 f"need num_envs >= 1, action_repeat >= 1, time_limit >= 0; got "
                 f"{num_envs}, {action_repeat}, {time_limit}"
             )
+        seeds = [seed] if isinstance(seed, int | np.integer) else list(seed)
+        if not seeds or num_envs % len(seeds):
+            raise ValueError(f"{num_envs} envs cannot be split into {len(seeds)} seed groups")
+        per_group = num_envs // len(seeds)
         self.num_envs = num_envs
         self._atari = task.startswith("atari_")
         if self._atari:
@@ -140,7 +155,7 @@ class VectorEnv:
             ids[task],
             env_type="gymnasium",
             num_envs=num_envs,
-            seed=_env_seeds(seed, num_envs),
+            seed=[s for group in seeds for s in _env_seeds(group, per_group)],
             **kwargs,
         )
         space = self._env.action_space
@@ -159,6 +174,7 @@ class VectorEnv:
             self.obs_space = {"vector": ((size,), np.dtype(np.float32))}
         self._key = next(iter(self.obs_space))
         self._done: np.ndarray | None = None  # [N] bool: episode ended on the last step
+        self._obs: np.ndarray | None = None  # [N, ...]: the last observation of each env
 
     @property
     def settings(self) -> dict:
@@ -197,10 +213,14 @@ class VectorEnv:
         }
         out[self._key][info["env_id"]] = self._convert(obs)
         self._done = np.zeros(n, bool)
+        self._obs = out[self._key].copy()
         return out
 
-    def step(self, action: np.ndarray) -> dict[str, np.ndarray]:
-        """action [N, num_actions]: one-hot (discrete) or in [-1, 1] (continuous)."""
+    def step(self, action: np.ndarray, active: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """action [N, num_actions]: one-hot (discrete) or in [-1, 1] (continuous).
+
+        `active` ([N] bool, default all) steps only those envs; the others do not move (their
+        random streams neither) and return their last observation with reward 0, no flags."""
         if self._done is None:
             raise RuntimeError("call reset() before step()")
         action = np.asarray(action)
@@ -213,14 +233,17 @@ class VectorEnv:
         else:
             action = np.clip(action, -1.0, 1.0).astype(np.float64)
         n = self.num_envs
+        stepped = np.ones(n, bool) if active is None else np.asarray(active, bool)
         # envpool auto-resets an env on the call after its episode ended, ignoring the action.
-        is_first = self._done.copy()
-        obs = self._empty_obs()
+        is_first = self._done & stepped
+        obs = self._obs.copy()
         reward = np.zeros(n, np.float32)
         is_last = np.zeros(n, bool)
         is_terminal = np.zeros(n, bool)
-        active = np.arange(n, dtype=np.int32)
+        active = np.flatnonzero(stepped).astype(np.int32)
         for _ in range(self._repeat):
+            if not active.size:
+                break
             raw, rew, terminated, truncated, info = self._env.step(action[active], active)
             env_id = info["env_id"]
             obs[env_id] = self._convert(raw)
@@ -232,10 +255,9 @@ class VectorEnv:
             is_terminal[env_id] = terminated
             # Envs that just reset or ended stop here; the others repeat the action.
             active = env_id[~(is_first[env_id] | is_last[env_id])]
-            if not active.size:
-                break
         reward[is_first] = 0.0  # SPEC §1: a first step carries no reward (envpool gives 0 too)
-        self._done = is_last.copy()
+        self._done = np.where(stepped, is_last, self._done)
+        self._obs = obs
         return {
             self._key: obs,
             "reward": reward,
@@ -244,11 +266,13 @@ class VectorEnv:
             "is_terminal": is_terminal,
         }
 
-    def random_actions(self, rng: np.random.Generator) -> np.ndarray:
-        """[N, num_actions] float32: uniform one-hot (discrete) or uniform in [-1, 1]."""
-        shape = (self.num_envs, self.num_actions)
+    def random_actions(self, rng: np.random.Generator, num: int | None = None) -> np.ndarray:
+        """[num, num_actions] float32 (num: all envs by default): uniform one-hot (discrete)
+        or uniform in [-1, 1]."""
+        num = self.num_envs if num is None else num
+        shape = (num, self.num_actions)
         if self.discrete:
-            index = rng.integers(0, self.num_actions, self.num_envs)
+            index = rng.integers(0, self.num_actions, num)
             return np.eye(self.num_actions, dtype=np.float32)[index]
         return rng.uniform(-1.0, 1.0, shape).astype(np.float32)
 

@@ -24,6 +24,7 @@ from dreamer_jax.checkpoint import CheckpointError
 from dreamer_jax.config import ConfigError, program_name
 from dreamer_jax.envs import VectorEnv
 from dreamer_jax.logger import save_gif
+from dreamer_jax.seeds import policy_inputs, stack
 
 
 class Evaluation(NamedTuple):
@@ -42,45 +43,63 @@ def episode_shares(episodes: int, num_envs: int) -> list[int]:
 
 
 def evaluate(
-    agent, env, state, episodes: int, key: jax.Array, record_video=False, max_frames=None
-) -> Evaluation:
-    """Play `episodes` whole episodes with the eval (mode) policy in the `N` envs of `env`.
+    agent, env, states, episodes: int, keys: jax.Array, record_video=False, max_frames=None
+) -> list[Evaluation]:
+    """Play `episodes` whole episodes per seed with the eval (mode) policy: `states` and
+    `keys` have a leading seed axis `[N]`, and `env` holds N equal groups of envs, group i
+    seed i's (`VectorEnv` with a list of seeds). Returns one `Evaluation` per seed.
 
-    Each env plays its fixed share of the episodes from reset, so the result does not favour
-    short episodes the way keeping the first ones to finish would. envpool steps all envs
-    together: an env whose share is done keeps running, its further episodes ignored.
-    `key` is split once per policy step. `record_video` keeps env 0's first episode's frames
-    (image tasks), at most `max_frames` of them (None: all).
+    Each env plays its fixed share of its seed's episodes from reset, so the result does not
+    favour short episodes the way keeping the first ones to finish would. A seed's envs step
+    together until its last share is done (an env whose share is done keeps running, its
+    further episodes ignored), then stop, so seed i's result and env streams are those of a
+    single run of seed i. Each key is split once per policy step. `record_video` keeps the
+    frames of each seed's first env's first episode (image tasks), at most `max_frames`.
     """
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
-    shares = episode_shares(episodes, env.num_envs)
+    num_seeds = keys.shape[0]
+    per_seed = env.num_envs // num_seeds
+    shares = episode_shares(episodes, per_seed) * num_seeds  # env-major over all seeds
     returns: list[list[float]] = [[] for _ in shares]
     lengths: list[list[int]] = [[] for _ in shares]
-    frames: list[np.ndarray] = []
+    frames: list[list[np.ndarray]] = [[] for _ in range(num_seeds)]
     obs = env.reset()
-    carry = agent.initial_carry(env.num_envs)
+    carry = agent.initial_carry(per_seed, num_seeds)
     running = np.zeros(env.num_envs)
     steps = np.zeros(env.num_envs, int)
-    recording = record_video and "image" in obs
-    while any(len(done) < share for done, share in zip(returns, shares, strict=True)):
-        if recording:
-            frames.append(obs["image"][0])
-            recording = max_frames is None or len(frames) < max_frames
-        key, step_key = jax.random.split(key)
-        action, carry = agent.policy_step(state, obs, carry, step_key, mode="eval")
-        obs = env.step(np.asarray(action))
+    firsts = np.arange(num_seeds) * per_seed  # each seed's first env
+    recording = np.full(num_seeds, record_video and "image" in obs)
+
+    def seeds_done() -> np.ndarray:
+        done = [len(r) >= share for r, share in zip(returns, shares, strict=True)]
+        return np.asarray(done).reshape(num_seeds, per_seed).all(1)
+
+    while not (done := seeds_done()).all():
+        for i in np.flatnonzero(recording):
+            frames[i].append(obs["image"][firsts[i]])
+            recording[i] = max_frames is None or len(frames[i]) < max_frames
+        inputs = policy_inputs(obs, agent.obs_key, num_seeds)
+        action, carry, keys = agent.act_seeds(states, inputs, carry, keys, mode="eval")
+        active = np.repeat(~done, per_seed)
+        obs = env.step(np.asarray(action).reshape(env.num_envs, -1), active)
         running += obs["reward"]
         # A first step is the env's reset, not a transition of the episode.
-        steps = np.where(obs["is_first"], 0, steps + 1)
-        if obs["is_last"][0]:
-            recording = False
+        steps = np.where(obs["is_first"], 0, steps + active)
+        recording &= ~obs["is_last"][firsts]
         for i in np.flatnonzero(obs["is_last"]):
             if len(returns[i]) < shares[i]:
                 returns[i].append(float(running[i]))
                 lengths[i].append(int(steps[i]))
             running[i] = 0.0
-    return Evaluation(sum(returns, []), sum(lengths, []), frames)
+    return [
+        Evaluation(
+            sum(returns[i * per_seed : (i + 1) * per_seed], []),
+            sum(lengths[i * per_seed : (i + 1) * per_seed], []),
+            frames[i],
+        )
+        for i in range(num_seeds)
+    ]
 
 
 class EvalError(ValueError):
@@ -123,7 +142,10 @@ def main(argv=None) -> int:
     except (ConfigError, CheckpointError, OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    result = evaluate(agent, env, state, args.episodes, jax.random.key(seed), args.video)
+    # One seed, on the seed axis every run uses.
+    (result,) = evaluate(
+        agent, env, stack([state]), args.episodes, jax.random.key(seed)[None], args.video
+    )
     env.close()
     returns = result.returns
     mean, std = float(np.mean(returns)), float(np.std(returns))

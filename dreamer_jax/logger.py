@@ -83,6 +83,8 @@ class Logger:
       action_repeat: env frames per agent step; `frames = step * action_repeat`.
       progress: True forces the tqdm bar, False forces plain lines, None picks the bar
         iff stderr is a TTY.
+      quiet: shows no progress at all (neither bar nor lines), e.g. for all seeds of a
+        many-seed run but the first.
       resume_step: the checkpoint step a restarted run continues from; logged steps
         after it are dropped (see the module docstring).
     """
@@ -102,6 +104,7 @@ class Logger:
         action_repeat: int = 1,
         progress: bool | None = None,
         resume_step: int | None = None,
+        quiet: bool = False,
     ):
         if wandb_mode not in ("offline", "online", "disabled"):
             raise ValueError(f"wandb_mode must be offline, online or disabled, not {wandb_mode!r}")
@@ -116,6 +119,7 @@ class Logger:
         self._postfix: dict[str, float] = {}
         self._bar = None
         self._use_bar = sys.stderr.isatty() if progress is None else progress
+        self._quiet = quiet
         # tensorboardX's add_video needs moviepy; without it, videos go in as a frame strip.
         self._tb_video = importlib.util.find_spec("moviepy") is not None
 
@@ -197,7 +201,7 @@ class Logger:
         self._tb.flush()
         if self._wandb is not None and scalars:
             self._wandb.log(scalars, step=step)
-        if not self._use_bar:
+        if not (self._use_bar or self._quiet):
             print(_plain_line(step, record["frames"], scalars), flush=True)
         return record
 
@@ -206,7 +210,7 @@ class Logger:
         updates/s, last train/eval return; the latest value of each key stays shown). tqdm
         itself shows frames/s and the ETA. Without a bar this only records the step."""
         self.step = step
-        if not self._use_bar:
+        if not self._use_bar or self._quiet:
             return
         frames = step * self.action_repeat
         if self._bar is None:

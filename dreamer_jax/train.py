@@ -42,6 +42,16 @@ from dreamer_jax.paths import DirectoryError, ensure_writable, lock_directory
 from dreamer_jax.provenance import provenance, record_start
 from dreamer_jax.replay import Replay
 from dreamer_jax.report import open_loop_video
+from dreamer_jax.seeds import (
+    init_keys,
+    policy_inputs,
+    run_seeds,
+    seed_config,
+    seed_keys,
+    seed_logdir,
+    seed_sharding,
+    select,
+)
 from dreamer_jax.world_model import open_loop_prediction, preprocess
 
 OPENL_SEQUENCES = 6
@@ -61,16 +71,20 @@ class NonFiniteError(RuntimeError):
     """Too many consecutive non-finite updates; the last good checkpoint is kept."""
 
 
-def make_env(config: Config, num_envs: int, seed: int) -> VectorEnv:
-    return VectorEnv(config.task, num_envs, seed, config.time_limit, config.action_repeat)
+def make_env(config: Config, num_envs: int, seeds: list[int]) -> VectorEnv:
+    """One pool of `num_envs` envs per seed in `seeds`, group g seeded `seeds[g]`."""
+    return VectorEnv(
+        config.task, num_envs * len(seeds), seeds, config.time_limit, config.action_repeat
+    )
 
 
-def env_seed(config: Config, step: int, resumed: bool, offset: int = 0) -> int:
-    """A fresh run uses the config seed; a resumed run reseeds from (seed, step), so it does
-    not replay the episodes the run began with, and two resumes from one checkpoint agree."""
+def env_seed(seed: int, step: int, resumed: bool, offset: int = 0) -> int:
+    """A fresh run seeds its envs with its seed; a resumed run reseeds from (seed, step), so
+    it does not replay the episodes the run began with, and two resumes from one checkpoint
+    agree."""
     if not resumed:
-        return config.seed + offset
-    return int(np.random.SeedSequence([config.seed, step, offset]).generate_state(1)[0])
+        return seed + offset
+    return int(np.random.SeedSequence([seed, step, offset]).generate_state(1)[0])
 
 
 def replay_record(obs: dict[str, np.ndarray], prev_action: np.ndarray, spec: dict) -> dict:
@@ -99,11 +113,12 @@ def open_loop_frames(agent: Agent, state: TrainState, batch: dict, key: jax.Arra
     return open_loop_video(np.asarray(truth), np.asarray(prediction))
 
 
-def _key_data(key: jax.Array) -> list[int]:
+def _key_data(key: jax.Array) -> list:
+    """A key (or keys `[N]`) as JSON-able integers."""
     return np.asarray(jax.random.key_data(key)).tolist()
 
 
-def _wrap_key(data: list[int]) -> jax.Array:
+def _wrap_key(data: list) -> jax.Array:
     return jax.random.wrap_key_data(np.asarray(data, np.uint32))
 
 
@@ -207,10 +222,186 @@ def check_inputs(config: Config, logdir: pathlib.Path) -> Agent:
     return make_agent(config)
 
 
-def _holds_run_data(logdir: pathlib.Path) -> bool:
-    metrics = logdir / METRICS_FILE
-    has_metrics = metrics.exists() and metrics.stat().st_size > 0
-    return has_metrics or any((logdir / "replay").glob("*.npz"))
+def _holds_run_data(seed_dirs: Sequence[pathlib.Path]) -> bool:
+    for folder in seed_dirs:
+        metrics = folder / METRICS_FILE
+        if (metrics.exists() and metrics.stat().st_size > 0) or any(
+            (folder / "replay").glob("*.npz")
+        ):
+            return True
+    return False
+
+
+class Acting:
+    """Steps the one pool of N × `envs` envs (seed i's envs are rows `i·E … i·E + E − 1`):
+    uniform random actions during the prefill, then every seed's policy in one jitted call;
+    adds each seed's steps to its own replay."""
+
+    def __init__(self, agent, config, env, replays, seed_loops, sharding):
+        self.agent, self.env, self.replays, self.sharding = agent, env, replays, sharding
+        self.num_seeds, self.envs = len(replays), config.envs
+        self.act_keys = _wrap_key([loop["act_key"] for loop in seed_loops])
+        self.random_rngs = [_generator(loop["random_rng"]) for loop in seed_loops]
+        self.spec = env.step_spec
+        self.obs = env.reset()
+        self.prev_action = np.zeros((env.num_envs, env.num_actions), np.float32)
+        self.carry = jax.device_put(agent.initial_carry(self.envs, self.num_seeds), sharding)
+        self.episode_returns: list[list[float]] = [[] for _ in replays]
+
+    def step(self, states: TrainState, prefill: bool) -> None:
+        record = replay_record(self.obs, self.prev_action, self.spec)
+        for i, replay in enumerate(self.replays):
+            rows = {k: v[i * self.envs : (i + 1) * self.envs] for k, v in record.items()}
+            for episode in replay.add(rows):
+                self.episode_returns[i].append(float(episode["reward"].sum()))
+        if prefill:
+            action = np.concatenate(
+                [self.env.random_actions(rng, self.envs) for rng in self.random_rngs]
+            )
+        else:
+            obs = policy_inputs(self.obs, self.agent.obs_key, self.num_seeds)
+            action, self.carry, self.act_keys = self.agent.act_seeds(
+                states, jax.device_put(obs, self.sharding), self.carry, self.act_keys,
+                mode="train",
+            )  # fmt: skip
+            action = np.asarray(action).reshape(self.env.num_envs, -1)
+        self.obs = self.env.step(action)
+        self.prev_action = action
+
+    def take_returns(self) -> list[list[float]]:
+        """Each seed's returns of the episodes finished since the last call."""
+        returns, self.episode_returns = self.episode_returns, [[] for _ in self.replays]
+        return returns
+
+    def seed_loops(self) -> list[dict]:
+        return [
+            {"act_key": key, "random_rng": rng.bit_generator.state}
+            for key, rng in zip(_key_data(self.act_keys), self.random_rngs, strict=True)
+        ]
+
+
+class Learning:
+    """Owes `train_steps` updates every `train_every` policy steps (plus `pretrain` once)
+    from the end of the prefill, once every seed's replay holds an episode, and pays them
+    with one jitted update of all seeds on a batch `[N, B, T, ...]` from their replays."""
+
+    def __init__(self, agent, config, replays, sharding, loop):
+        self.agent, self.config, self.replays, self.sharding = agent, config, replays, sharding
+        self.datasets = [replay.dataset() for replay in replays]
+        self.updates, self.owed = loop["updates"], loop["updates_owed"]
+        self.metrics: list[dict] = []  # on device, [N] each, until the next log
+        self.last: dict | None = None
+
+    def owe(self, step: int) -> None:
+        config = self.config
+        if step < config.prefill or not all(r.stats["num_episodes"] for r in self.replays):
+            return
+        if self.updates == 0:
+            self.owed += config.pretrain  # the official one-off pretraining
+        self.owed += config.train_steps * (
+            step // config.train_every - (step - config.envs) // config.train_every
+        )
+
+    def train(self, states: TrainState, step: int) -> TrainState:
+        while self.owed > 0:
+            # Checked one update late, so the host never waits on the update in flight.
+            if self.last is not None:
+                streaks = np.asarray(self.last["nonfinite_streak"])
+                if streaks.max() >= self.config.max_nonfinite:
+                    seeds = [self.config.seed + i for i in np.flatnonzero(streaks == streaks.max())]
+                    raise NonFiniteError(
+                        f"{self.config.max_nonfinite} consecutive non-finite updates at step "
+                        f"{step} (seed {', '.join(map(str, seeds))}); stopping with the last "
+                        "good checkpoint kept"
+                    )
+            batches = [next(dataset) for dataset in self.datasets]
+            batch = {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+            states, self.last = self.agent.train_seeds(states, jax.device_put(batch, self.sharding))
+            self.metrics.append(self.last)
+            self.updates += 1
+            self.owed -= 1
+        return states
+
+    def take_metrics(self) -> list[dict[str, float]]:
+        """Each seed's mean of every train metric since the last call ({} if none)."""
+        if not self.metrics:
+            return [{} for _ in self.replays]
+        host, self.metrics = jax.device_get(self.metrics), []
+        return [
+            {k: float(np.mean([m[k][i] for m in host])) for k in host[0]}
+            for i in range(len(self.replays))
+        ]
+
+
+class Evaluating:
+    """Every `eval_every` steps: `eval_eps` episodes of each seed's eval policy in its own
+    eval envs (one pool for all seeds), and the open-loop report of its replay."""
+
+    def __init__(self, agent, config, env, seed_loops):
+        self.agent, self.config, self.env = agent, config, env
+        self.eval_keys = _wrap_key([loop["eval_key"] for loop in seed_loops])
+        # The open-loop report samples its chunks from a stream of its own, so that a report
+        # never shifts the batches the learner sees (exact resume across evals).
+        self.report_rngs = [_generator(loop["report_rng"]) for loop in seed_loops]
+
+    def run(self, states: TrainState, replays: list[Replay], loggers: list[Logger], step: int):
+        keys = jax.vmap(lambda key: jax.random.split(key, 3))(self.eval_keys)
+        self.eval_keys, episodes_keys, openl_keys = keys[:, 0], keys[:, 1], keys[:, 2]
+        results = evaluate(
+            self.agent, self.env, states, self.config.eval_eps, episodes_keys,
+            record_video=self.config.eval_video_frames > 0,
+            max_frames=self.config.eval_video_frames,
+        )  # fmt: skip
+        for i, (result, logger) in enumerate(zip(results, loggers, strict=True)):
+            logger.scalar("eval_return", float(np.mean(result.returns)))
+            logger.scalar("eval_length", float(np.mean(result.lengths)))
+            if result.frames:
+                logger.video("eval_policy", np.stack(result.frames), step=step)
+            batch = replays[i].sample(self.report_rngs[i])
+            frames = open_loop_frames(self.agent, select(states, i), batch, openl_keys[i])
+            logger.video("openl", frames, step=step)
+
+    def seed_loops(self) -> list[dict]:
+        return [
+            {"eval_key": key, "report_rng": rng.bit_generator.state}
+            for key, rng in zip(_key_data(self.eval_keys), self.report_rngs, strict=True)
+        ]
+
+
+class Logging:
+    """Every `log_every` steps, each seed's train metrics, returns, speed and replay size to
+    its own logger; the first seed's logger shows the progress."""
+
+    def __init__(self, config, loggers, step, updates):
+        self.config, self.loggers = config, loggers
+        self.clock, self.clock_step, self.clock_updates = time.perf_counter(), step, updates
+
+    def write(self, step: int, acting: Acting, learning: Learning, replays: list[Replay]):
+        now = time.perf_counter()
+        seconds = now - self.clock
+        speed = {
+            "fps": (step - self.clock_step) * self.config.action_repeat / seconds,
+            "updates_per_sec": (learning.updates - self.clock_updates) / seconds,
+            "updates": learning.updates,
+        }
+        per_seed = zip(
+            self.loggers, learning.take_metrics(), acting.take_returns(), replays, strict=True
+        )
+        for logger, metrics, returns, replay in per_seed:
+            logger.scalars(metrics)
+            if returns:
+                logger.scalar("train_return", float(np.mean(returns)))
+                logger.scalar("train_episodes", len(returns))
+            logger.scalars(
+                {
+                    **speed,
+                    "replay_steps": replay.stats["num_steps"],
+                    "replay_episodes": replay.stats["num_episodes"],
+                }
+            )
+            last = logger.write(step)
+            logger.progress(step, {k: last[k] for k in ("fps", "train_return") if k in last})
+        self.clock, self.clock_step, self.clock_updates = now, step, learning.updates
 
 
 def train(config: Config, stop: StopSignal, argv: Sequence[str] = ()) -> dict[str, Any]:
@@ -223,39 +414,74 @@ def train(config: Config, stop: StopSignal, argv: Sequence[str] = ()) -> dict[st
         return _train(config, agent, logdir, stop, argv)
 
 
-def _train(
-    config: Config, agent: Agent, logdir: pathlib.Path, stop: StopSignal, argv: Sequence[str]
-) -> dict:
-    checkpointer = Checkpointer(logdir / "checkpoints", keep=config.checkpoint_keep)
-    init_key, act_key, eval_key = jax.random.split(jax.random.key(config.seed), 3)
-    state = agent.init(init_key)
-    loop = {
+def _fresh_loop(config: Config) -> dict:
+    """The loop state of a run at step 0: counters, and each seed's PRNG streams."""
+    seed_loops = []
+    for seed in run_seeds(config):
+        _, act_key, eval_key = seed_keys(seed)
+        seed_loops.append(
+            {
+                "act_key": _key_data(act_key),
+                "eval_key": _key_data(eval_key),
+                "random_rng": np.random.default_rng(seed).bit_generator.state,
+                "replay_rng": None,
+                "report_rng": np.random.default_rng([seed, 1]).bit_generator.state,
+            }
+        )
+    return {
         "step": 0,
         "updates": 0,
         "updates_owed": 0,
         "next_log": 0,
         "next_eval": 0,
         "next_checkpoint": config.checkpoint_every,
-        "act_key": _key_data(act_key),
-        "eval_key": _key_data(eval_key),
-        "random_rng": np.random.default_rng(config.seed).bit_generator.state,
-        "replay_rng": None,
-        # The open-loop report samples its chunks from a stream of its own, so that a
-        # report never shifts the batches the learner sees (exact resume across evals).
-        "report_rng": np.random.default_rng([config.seed, 1]).bit_generator.state,
+        "seeds": seed_loops,
     }
+
+
+def _make_logger(config, logdir, run_info, step, resumed, index) -> Logger:
+    seed = config.seed + index
+    group = config.wandb.group
+    if config.num_seeds > 1 and not group:
+        group = f"{config.task}-{logdir.name}"  # the N seeds of one run together in wandb
+    return Logger(
+        seed_logdir(logdir, config, seed),
+        {**seed_config(config, seed, logdir).flat(), "run": run_info},
+        wandb_mode=config.wandb.mode,
+        wandb_project=config.wandb.project,
+        wandb_entity=config.wandb.entity,
+        run_name=f"{config.task}-{seed}",
+        wandb_group=group,
+        wandb_tags=config.wandb.tags,
+        wandb_notes=config.wandb.notes,
+        total_steps=config.steps,
+        action_repeat=config.action_repeat,
+        resume_step=step if resumed else None,
+        quiet=index > 0,
+    )
+
+
+def _train(
+    config: Config, agent: Agent, logdir: pathlib.Path, stop: StopSignal, argv: Sequence[str]
+) -> dict:
+    seeds = run_seeds(config)
+    seed_dirs = [seed_logdir(logdir, config, seed) for seed in seeds]
+    sharding = seed_sharding(config.num_seeds)
+    checkpointer = Checkpointer(logdir / "checkpoints", keep=config.checkpoint_keep)
+    states = agent.init_seeds(init_keys(config))
+    loop = _fresh_loop(config)
     restored = None
     if checkpointer.steps():
-        restored = checkpointer.restore_latest(state)
+        restored = checkpointer.restore_latest(states)
         if restored is None:
             raise RunError(
                 f"no checkpoint in {checkpointer.directory} could be restored; "
                 "refusing to start over in a logdir that holds a run"
             )
-        _, state, saved_loop = restored
+        _, states, saved_loop = restored
         loop.update(saved_loop)
         print(f"resuming from checkpoint at step {loop['step']}", flush=True)
-    elif _holds_run_data(logdir):
+    elif _holds_run_data(seed_dirs):
         aside = checkpointer.unreadable_directory
         moved = f"; unreadable ones are in {aside}" if aside.exists() else ""
         raise RunError(
@@ -263,157 +489,119 @@ def _train(
             "start over in it (use a new --logdir)"
         )
     resumed = restored is not None
+    states = jax.device_put(states, sharding)
+    step = loop["step"]
 
-    env = make_env(config, config.envs, env_seed(config, loop["step"], resumed))
+    env = make_env(config, config.envs, [env_seed(s, step, resumed) for s in seeds])
     eval_env = make_env(
-        config, config.eval_envs, env_seed(config, loop["step"], resumed, EVAL_SEED_OFFSET)
+        config, config.eval_envs, [env_seed(s, step, resumed, EVAL_SEED_OFFSET) for s in seeds]
     )
-    run_info = record_start(logdir, provenance(argv), loop["step"])
-    logger = Logger(
-        logdir,
-        {**config.flat(), "run": {k: v for k, v in run_info.items() if k != "starts"}},
-        wandb_mode=config.wandb.mode,
-        wandb_project=config.wandb.project,
-        wandb_entity=config.wandb.entity,
-        run_name=f"{config.task}-{config.seed}",
-        wandb_group=config.wandb.group,
-        wandb_tags=config.wandb.tags,
-        wandb_notes=config.wandb.notes,
-        total_steps=config.steps,
-        action_repeat=config.action_repeat,
-        resume_step=loop["step"] if resumed else None,
-    )
+    run_info = record_start(logdir, provenance(argv), step)
+    run_info = {k: v for k, v in run_info.items() if k != "starts"}
+    loggers: list[Logger] = []
+    replays: list[Replay] = []
     try:
-        config.save(logdir / "config.yaml")
-    except OSError as error:
-        raise LogdirError(f"could not write {logdir / 'config.yaml'}: {error}") from error
-    replay = Replay(
-        logdir / "replay",
-        spec=env.step_spec,
-        capacity=config.replay.capacity,
-        minlen=config.replay.minlen,
-        length=config.dataset.length,
-        batch=config.dataset.batch,
-        prioritize_ends=config.replay.prioritize_ends,
-        seed=config.seed,
-        prefetch=config.replay.prefetch,
-    )
-    if loop["replay_rng"] is not None:
-        replay.set_rng_state(loop["replay_rng"])
-    stats = replay.stats
+        for i, folder in enumerate(seed_dirs):
+            loggers.append(_make_logger(config, logdir, run_info, step, resumed, i))
+            replays.append(
+                Replay(
+                    folder / "replay",
+                    spec=env.step_spec,
+                    capacity=config.replay.capacity,
+                    minlen=config.replay.minlen,
+                    length=config.dataset.length,
+                    batch=config.dataset.batch,
+                    prioritize_ends=config.replay.prioritize_ends,
+                    seed=seeds[i],
+                    prefetch=config.replay.prefetch,
+                )
+            )
+            if loop["seeds"][i]["replay_rng"] is not None:
+                replays[i].set_rng_state(loop["seeds"][i]["replay_rng"])
+        _save_configs(config, logdir, seed_dirs)
+        return _run_loop(
+            config, agent, states, loop, env, eval_env, replays, loggers, checkpointer,
+            sharding, stop, resumed,
+        )  # fmt: skip
+    finally:
+        for replay in replays:
+            replay.close()
+        for logger in loggers:
+            logger.close()
+        env.close()
+        eval_env.close()
+        checkpointer.close()
+
+
+def _save_configs(config: Config, logdir: pathlib.Path, seed_dirs: list[pathlib.Path]) -> None:
+    """The run's config in the logdir; with several seeds, each seed folder also gets the
+    config of the single run it is (`--seed s`), for evaluation and analysis."""
+    files = [(logdir / "config.yaml", config)]
+    if config.num_seeds > 1:
+        files += [
+            (folder / "config.yaml", seed_config(config, seed, folder))
+            for seed, folder in zip(run_seeds(config), seed_dirs, strict=True)
+        ]
+    for path, content in files:
+        try:
+            content.save(path)
+        except OSError as error:
+            raise LogdirError(f"could not write {path}: {error}") from error
+
+
+def _run_loop(
+    config, agent, states, loop, env, eval_env, replays, loggers, checkpointer, sharding, stop,
+    resumed,
+) -> dict:  # fmt: skip
+    """Acts, learns, evaluates, logs and checkpoints until `config.steps` or a stop signal."""
+    stats = [replay.stats for replay in replays]
     print(
-        f"dreamer-jax: {config.task} on {jax.default_backend()}, logs in {logdir} "
-        f"(replay: {stats['num_episodes']} episodes, {stats['num_steps']} steps, "
-        f"{stats['skipped_files']} files skipped)",
+        f"dreamer-jax: {config.task} on {jax.default_backend()}, seeds "
+        f"{', '.join(map(str, run_seeds(config)))} on {sharding.mesh.size} device(s), logs in "
+        f"{config.logdir} (replay: {sum(s['num_episodes'] for s in stats)} episodes, "
+        f"{sum(s['num_steps'] for s in stats)} steps, "
+        f"{sum(s['skipped_files'] for s in stats)} files skipped)",
         flush=True,
     )
-
-    act_key, eval_key = _wrap_key(loop["act_key"]), _wrap_key(loop["eval_key"])
-    random_rng, report_rng = _generator(loop["random_rng"]), _generator(loop["report_rng"])
-    dataset = replay.dataset()
-    step, updates = loop["step"], loop["updates"]
+    acting = Acting(agent, config, env, replays, loop["seeds"], sharding)
+    learning = Learning(agent, config, replays, sharding, loop)
+    evaluating = Evaluating(agent, config, eval_env, loop["seeds"])
+    logging = Logging(config, loggers, loop["step"], loop["updates"])
+    step = loop["step"]
 
     def save_checkpoint():
+        parts = zip(acting.seed_loops(), evaluating.seed_loops(), replays, strict=True)
         loop.update(
             step=step,
-            updates=updates,
-            act_key=_key_data(act_key),
-            eval_key=_key_data(eval_key),
-            random_rng=random_rng.bit_generator.state,
-            replay_rng=replay.get_rng_state(),
-            report_rng=report_rng.bit_generator.state,
-            replay_episodes=replay.stats["num_episodes"],
-        )
-        checkpointer.save(step, state, loop)
+            updates=learning.updates,
+            updates_owed=learning.owed,
+            seeds=[
+                {**act, **ev, "replay_rng": replay.get_rng_state(),
+                 "replay_episodes": replay.stats["num_episodes"]}
+                for act, ev, replay in parts
+            ],
+        )  # fmt: skip
+        checkpointer.save(step, states, loop)
 
-    train_metrics: list[dict] = []
-    last_metrics: dict | None = None
-    episode_returns: list[float] = []
-    step_spec = env.step_spec
-    obs = env.reset()
-    prev_action = np.zeros((env.num_envs, env.num_actions), np.float32)
-    carry = agent.initial_carry(env.num_envs)
-    clock, clock_step, clock_updates = time.perf_counter(), step, updates
     try:
         if not resumed:
             # Step 0 is saved before any data: a run killed in its prefill then resumes,
             # and a logdir with data but no checkpoint can only be a damaged one.
             save_checkpoint()
         while step < config.steps and stop.signum is None:
-            for episode in replay.add(replay_record(obs, prev_action, step_spec)):
-                episode_returns.append(float(episode["reward"].sum()))
-            if step < config.prefill:
-                action = env.random_actions(random_rng)
-            else:
-                act_key, step_key = jax.random.split(act_key)
-                action, carry = agent.policy_step(state, obs, carry, step_key, mode="train")
-                action = np.asarray(action)
-            obs = env.step(action)
-            prev_action = action
-            step += env.num_envs
-
-            # Train once the prefill is done and some episode is long enough to sample.
-            if step >= config.prefill and replay.stats["num_episodes"]:
-                if updates == 0:
-                    loop["updates_owed"] += config.pretrain  # the official one-off pretraining
-                loop["updates_owed"] += config.train_steps * (
-                    step // config.train_every - (step - env.num_envs) // config.train_every
-                )
-                while loop["updates_owed"] > 0:
-                    # Checked one update late, so the host never waits on the update in flight.
-                    if last_metrics and last_metrics["nonfinite_streak"] >= config.max_nonfinite:
-                        raise NonFiniteError(
-                            f"{config.max_nonfinite} consecutive non-finite updates at step "
-                            f"{step}; stopping with the last good checkpoint kept"
-                        )
-                    state, metrics = agent.train_step(state, next(dataset))
-                    train_metrics.append(metrics)
-                    last_metrics = metrics
-                    updates += 1
-                    loop["updates_owed"] -= 1
-
-            if step >= loop["next_eval"] and updates > 0:
+            acting.step(states, prefill=step < config.prefill)
+            step += config.envs
+            learning.owe(step)
+            states = learning.train(states, step)
+            if step >= loop["next_eval"] and learning.updates > 0:
                 loop["next_eval"] = (step // config.eval_every + 1) * config.eval_every
-                eval_key, episodes_key, openl_key = jax.random.split(eval_key, 3)
-                result = evaluate(
-                    agent, eval_env, state, config.eval_eps, episodes_key,
-                    record_video=config.eval_video_frames > 0,
-                    max_frames=config.eval_video_frames,
-                )  # fmt: skip
-                logger.scalar("eval_return", float(np.mean(result.returns)))
-                logger.scalar("eval_length", float(np.mean(result.lengths)))
-                if result.frames:
-                    logger.video("eval_policy", np.stack(result.frames), step=step)
-                frames = open_loop_frames(agent, state, replay.sample(report_rng), openl_key)
-                logger.video("openl", frames, step=step)
-
-            if step >= loop["next_log"] and updates > 0:
+                evaluating.run(states, replays, loggers, step)
+            if step >= loop["next_log"] and learning.updates > 0:
                 loop["next_log"] = (step // config.log_every + 1) * config.log_every
-                now = time.perf_counter()
-                if train_metrics:
-                    host = jax.device_get(train_metrics)
-                    logger.scalars({k: float(np.mean([m[k] for m in host])) for k in host[0]})
-                if episode_returns:
-                    logger.scalar("train_return", float(np.mean(episode_returns)))
-                    logger.scalar("train_episodes", len(episode_returns))
-                logger.scalars(
-                    {
-                        "fps": (step - clock_step) * config.action_repeat / (now - clock),
-                        "updates_per_sec": (updates - clock_updates) / (now - clock),
-                        "updates": updates,
-                        "replay_steps": replay.stats["num_steps"],
-                        "replay_episodes": replay.stats["num_episodes"],
-                    }
-                )
-                last = logger.write(step)
-                logger.progress(step, {k: last[k] for k in ("fps", "train_return") if k in last})
-                train_metrics, episode_returns = [], []
-                clock, clock_step, clock_updates = now, step, updates
-
+                logging.write(step, acting, learning, replays)
             if step >= loop["next_checkpoint"]:
-                loop["next_checkpoint"] = (
-                    step // config.checkpoint_every + 1
-                ) * config.checkpoint_every
+                every = config.checkpoint_every
+                loop["next_checkpoint"] = (step // every + 1) * every
                 save_checkpoint()
         if stop.signum is not None:
             print(f"stopping on signal {stop.signum} at step {step}", flush=True)
@@ -422,20 +610,15 @@ def _train(
         print(f"checkpoint saved at step {step} in {checkpointer.directory}", flush=True)
     except Exception as error:
         if not isinstance(error, CheckpointError | NonFiniteError):
-            _save_after_error(save_checkpoint, state, step, checkpointer)
+            _save_after_error(save_checkpoint, states, step, checkpointer)
         asked = out_of_memory(error)
         if asked is not None:
+            seeds = f" and num_seeds {config.num_seeds}" if config.num_seeds > 1 else ""
             raise RunError(
-                f"out of memory with dataset.batch {config.dataset.batch} (an allocation of "
-                f"{asked} failed); use a smaller --dataset.batch"
+                f"out of memory with dataset.batch {config.dataset.batch}{seeds} (an allocation "
+                f"of {asked} failed); use a smaller --dataset.batch"
             ) from error
         raise
-    finally:
-        replay.close()
-        logger.close()
-        env.close()
-        eval_env.close()
-        checkpointer.close()
     return loop
 
 

@@ -1,19 +1,26 @@
 """Benchmark the learner: compile time, train_step updates/s, peak memory, XLA FLOPs.
 
     python scripts/bench.py --configs atari [--precision bf16] [--updates 20] [--no-record]
+    python scripts/bench.py --configs atari --num_seeds 8 --json out.json  # 8 seeds at once
     python scripts/bench.py --collector --configs atari --envs 8   # env steps/s alone
     python scripts/bench.py --replay --configs atari               # replay memory and waits
-    python scripts/bench.py --determinism --configs atari          # bit-identical updates?
+    python scripts/bench.py --determinism --configs atari --num_seeds 2  # bit-identical?
 
 Any config preset/override is accepted as for training. Prints one result block and appends
-it, with the exact command, machine and date, to docs/benchmarks.md (unless --no-record).
-Uses a synthetic batch with the shapes of the configured task (Atari: 64×64×1 uint8, 18
-actions), so it needs no environment.
+it, with the exact command, machine and date, to docs/benchmarks.md (unless --no-record);
+`--json PATH` also writes the block's figures as JSON. Uses a synthetic batch with the shapes
+of the configured task (Atari: 64×64×1 uint8, 18 actions), so it needs no environment.
+
+The learner runs `num_seeds` seeds as the training loop does: one jitted update over a
+leading seed axis (`updates_per_sec` counts those calls; `seed_updates_per_sec` is N times
+that). `--determinism` checks that two runs of the same updates are bit-identical, and how far
+each seed of the N-seed program is from the one-seed program of that seed.
 """
 
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import pathlib
 import platform
@@ -27,6 +34,7 @@ import numpy as np
 
 from dreamer_jax.agent import Agent
 from dreamer_jax.config import ConfigError, load_config
+from dreamer_jax.seeds import init_keys, run_seeds, seed_sharding, select, stack
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -90,35 +98,57 @@ def bench_collector(config, seconds: float = 10.0) -> list[tuple[str, str]]:
     ]
 
 
-def bench_learner(config, updates: int) -> list[tuple[str, str]]:
-    """Compile time, updates/s, peak memory and XLA FLOPs of `train_step`."""
+def seed_batches(config, agent, batch):
+    """The initial states `[N]` of the run's seeds and the batch repeated for each."""
+    return agent.init_seeds(init_keys(config)), stack([batch] * config.num_seeds)
+
+
+def bench_learner(config, updates: int) -> tuple[list[tuple[str, str]], dict]:
+    """Compile time, updates/s, peak memory and XLA FLOPs of the N-seed update."""
     agent, batch = synthetic_agent(config)
-    state = agent.init(jax.random.key(config.seed))
+    states, batches = seed_batches(config, agent, batch)
+    sharding = seed_sharding(config.num_seeds)
+    states, batches = jax.device_put((states, batches), sharding)
 
     start = time.perf_counter()
-    compiled = agent.train_step.lower(state, batch).compile()
+    compiled = agent.train_seeds.lower(states, batches).compile()
     compile_s = time.perf_counter() - start
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
     flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
 
-    state, metrics = agent.train_step(state, batch)  # warm-up (first execution)
+    states, metrics = agent.train_seeds(states, batches)  # warm-up (first execution)
     jax.block_until_ready(metrics)
     start = time.perf_counter()
     for _ in range(updates):
-        state, metrics = agent.train_step(state, batch)
-    jax.block_until_ready((state, metrics))
+        states, metrics = agent.train_seeds(states, batches)
+    jax.block_until_ready((states, metrics))
     elapsed = time.perf_counter() - start
     memory_kind, memory = peak_memory_bytes()
-    b, t = config.dataset.batch, config.dataset.length
-    return [
+    b, t, n = config.dataset.batch, config.dataset.length, config.num_seeds
+    figures = {
+        "num_seeds": n,
+        "devices": sharding.mesh.size,
+        "precision": config.precision,
+        "batch": [b, t],
+        "compile_s": compile_s,
+        "updates_per_sec": updates / elapsed,
+        "seed_updates_per_sec": n * updates / elapsed,
+        "memory_kind": memory_kind,
+        "memory_gib": memory / 2**30,
+        "xla_gflop_per_update": flops / 1e9,
+    }
+    rows = [
         ("precision", config.precision),
         ("batch", f"{b}×{t}"),
+        ("seeds", f"{n} on {sharding.mesh.size} device(s)"),
         ("compile time", f"{compile_s:.1f} s"),
         ("train_step", f"{updates / elapsed:.2f} updates/s ({1000 * elapsed / updates:.0f} ms)"),
+        ("seed-updates/s", f"{n * updates / elapsed:.2f}"),
         (memory_kind, f"{memory / 2**30:.2f} GiB"),
         ("XLA FLOPs/update", f"{flops / 1e9:.1f} GFLOP"),
     ]
+    return rows, figures
 
 
 def leaf_differences(run_a: list[np.ndarray], run_b: list[np.ndarray]) -> list[float]:
@@ -131,28 +161,55 @@ def leaf_differences(run_a: list[np.ndarray], run_b: list[np.ndarray]) -> list[f
     ]
 
 
-def bench_determinism(config, updates: int) -> list[tuple[str, str]]:
-    """Whether `updates` train_steps from the same state and batch, run twice, give
-    bit-identical params, optimizer states, counters, keys and metrics on this backend
-    (GPU reductions may not be; see docs/reproducibility.md)."""
-    agent, batch = synthetic_agent(config)
-    runs = []
-    for _ in range(2):
-        state = agent.init(jax.random.key(config.seed))  # fresh each time: train_step donates
-        for _ in range(updates):
-            state, metrics = agent.train_step(state, batch)
-        state = state.replace(key=jax.random.key_data(state.key))
-        leaves = jax.tree.leaves((state, metrics))
-        runs.append([np.asarray(leaf) for leaf in leaves])
-    differing = leaf_differences(*runs)
+def _train_leaves(agent, states, batches, updates: int) -> list[list[np.ndarray]]:
+    """Every leaf of each seed's state and metrics after `updates` updates."""
+    for _ in range(updates):
+        states, metrics = agent.train_seeds(states, batches)
+    states = states.replace(key=jax.random.key_data(states.key))
+    n = jax.tree.leaves(states)[0].shape[0]
     return [
+        [np.asarray(x) for x in jax.tree.leaves(select((states, metrics), i))] for i in range(n)
+    ]
+
+
+def bench_determinism(config, updates: int) -> tuple[list[tuple[str, str]], dict]:
+    """Whether `updates` updates from the same states and batch, run twice, give bit-identical
+    params, optimizer states, counters, keys and metrics on this backend (GPU reductions may
+    not be; see docs/reproducibility.md); and the largest difference between each seed of the
+    N-seed program and that seed run alone (one-seed program, as `--num_seeds 1 --seed s`)."""
+    agent, batch = synthetic_agent(config)
+    runs = [_train_leaves(agent, *seed_batches(config, agent, batch), updates) for _ in range(2)]
+    differing = leaf_differences(sum(runs[0], []), sum(runs[1], []))
+    alone = []
+    for seed in run_seeds(config):
+        single = config.update({"seed": seed, "num_seeds": 1})
+        alone += sum(_train_leaves(agent, *seed_batches(single, agent, batch), updates), [])
+    to_single = leaf_differences(sum(runs[0], []), alone)
+    figures = {
+        "updates": updates,
+        "bit_identical": not differing,
+        "max_abs_difference": max(differing, default=0.0),
+        "max_abs_difference_to_single_seed": max(to_single, default=0.0),
+    }
+    rows = [
         ("updates per run", str(updates)),
         (
             "bit-identical",
-            "yes" if not differing else f"no: {len(differing)} of {len(runs[0])} leaves differ",
+            "yes"
+            if not differing
+            else f"no: {len(differing)} of {len(sum(runs[0], []))} leaves differ",
         ),
-        ("max abs difference", f"{max(differing, default=0.0):.3g}"),
+        ("max abs difference", f"{figures['max_abs_difference']:.3g}"),
     ]
+    if config.num_seeds > 1:
+        rows.append(
+            (
+                f"each of {config.num_seeds} seeds vs that seed alone",
+                f"{len(to_single)} leaves differ, max abs difference "
+                f"{figures['max_abs_difference_to_single_seed']:.3g}",
+            )
+        )
+    return rows, figures
 
 
 def bench_replay(config, episodes: int = 50, episode_length: int = 1000):
@@ -212,10 +269,14 @@ def main(argv: list[str]) -> int:
     modes = ("--collector", "--replay", "--determinism")
     mode = next((m for m in modes if m in argv), "--learner")[2:]
     argv = [a for a in argv if a not in ("--no-record", *modes)]
-    updates = 20
+    updates, json_path = 20, None
     if "--updates" in argv:
         i = argv.index("--updates")
         updates = int(argv[i + 1])
+        argv = argv[:i] + argv[i + 2 :]
+    if "--json" in argv:
+        i = argv.index("--json")
+        json_path = pathlib.Path(argv[i + 1])
         argv = argv[:i] + argv[i + 2 :]
     try:
         config = load_config(argv)
@@ -223,14 +284,15 @@ def main(argv: list[str]) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
+    figures: dict = {}
     if mode == "collector":
         results = bench_collector(config)
     elif mode == "replay":
         results = bench_replay(config)
     elif mode == "determinism":
-        results = bench_determinism(config, updates)
+        results, figures = bench_determinism(config, updates)
     else:
-        results = bench_learner(config, updates)
+        results, figures = bench_learner(config, updates)
     command = "python scripts/bench.py " + shlex.join(sys.argv[1:])
     rows = [
         ("date", datetime.date.today().isoformat()),
@@ -245,6 +307,10 @@ def main(argv: list[str]) -> int:
     title = f"### {config.task}, {what} ({rows[0][1]})"
     block = f"\n{title}\n\n| what | value |\n|---|---|\n{text}\n"
     print(block)
+    if json_path is not None:
+        record_figures = {"command": command, "machine": machine(), "jax": jax.__version__}
+        json_path.write_text(json.dumps({**record_figures, "mode": mode, **figures}, indent=1))
+        print(f"figures in {json_path}")
     if record:
         path = ROOT / "docs" / "benchmarks.md"
         with path.open("a") as file:

@@ -11,6 +11,7 @@ from dreamer_jax.api import load, make_agent
 from dreamer_jax.checkpoint import Checkpointer, CheckpointError
 from dreamer_jax.config import ConfigError
 from dreamer_jax.envs import VectorEnv
+from dreamer_jax.seeds import seed_config, stack
 
 
 def _files(logdir):
@@ -29,7 +30,7 @@ def saved_run(tmp_path_factory):
     checkpointer = Checkpointer(logdir / "checkpoints")
     for step, seed in ((3, 1), (7, 2)):
         state = agent.init(jax.random.key(seed))
-        checkpointer.save(step, state, {"step": step})
+        checkpointer.save(step, stack([state]), {"step": step})  # a single run: one seed
     checkpointer.close()
     return logdir, state
 
@@ -77,3 +78,26 @@ def test_checkpoint_of_other_sizes_is_one_line(saved_run, tmp_path):
     with pytest.raises(CheckpointError, match="other network sizes") as info:
         load(tmp_path)
     assert "\n" not in str(info.value)
+
+
+def test_each_seed_of_a_many_seed_run_loads_from_its_folder(tmp_path):
+    """A `--num_seeds 3 --seed 4` run: checkpoints hold all seeds; `seed_<s>/` holds the
+    config of the single run it is. Loading a seed folder gives that seed's state."""
+    config = tiny_config(logdir=str(tmp_path), seed=4, num_seeds=3)
+    config.save(tmp_path / "config.yaml")
+    for seed in (4, 5, 6):
+        (tmp_path / f"seed_{seed}").mkdir()
+        seed_config(config, seed, tmp_path / f"seed_{seed}").save(
+            tmp_path / f"seed_{seed}" / "config.yaml"
+        )
+    agent = make_agent(config)
+    states = [agent.init(jax.random.key(k)) for k in (10, 11, 12)]
+    checkpointer = Checkpointer(tmp_path / "checkpoints")
+    checkpointer.save(5, stack(states), {"step": 5})
+    checkpointer.close()
+
+    run = load(tmp_path / "seed_5")
+    assert run.step == 5 and run.config.seed == 5 and run.config.num_seeds == 1
+    chex.assert_trees_all_equal(run.state.replace(key=None), states[1].replace(key=None))
+    with pytest.raises(CheckpointError, match=r"holds seeds 4\.\.6; load one, e\.g\. .*seed_4$"):
+        load(tmp_path)

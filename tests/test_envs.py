@@ -268,3 +268,57 @@ def test_atari_auto_reset_matches_raw_envpool(make_env):
     assert {i for _, i in ends["terminated"]} == set(range(n))
     assert len({t for t, _ in ends["terminated"]}) >= 3 and len(ends["truncated"]) >= 3
     raw.close()
+
+
+def test_seed_groups_are_the_envs_of_single_seed_pools(make_env):
+    """One pool for N seeds: group g steps exactly as a pool of its own seeded seeds[g]
+    (sticky actions and resets included)."""
+    limit = dict(time_limit=12, action_repeat=4)
+    pooled = make_env("atari_pong", num_envs=4, seed=[3, 8], **limit)
+    alone = [make_env("atari_pong", num_envs=2, seed=s, **limit) for s in (3, 8)]
+    rng = np.random.default_rng(0)
+    got, want = [pooled.reset()], [[env.reset() for env in alone]]
+    for _ in range(30):
+        action = pooled.random_actions(rng)
+        got.append(pooled.step(action))
+        want.append([env.step(action[2 * g : 2 * g + 2]) for g, env in enumerate(alone)])
+    assert sum(step["is_first"].sum() for step in got[1:]) >= 4  # resets happened
+    for pooled_step, alone_steps in zip(got, want, strict=True):
+        for key in pooled_step:
+            np.testing.assert_array_equal(
+                pooled_step[key], np.concatenate([s[key] for s in alone_steps]), err_msg=key
+            )
+
+
+def test_seed_groups_must_split_the_envs_evenly():
+    with pytest.raises(ValueError, match="3 envs cannot be split into 2 seed groups"):
+        VectorEnv("classic_cartpole", 3, [0, 1])
+
+
+@pytest.mark.parametrize("task, repeat", [("atari_pong", 4), ("classic_cartpole", 3)])
+def test_inactive_envs_do_not_move(make_env, task, repeat):
+    """An env left out of a step keeps its observation and its random stream: its active
+    steps are those of an env stepped only then."""
+    limit = dict(time_limit=10, action_repeat=repeat)
+    gappy = make_env(task, num_envs=2, seed=5, **limit)
+    steady = make_env(task, num_envs=2, seed=5, **limit)
+    rng = np.random.default_rng(1)
+    first = gappy.reset()
+    steady.reset()
+    last = first
+    resets = 0
+    for t in range(40):
+        action = gappy.random_actions(rng)
+        active = np.array([True, t % 3 != 0])
+        step = gappy.step(action, active)
+        if not active[1]:
+            key = "image" if "image" in step else "vector"
+            np.testing.assert_array_equal(step[key][1], last[key][1])
+            assert step["reward"][1] == 0 and not step["is_first"][1] and not step["is_last"][1]
+        else:
+            want = steady.step(action)
+            for key in step:
+                np.testing.assert_array_equal(step[key][1], want[key][1], err_msg=key)
+            resets += int(want["is_first"][1])
+        last = step
+    assert resets >= 1

@@ -22,7 +22,7 @@ class StubEnv:
     """`VectorEnv`'s interface. Env i plays episodes of `lengths[i]` steps; every step of its
     k-th episode (from 0) gives reward k + 1, so that episode returns (k + 1) * lengths[i].
     Like envpool, an env whose episode ended resets on the next step (is_first, reward 0).
-    Images hold the number of `step` calls so far."""
+    Images hold the number of `step` calls so far; `moves` counts each env's own steps."""
 
     num_actions, discrete = 2, True
 
@@ -36,20 +36,24 @@ class StubEnv:
     def reset(self):
         n = self.num_envs
         self.calls = 0
+        self.moves = np.zeros(n, int)
         self.t = np.zeros(n, int)
         self.episode = np.zeros(n, int)
         self.done = np.zeros(n, bool)
         return self._obs(np.zeros(n), np.ones(n, bool), np.zeros(n, bool))
 
-    def step(self, action):
+    def step(self, action, active=None):
         assert action.shape == (self.num_envs, self.num_actions)
+        active = np.ones(self.num_envs, bool) if active is None else active
         self.calls += 1
-        is_first = self.done
+        self.moves += active
+        is_first = self.done & active
         self.episode += is_first
-        self.t = np.where(is_first, 0, self.t + 1)
-        reward = np.where(is_first, 0.0, self.episode + 1.0)
-        self.done = ~is_first & (self.t == self.lengths)
-        return self._obs(reward, is_first, self.done)
+        self.t = np.where(is_first, 0, self.t + active)
+        reward = np.where(is_first | ~active, 0.0, self.episode + 1.0)
+        is_last = active & ~is_first & (self.t == self.lengths)
+        self.done = np.where(active, is_last, self.done)
+        return self._obs(reward, is_first, is_last)
 
     def _obs(self, reward, is_first, is_last):
         shape, dtype = self.obs_space[self._key]
@@ -59,26 +63,29 @@ class StubEnv:
 
 
 class StubAgent:
-    """Always action 0; records the keys it is given."""
+    """`Agent.act_seeds`' interface: always action 0; records the keys `[N]` it is given and
+    hands back the first half of each key's split, as the agent does."""
 
-    def __init__(self):
+    def __init__(self, obs_key):
+        self.obs_key = obs_key
         self.keys = []
 
-    def initial_carry(self, num_envs):
-        return np.zeros(num_envs)
+    def initial_carry(self, num_envs, num_seeds):
+        return np.zeros((num_seeds, num_envs))
 
-    def policy_step(self, state, obs, carry, key, mode="train"):
-        assert mode == "eval"
-        self.keys.append(key)
-        return np.eye(2, dtype=np.float32)[np.zeros(len(obs["reward"]), int)], carry + 1
+    def act_seeds(self, states, obs, carry, keys, mode="train"):
+        assert mode == "eval" and obs["is_first"].shape == carry.shape
+        self.keys.append(keys)
+        action = np.eye(2, dtype=np.float32)[np.zeros(carry.shape, int)]
+        return action, carry + 1, jax.vmap(jax.random.split)(keys)[:, 0]
 
 
-def _evaluate(lengths, episodes, image=False, record_video=False):
-    agent = StubAgent()
-    result = evaluate(
-        agent, StubEnv(lengths, image), None, episodes, jax.random.key(0), record_video
-    )
-    return agent, result
+def _evaluate(lengths, episodes, image=False, record_video=False, num_seeds=1):
+    env = StubEnv(lengths, image)
+    agent = StubAgent(env._key)
+    keys = jax.random.split(jax.random.key(0), num_seeds)
+    results = evaluate(agent, env, None, episodes, keys, record_video)
+    return agent, (results[0] if num_seeds == 1 else results), env
 
 
 @pytest.mark.parametrize(
@@ -91,36 +98,52 @@ def test_episode_shares(episodes, envs, shares):
 def test_long_episodes_count_as_much_as_short_ones():
     # Env 0 finishes two 2-step episodes before env 1's 10-step one: keeping the first two
     # to finish would give [2, 4].
-    _, result = _evaluate([2, 10], episodes=2)
+    _, result, _ = _evaluate([2, 10], episodes=2)
     assert result.returns == [2.0, 10.0]
     assert result.lengths == [2, 10]
 
 
 def test_fewer_episodes_than_envs_counts_env_0_only():
-    _, result = _evaluate([5, 2, 3], episodes=1)
+    _, result, _ = _evaluate([5, 2, 3], episodes=1)
     assert result.returns == [5.0] and result.lengths == [5]
 
 
 def test_uneven_shares_env_major_order_and_key_stream():
     # Shares [2, 2, 1]. Env 0's episodes end at steps 3 and 7 (step 4 is its reset), env 1's
     # at 1 and 3, env 2's at 2: seven policy steps, env 1's and 2's later episodes ignored.
-    agent, result = _evaluate([3, 1, 2], episodes=5)
+    agent, result, _ = _evaluate([3, 1, 2], episodes=5)
     assert result.returns == [3.0, 6.0, 1.0, 2.0, 2.0]
     assert result.lengths == [3, 3, 1, 1, 2]
-    key, expected = jax.random.key(0), []
+    key, expected = jax.random.split(jax.random.key(0), 1)[0], []
     for _ in range(7):
-        key, step_key = jax.random.split(key)
-        expected.append(jax.random.key_data(step_key))
-    np.testing.assert_array_equal(np.stack([jax.random.key_data(k) for k in agent.keys]), expected)
+        expected.append(jax.random.key_data(key))
+        key, _ = jax.random.split(key)
+    got = [jax.random.key_data(k[0]) for k in agent.keys]
+    np.testing.assert_array_equal(np.stack(got), expected)
 
 
 def test_video_is_env_0_first_episode():
-    _, result = _evaluate([3, 1], episodes=4, image=True, record_video=True)
+    _, result, _ = _evaluate([3, 1], episodes=4, image=True, record_video=True)
     frames = np.stack(result.frames)
     chex.assert_shape(frames, (3, 2, 2, 1))
     np.testing.assert_array_equal(frames[:, 0, 0, 0], [0, 1, 2])  # reset obs, steps 1 and 2
     assert _evaluate([3, 1], episodes=4, image=True)[1].frames == []
     assert _evaluate([3, 1], episodes=4, record_video=True)[1].frames == []
+
+
+def test_each_seed_plays_as_if_alone_and_then_stops():
+    """Two seeds of two envs in one pool: each seed's result, frames and env steps are those
+    of its envs evaluated alone; a seed's envs stop once its episodes are done."""
+    _, results, env = _evaluate(
+        [3, 1, 2, 6], episodes=3, image=True, record_video=True, num_seeds=2
+    )
+    for i, lengths in enumerate(([3, 1], [2, 6])):
+        _, alone, alone_env = _evaluate(lengths, episodes=3, image=True, record_video=True)
+        assert results[i].returns == alone.returns and results[i].lengths == alone.lengths
+        np.testing.assert_array_equal(env.moves[2 * i : 2 * i + 2], alone_env.moves)
+        assert len(results[i].frames) == len(alone.frames) == lengths[0]
+    # Seed 1's last episode ended at step 6; the pool went on to step 7 for seed 0 alone.
+    assert env.calls == 7 and list(env.moves) == [7, 7, 6, 6]
 
 
 def test_no_episodes_is_an_error():

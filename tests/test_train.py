@@ -260,9 +260,9 @@ class RecordingEnv:
         self.sent = []
         return self.returned[-1]
 
-    def step(self, action):
+    def step(self, action, active=None):
         self.sent.append(np.array(action))
-        self.returned.append({k: v.copy() for k, v in self.env.step(action).items()})
+        self.returned.append({k: v.copy() for k, v in self.env.step(action, active).items()})
         return self.returned[-1]
 
 
@@ -305,12 +305,10 @@ def test_replay_holds_exactly_what_the_envs_saw(tmp_path, monkeypatch, presets, 
         {"task": task, "logdir": str(tmp_path), "envs": 2, "steps": 640, "prefill": 200,
          "eval_every": 320, "log_every": 320, "wandb.mode": "disabled"},
     )  # fmt: skip
-    created = []
+    created, make_env = [], train_module.make_env
 
-    def recording_make_env(config, num_envs, seed):
-        created.append(RecordingEnv(train_module.VectorEnv(
-            config.task, num_envs, seed, config.time_limit, config.action_repeat
-        )))  # fmt: skip
+    def recording_make_env(config, num_envs, seeds):
+        created.append(RecordingEnv(make_env(config, num_envs, seeds)))
         return created[-1]
 
     monkeypatch.setattr(train_module, "make_env", recording_make_env)
