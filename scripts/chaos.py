@@ -1,6 +1,6 @@
 """Kill a real training run at random moments and check that it always recovers.
 
-    python scripts/chaos.py --kills 3 [--seed 0] [--logdir DIR] [-- extra train options]
+    python scripts/chaos.py --kills 3 [--seed 0] [--num_seeds 1] [--logdir DIR] [-- extra options]
 
 Starts `python -m dreamer_jax.train` on a tiny classic-control config, SIGKILLs it at a
 random moment K times, restarts it each time, then lets it finish. Checks, every time:
@@ -9,6 +9,8 @@ random moment K times, restarts it each time, then lets it finish. Checks, every
 - every episode file finished before a kill is still there, loads (allow_pickle=False),
   and is in the replay after the restart (none skipped as corrupt);
 - the final run exits 0 and metrics.jsonl has strictly increasing, unique steps.
+With `--num_seeds N` the run trains seeds 0..N-1 in one program and every seed's folder is
+checked. `--seed` seeds the kill moments.
 Prints one line per kill and a summary; exits 1 on the first failed check.
 """
 
@@ -46,12 +48,20 @@ def check(condition: bool, message: str) -> None:
         raise ChaosFailure(message)
 
 
-def episode_files(logdir: pathlib.Path) -> dict[str, int]:
-    """Final episode files and their lengths."""
-    replay = logdir / "replay"
-    if not replay.is_dir():
-        return {}
-    return {p.name: int(m.group(2)) for p in replay.iterdir() if (m := EPISODE.match(p.name))}
+def seed_dirs(logdir: pathlib.Path, num_seeds: int) -> list[pathlib.Path]:
+    """Where each seed's replay and metrics are (train.py's layout)."""
+    return [logdir] if num_seeds == 1 else [logdir / f"seed_{s}" for s in range(num_seeds)]
+
+
+def episode_files(folders: list[pathlib.Path]) -> dict[pathlib.Path, int]:
+    """Final episode files of every seed and their lengths."""
+    files = {}
+    for replay in (folder / "replay" for folder in folders):
+        if replay.is_dir():
+            files.update(
+                {p: int(m.group(2)) for p in replay.iterdir() if (m := EPISODE.match(p.name))}
+            )
+    return files
 
 
 def checkpoint_steps(logdir: pathlib.Path) -> list[int]:
@@ -106,8 +116,10 @@ def verify_restart(log, process, files_before, last_checkpoint, minimum_length):
     return int(resumed.group(1)) if resumed else 0
 
 
-def run(kills: int, seed: int, logdir: pathlib.Path, extra: list[str]) -> None:
+def run(kills: int, seed: int, logdir: pathlib.Path, extra: list[str], num_seeds: int) -> None:
     rng = np.random.default_rng(seed)
+    folders = seed_dirs(logdir, num_seeds)
+    extra = [*extra, "--num_seeds", str(num_seeds)]
     minimum_length = 10  # the debug preset's replay.minlen and dataset.length
     # Each kill comes after at least one new checkpoint (300 steps), often more: leave room.
     steps = 1000 * (kills + 2)
@@ -131,15 +143,15 @@ def run(kills: int, seed: int, logdir: pathlib.Path, extra: list[str]) -> None:
         steps_before = checkpoint_steps(logdir)
         process.send_signal(signal.SIGKILL)
         process.wait()
-        files_before = episode_files(logdir)
-        for name in files_before:
-            with np.load(logdir / "replay" / name, allow_pickle=False) as data:
-                check("is_first" in data.files, f"episode file {name} is incomplete")
+        files_before = episode_files(folders)
+        for path in files_before:
+            with np.load(path, allow_pickle=False) as data:
+                check("is_first" in data.files, f"episode file {path} is incomplete")
         last_checkpoint = steps_before[-1] if steps_before else None
         killed += 1
         process, log = start(logdir, steps, extra)
         resumed = verify_restart(log, process, files_before, last_checkpoint, minimum_length)
-        missing = set(files_before) - set(episode_files(logdir))
+        missing = set(files_before) - set(episode_files(folders))
         check(not missing, f"episode files vanished: {sorted(missing)[:5]}")
         print(
             f"kill {kill + 1}: checkpoint before kill {last_checkpoint}, resumed at {resumed}, "
@@ -147,9 +159,10 @@ def run(kills: int, seed: int, logdir: pathlib.Path, extra: list[str]) -> None:
             flush=True,
         )
     check(process.wait(timeout=1800) == 0, f"final run failed: {log.read_text()[-2000:]}")
-    logged = [row["step"] for row in read_metrics(logdir / "metrics.jsonl")]
-    check(logged == sorted(set(logged)), f"metrics steps repeat or go back: {logged}")
-    check(logged[-1] >= steps - 100, f"the run did not reach its end: last step {logged[-1]}")
+    for folder in folders:
+        logged = [row["step"] for row in read_metrics(folder / "metrics.jsonl")]
+        check(logged == sorted(set(logged)), f"{folder}: metrics steps repeat or go back: {logged}")
+        check(logged[-1] >= steps - 100, f"{folder}: the run stopped at step {logged[-1]}")
     check(killed == kills, f"only {killed} of {kills} kills happened before the run finished")
     print(f"chaos: {killed} kills survived; {len(logged)} log rows, final step {logged[-1]}")
 
@@ -158,12 +171,13 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num_seeds", type=int, default=1)
     parser.add_argument("--logdir", type=pathlib.Path, default=None)
     args, extra = parser.parse_known_args(argv)
     extra = [a for a in extra if a != "--"]
     logdir = args.logdir or pathlib.Path(tempfile.mkdtemp(prefix="chaos-")) / "run"
     try:
-        run(args.kills, args.seed, logdir, extra)
+        run(args.kills, args.seed, logdir, extra, args.num_seeds)
     except ChaosFailure as failure:
         print(f"chaos: FAILED: {failure}", file=sys.stderr)
         return 1

@@ -521,3 +521,84 @@ def test_first_ctrl_c_is_acknowledged_at_once_and_a_second_quits():
         process.kill()
     assert process.returncode == 128 + signal.SIGINT
     assert "quitting now" in rest and "done" not in rest
+
+
+SEEDS = [*CLASSIC, "--steps", "800", "--eval_every", "400"]
+
+
+@pytest.fixture(scope="module")
+def two_seed_run(tmp_path_factory):
+    """`--num_seeds 2 --seed 1`, and the single run `--seed 2` it must contain."""
+    root = tmp_path_factory.mktemp("seeds")
+    for name, extra in (("both", ["--num_seeds", "2", "--seed", "1"]), ("alone", ["--seed", "2"])):
+        result = run_cli(*SEEDS, "--logdir", str(root / name), *extra)
+        assert result.returncode == 0, result.stderr[-3000:]
+    return root
+
+
+def test_each_seed_has_the_folder_of_a_single_run(two_seed_run):
+    logdir = two_seed_run / "both"
+    assert yaml.safe_load((logdir / "config.yaml").read_text())["num_seeds"] == 2
+    assert (logdir / "checkpoints").is_dir() and not (logdir / "metrics.jsonl").exists()
+    for seed in (1, 2):
+        folder = logdir / f"seed_{seed}"
+        saved = yaml.safe_load((folder / "config.yaml").read_text())
+        assert saved["seed"] == seed and saved["num_seeds"] == 1
+        assert saved["logdir"] == str(folder)
+        assert read_metrics(folder / "metrics.jsonl")
+        assert list(folder.glob("events.out.tfevents.*")) and list(folder.glob("openl_*.gif"))
+        assert list((folder / "replay").glob("*.npz"))
+
+
+def _assert_same_run(together, alone):
+    """The seed folder `together` saw the same envs, took the same actions and learned the
+    same (up to float rounding of batched matmuls) as the single run in `alone`."""
+    files = sorted(p.name for p in (together / "replay").glob("*.npz"))
+    assert files == sorted(p.name for p in (alone / "replay").glob("*.npz")) and files
+    for name in files:
+        with np.load(together / "replay" / name) as a, np.load(alone / "replay" / name) as b:
+            for key in a.files:
+                np.testing.assert_array_equal(a[key], b[key], err_msg=f"{name}: {key}")
+    rows_together = _comparable(read_metrics(together / "metrics.jsonl"))
+    rows_alone = _comparable(read_metrics(alone / "metrics.jsonl"))
+    assert [r.keys() for r in rows_together] == [r.keys() for r in rows_alone]
+    for a, b in zip(rows_together, rows_alone, strict=True):
+        for key in a:
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-6, err_msg=key)
+    return rows_together
+
+
+def test_a_seed_of_a_many_seed_run_is_that_single_run(two_seed_run):
+    rows = _assert_same_run(two_seed_run / "both" / "seed_2", two_seed_run / "alone")
+    other = read_metrics(two_seed_run / "both" / "seed_1" / "metrics.jsonl")
+    assert other[-1]["model_loss"] != rows[-1]["model_loss"]
+
+
+def test_each_seed_evaluates_from_its_folder(two_seed_run):
+    logdir = two_seed_run / "both"
+    command = [sys.executable, "-m", "dreamer_jax.eval", "--episodes", "2"]
+    result = subprocess.run(
+        [*command, "--logdir", str(logdir / "seed_2")], cwd=ROOT, capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "classic_cartpole step 800" in result.stdout
+    whole = subprocess.run(
+        [*command, "--logdir", str(logdir)], cwd=ROOT, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert whole.returncode == 2 and "holds seeds 1..2; load one" in whole.stderr
+
+
+@pytest.mark.slow
+def test_a_resumed_many_seed_run_is_each_single_run_resumed(tmp_path):
+    """Stopped at 400 and resumed to 800, seed 2 of the two-seed run is the single run of
+    seed 2 stopped and resumed there: every seed's streams (acting, replay, eval, report)
+    are in the one checkpoint."""
+    runs = {"both": ["--num_seeds", "2", "--seed", "1"], "alone": ["--seed", "2"]}
+    for name, extra in runs.items():
+        for steps in ("400", "800"):
+            result = run_cli(*SEEDS, "--steps", steps, "--logdir", str(tmp_path / name), *extra)
+            assert result.returncode == 0, result.stderr[-3000:]
+        assert "resuming from checkpoint at step 400" in result.stdout
+    _assert_same_run(tmp_path / "both" / "seed_2", tmp_path / "alone")
