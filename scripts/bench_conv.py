@@ -1,6 +1,7 @@
 """Micro-benchmark: the image encoder and decoder against today's flax convolution layers.
 
     python scripts/bench_conv.py [--sizes atari debug] [--repeats 3] [--precision 32|bf16]
+    python scripts/bench_conv.py --seeds 4 --frames 64   # N seeds under vmap vs N calls
 
 Times forward + backward (jit, `jax.value_and_grad` of a sum-of-squares loss) of
 `ConvEncoder` / `ConvDecoder` (matmul lowering) and of the same stacks built from flax's
@@ -11,6 +12,11 @@ from the config presets (`atari`: 16×50 frames, depth 48; `debug`: 4×10 frames
 The two versions run interleaved (A, B, A, B, ...) and the best of `--repeats` is kept, so a
 busy machine slows both alike. GFLOP are XLA's cost analysis of each compiled function (the
 matmul lowering also counts the zeros it multiplies); the reference's count is the useful work.
+
+`--seeds N` times, for both lowerings, one `jax.vmap`ped call over N seeds (each its own
+parameters and `--frames` frames, as the N-seed update runs them) against N single calls:
+per-seed weights turn flax's convolutions into grouped convolutions, the matmul lowering
+into batched matmuls.
 """
 
 from __future__ import annotations
@@ -110,16 +116,52 @@ def bench(size: str, repeats: int, dtype: jnp.dtype) -> None:
         print(f"(max relative difference of loss and gradients: {difference:.1e})", flush=True)
 
 
+def bench_seeds(num_seeds: int, frames: int, repeats: int, dtype: jnp.dtype) -> None:
+    for name, new, ref, x, argnums in cases("atari", dtype):
+        x = x[:frames]
+        params = ref.init(jax.random.key(2), x)
+        seed_params = jax.vmap(lambda k, ref=ref, x=x: ref.init(k, x))(
+            jax.random.split(jax.random.key(4), num_seeds)
+        )
+        seed_x = jnp.stack([x] * num_seeds)
+        for impl, module in (("flax conv", ref), ("matmul", new)):
+            single, _ = compile_step(module, params, x, argnums)
+            loss = lambda p, x, m=module: jnp.sum(jnp.square(m.apply(p, x).astype(jnp.float32)))
+            batched = jax.jit(jax.vmap(jax.value_and_grad(loss, argnums)))
+            jax.block_until_ready(batched(seed_params, seed_x))
+            best_single = best_batched = float("inf")
+            for _ in range(repeats):
+                start = time.perf_counter()
+                for i in range(num_seeds):
+                    jax.block_until_ready(single(jax.tree.map(lambda a, i=i: a[i], seed_params), x))
+                best_single = min(best_single, time.perf_counter() - start)
+                start = time.perf_counter()
+                jax.block_until_ready(batched(seed_params, seed_x))
+                best_batched = min(best_batched, time.perf_counter() - start)
+            print(
+                f"| {name} | {impl} | {num_seeds} × {frames} | {1000 * best_single:.0f} | "
+                f"{1000 * best_batched:.0f} | {best_single / best_batched:.2f}× |",
+                flush=True,
+            )
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", nargs="+", choices=sorted(PRESETS), default=["atari", "debug"])
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per version")
     parser.add_argument("--precision", choices=["32", "bf16"], default="32")
+    parser.add_argument("--seeds", type=int, default=0, help="N seeds: vmap vs N calls")
+    parser.add_argument("--frames", type=int, default=64, help="frames per seed (--seeds)")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
     dtype = jnp.bfloat16 if args.precision == "bf16" else jnp.float32
     print(f"{jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
+    if args.seeds:
+        print("| net | lowering | seeds × frames | N calls ms | vmap ms | vmap speedup |")
+        print("|---|---|---|---|---|---|")
+        bench_seeds(args.seeds, args.frames, args.repeats, dtype)
+        return 0
     print("| size | net | lowering | ms (best) | XLA GFLOP | GFLOP/s | speedup |")
     print("|---|---|---|---|---|---|---|")
     for size in args.sizes:
