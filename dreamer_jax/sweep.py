@@ -7,9 +7,11 @@
 A sweep file (YAML) holds `tasks` and `seeds` (required), and optionally `name` (default:
 the file's stem), `configs` (presets), `overrides` (`{dotted.key: value}` or nested),
 `variants` (`{variant: overrides}`, default one variant `base` with none), `root` (default
-`runs`, relative to the working directory) and `slurm` (options of `--launcher slurm`).
+`runs`, relative to the working directory), `seeds_per_run` (default 1: seeds trained
+together in one program with `--num_seeds`) and `slurm` (options of `--launcher slurm`).
 
-Each run logs to `<root>/<name>/<task>/<variant>/seed_<s>`, its output to that path plus
+Each run logs to `<root>/<name>/<task>/<variant>/seed_<s>` (with `seeds_per_run` N > 1:
+`.../seeds_<s>-<s+N-1>`, holding a `seed_<s>` folder per seed), its output to that path plus
 `.log`. A run whose checkpoints reach its config's `steps` is finished and skipped; one
 whose logdir exists is resumed (train resumes by itself); others start fresh. Every run's
 config is checked before anything starts; a bad sweep file exits 2 with one line.
@@ -40,10 +42,13 @@ import yaml
 from dreamer_jax.config import ConfigError, load_config, program_name
 from dreamer_jax.envs import available_tasks
 
-FIELDS = ("name", "configs", "overrides", "tasks", "seeds", "variants", "root", "slurm")
+FIELDS = (
+    "name", "configs", "overrides", "tasks", "seeds", "seeds_per_run", "variants", "root",
+    "slurm",
+)  # fmt: skip
 DEFAULT_VARIANT = "base"
 # The grid sets these for every run; a sweep file must not.
-GRID_KEYS = ("task", "seed", "logdir")
+GRID_KEYS = ("task", "seed", "num_seeds", "logdir")
 STATUSES = ("done", "resumed", "skipped", "failed", "interrupted", "not started")
 _SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # a name that is one safe path segment
 _LOG_TAIL_BYTES = 4096
@@ -68,6 +73,7 @@ class Sweep:
     overrides: dict[str, Any]
     tasks: tuple[str, ...]
     seeds: tuple[int, ...]
+    seeds_per_run: int
     variants: dict[str, dict[str, Any]]
     root: pathlib.Path
     slurm: dict[str, Any]
@@ -75,7 +81,8 @@ class Sweep:
 
 @dataclass(frozen=True)
 class Run:
-    """One cell of the grid: its train command and where it logs; `steps` from its config."""
+    """One cell of the grid: its train command and where it logs; `steps` from its config.
+    It trains seeds `seed … seed + num_seeds − 1`."""
 
     task: str
     variant: str
@@ -83,10 +90,11 @@ class Run:
     logdir: pathlib.Path
     command: tuple[str, ...]
     steps: int
+    num_seeds: int = 1
 
     @property
     def name(self) -> str:
-        return f"{self.task}/{self.variant}/seed_{self.seed}"
+        return f"{self.task}/{self.variant}/{self.logdir.name}"
 
     @property
     def log(self) -> pathlib.Path:
@@ -156,6 +164,15 @@ def load_sweep(path: str | pathlib.Path) -> Sweep:
     seeds = _distinct(data["seeds"], int, "seeds", fail)
     if any(seed < 0 for seed in seeds):
         raise fail(f"'seeds' must be ints >= 0, got {list(seeds)}")
+    per_run = data.get("seeds_per_run", 1)
+    if isinstance(per_run, bool) or not isinstance(per_run, int) or per_run < 1:
+        raise fail(f"'seeds_per_run' must be an int >= 1, got {per_run!r}")
+    for group in _seed_groups(seeds, per_run):
+        if len(group) != per_run or group != tuple(range(group[0], group[0] + per_run)):
+            raise fail(
+                f"'seeds_per_run' {per_run} needs the seeds in runs of {per_run} consecutive "
+                f"ints, got {list(group)}"
+            )
     configs = data.get("configs", [])
     if not isinstance(configs, list) or not all(isinstance(c, str) for c in configs):
         raise fail(f"'configs' must be a list of preset names, got {configs!r}")
@@ -178,10 +195,16 @@ def load_sweep(path: str | pathlib.Path) -> Sweep:
         overrides=_overrides(data.get("overrides"), "overrides", fail),
         tasks=tasks,
         seeds=seeds,
+        seeds_per_run=per_run,
         variants={v: _overrides(o, f"variant '{v}'", fail) for v, o in variants.items()},
         root=pathlib.Path(root),
         slurm=dict(slurm),
     )
+
+
+def _seed_groups(seeds: Sequence[int], per_run: int) -> list[tuple[int, ...]]:
+    """The seeds, in order, cut into the groups of `per_run` that train together."""
+    return [tuple(seeds[i : i + per_run]) for i in range(0, len(seeds), per_run)]
 
 
 def _distinct(values: Any, kind: type, field: str, fail) -> tuple:
@@ -244,25 +267,30 @@ def expand(sweep: Sweep) -> list[Run]:
                 **sweep.overrides,
                 **variant_overrides,
             }
-            for seed in sweep.seeds:
-                logdir = sweep.root / sweep.name / task / variant / f"seed_{seed}"
+            for group in _seed_groups(sweep.seeds, sweep.seeds_per_run):
+                seed, count = group[0], len(group)
+                folder = f"seed_{seed}" if count == 1 else f"seeds_{seed}-{group[-1]}"
+                logdir = sweep.root / sweep.name / task / variant / folder
                 args = ["--task", task, "--seed", str(seed), "--logdir", str(logdir)]
+                if count > 1:
+                    args += ["--num_seeds", str(count)]
                 if sweep.configs:
                     args = ["--configs", *sweep.configs, *args]
                 for key, value in overrides.items():
                     args += [f"--{key}", _cli_value(value)]
-                name = f"{task}/{variant}/seed_{seed}"
                 try:
                     config = load_config(args)
                 except ConfigError as error:
+                    name = f"{task}/{variant}/{folder}"
                     raise SweepError(f"{sweep.path}: run {name}: {error}") from None
                 command = (sys.executable, "-m", "dreamer_jax.train", *args)
-                runs.append(Run(task, variant, seed, logdir, command, config.steps))
+                runs.append(Run(task, variant, seed, logdir, command, config.steps, count))
     return runs
 
 
 def select(runs: Sequence[Run], pattern: str | None) -> list[Run]:
-    """The runs whose `<task>/<variant>/seed_<s>` matches the fnmatch `pattern` (None: all)."""
+    """The runs whose `<task>/<variant>/seed_<s>` (or `.../seeds_<a>-<b>`) matches the fnmatch
+    `pattern` (None: all)."""
     if pattern is None:
         return list(runs)
     chosen = [run for run in runs if fnmatch.fnmatchcase(run.name, pattern)]
@@ -503,7 +531,8 @@ def slurm_jobs(sweep: Sweep, runs: Sequence[Run]) -> list[SlurmJob]:
             log=run.log,
             parameters={
                 **options,
-                "slurm_job_name": f"{sweep.name}-{run.task}-{run.variant}-{run.seed}",
+                "slurm_job_name": f"{sweep.name}-{run.task}-{run.variant}-{run.seed}"
+                + (f"-{run.seed + run.num_seeds - 1}" if run.num_seeds > 1 else ""),
             },
         )
         for run in runs

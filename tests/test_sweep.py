@@ -88,6 +88,30 @@ def test_grid_expands_tasks_variants_seeds_with_layout_and_overrides(tmp_path):
         assert config.wandb.group == "study" and list(config.wandb.tags) == [run.variant]
 
 
+def test_seeds_per_run_packs_consecutive_seeds_into_one_program(tmp_path):
+    path = write_sweep(
+        tmp_path,
+        f"""
+        name: packed
+        configs: [classic, debug]
+        tasks: [classic_cartpole]
+        seeds: [4, 5, 6, 7, 0, 1, 2, 3]
+        seeds_per_run: 4
+        root: {tmp_path}
+        """,
+    )
+    runs = expand(load_sweep(path))
+    assert [run.name for run in runs] == [
+        "classic_cartpole/base/seeds_4-7",
+        "classic_cartpole/base/seeds_0-3",
+    ]
+    for run, first in zip(runs, (4, 0), strict=True):
+        config = run_config(run)
+        assert (config.seed, config.num_seeds, run.seed, run.num_seeds) == (first, 4, first, 4)
+        assert run.logdir == tmp_path / "packed" / "classic_cartpole" / "base" / run.logdir.name
+        assert config.logdir == str(run.logdir)
+
+
 def test_without_variants_there_is_one_named_base(tmp_path):
     path = write_sweep(tmp_path, "tasks: [classic_cartpole]\nseeds: [0]\n", name="mine.yaml")
     sweep = load_sweep(path)
@@ -170,6 +194,14 @@ BAD_SWEEPS = [
     ("tasks: [classic_cartpole]\nseeds: [0]\nname: a/b\n", "'name' must be"),
     ("tasks: [classic_cartpole]\nseeds: [0]\noverrides: {seed: 3}\n",
      "overrides sets seed, which the grid sets"),
+    ("tasks: [classic_cartpole]\nseeds: [0]\noverrides: {num_seeds: 3}\n",
+     "overrides sets num_seeds, which the grid sets"),
+    ("tasks: [classic_cartpole]\nseeds: [0, 1]\nseeds_per_run: 0\n",
+     "'seeds_per_run' must be an int >= 1, got 0"),
+    ("tasks: [classic_cartpole]\nseeds: [0, 2]\nseeds_per_run: 2\n",
+     "needs the seeds in runs of 2 consecutive ints, got [0, 2]"),
+    ("tasks: [classic_cartpole]\nseeds: [0, 1, 2]\nseeds_per_run: 2\n",
+     "needs the seeds in runs of 2 consecutive ints, got [2]"),
     ("tasks: [classic_cartpole]\nseeds: [0]\nvariants: {v: [1]}\n", "variant 'v' must be a map"),
     ("tasks: [classic_cartpole]\nseeds: [0]\nconfigs: [nope]\n",
      "run classic_cartpole/base/seed_0: unknown config preset 'nope'"),
