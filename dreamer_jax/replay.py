@@ -47,6 +47,13 @@ StepSpec = dict[str, tuple[tuple[int, ...], np.dtype]]
 _FILENAME = re.compile(r"^\.?(\d+)-(\d+)\.npz(\.tmp)?$")
 
 
+def bytes_per_step(spec: StepSpec) -> int:
+    """Memory one stored step takes (Atari: 4121 bytes)."""
+    return sum(
+        int(np.prod(shape, dtype=int)) * np.dtype(dtype).itemsize for shape, dtype in spec.values()
+    )
+
+
 class ReplayDirectoryError(DirectoryError):
     """The replay directory cannot be created or written. The message is one line."""
 

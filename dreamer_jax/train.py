@@ -40,7 +40,7 @@ from dreamer_jax.eval import evaluate
 from dreamer_jax.logger import METRICS_FILE, LogdirError, Logger, WandbError
 from dreamer_jax.paths import DirectoryError, ensure_writable, lock_directory
 from dreamer_jax.provenance import provenance, record_start
-from dreamer_jax.replay import Replay
+from dreamer_jax.replay import Replay, bytes_per_step
 from dreamer_jax.report import open_loop_video
 from dreamer_jax.seeds import (
     init_keys,
@@ -206,6 +206,24 @@ class StopSignal:
         self._writer.close()  # the watcher's recv() returns b"" and it ends
         self._watcher.join(timeout=5)
         self._reader.close()
+
+
+def replay_memory_warning(config: Config, spec: dict, memory_bytes: int) -> str | None:
+    """A warning when the replays of all seeds, once full (`replay.capacity` steps, or the
+    whole run if shorter), would need more than 80 % of the machine's `memory_bytes`."""
+    steps = min(config.replay.capacity, config.steps)
+    need = config.num_seeds * steps * bytes_per_step(spec)
+    if need <= 0.8 * memory_bytes:
+        return None
+    return (
+        f"warning: the replay of {config.num_seeds} seed(s) grows to {need / 2**30:.1f} GiB "
+        f"({steps} steps each) on a machine with {memory_bytes / 2**30:.1f} GiB; lower "
+        "--replay.capacity or --num_seeds, or the run will run out of memory later"
+    )
+
+
+def _physical_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def check_inputs(config: Config, logdir: pathlib.Path) -> Agent:
@@ -496,6 +514,9 @@ def _train(
     eval_env = make_env(
         config, config.eval_envs, [env_seed(s, step, resumed, EVAL_SEED_OFFSET) for s in seeds]
     )
+    warning = replay_memory_warning(config, env.step_spec, _physical_memory())
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     run_info = record_start(logdir, provenance(argv), step)
     run_info = {k: v for k, v in run_info.items() if k != "starts"}
     loggers: list[Logger] = []

@@ -602,3 +602,18 @@ def test_a_resumed_many_seed_run_is_each_single_run_resumed(tmp_path):
             assert result.returncode == 0, result.stderr[-3000:]
         assert "resuming from checkpoint at step 400" in result.stdout
     _assert_same_run(tmp_path / "both" / "seed_2", tmp_path / "alone")
+
+
+def test_replay_memory_warning_counts_every_seed():
+    spec = {"image": ((64, 64, 1), np.uint8), "action": ((18,), np.uint8),
+            "reward": ((), np.float32), "is_first": ((), bool), "is_last": ((), bool),
+            "is_terminal": ((), bool)}  # fmt: skip
+    config = make_config(["atari"], {"num_seeds": 8})  # 2e6 steps × 4121 B × 8 = 61.4 GiB
+    warning = train_module.replay_memory_warning(config, spec, 64 * 2**30)
+    assert warning and "replay of 8 seed(s) grows to 61.4 GiB" in warning
+    assert "--replay.capacity" in warning
+    assert train_module.replay_memory_warning(config, spec, 128 * 2**30) is None
+    single = make_config(["atari"])
+    assert train_module.replay_memory_warning(single, spec, 64 * 2**30) is None
+    short = make_config(["atari"], {"num_seeds": 8, "steps": 100_000})  # never fills up
+    assert train_module.replay_memory_warning(short, spec, 64 * 2**30) is None
