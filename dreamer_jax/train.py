@@ -3,6 +3,12 @@
 
     python -m dreamer_jax.train --configs atari --task atari_pong --logdir runs/atari_pong/0
     python -m dreamer_jax.train --configs classic --task classic_cartpole --logdir runs/cartpole/0
+    python -m dreamer_jax.train --configs atari --task atari_boxing --logdir runs/box --num_seeds 8
+
+`--num_seeds N` trains seeds seed..seed+N-1 as one program (`dreamer_jax.seeds`): each seed
+is the single run `--seed s` and logs to `<logdir>/seed_<s>/`; one checkpoint holds them all.
+The loop is one piece per concern: `Acting` (envs, policy, replay writes), `Learning`
+(updates owed and paid), `Evaluating`, `Logging`, and the checkpoint of their states.
 
 Tasks: atari_<game> (the paper's 55 games, e.g. atari_ms_pacman), classic_cartpole,
 classic_acrobot, dmc_<domain>_<task> (e.g. dmc_walker_walk).
