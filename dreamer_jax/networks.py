@@ -118,7 +118,8 @@ def conv_transpose_stride2(x: jax.Array, kernel: jax.Array) -> jax.Array:
     `[N, H, W, C]`, kernel `[k, k, C, O]` -> `[N, 2H+k-2, 2W+k-2, O]`.
 
     flax does not flip the kernel: input pixel `i` adds `x[i]·kernel[k-1-a]` to output pixel
-    `2i+a`. Two exact lowerings; each materializes one large array, so the smaller wins:
+    `2i+a`. A 1×1 input is one matmul with the flipped kernel. Otherwise two exact lowerings;
+    each materializes one large array, so the smaller wins:
     - `4·O <= C`: the adjoint (transpose) of `conv_stride2` with the flipped kernel, its in and
       out channels swapped. Its matmul maps each input pixel to all the output values it
       touches, then adds them up in place: t²·4·O values per input pixel (`t = ceil(k/2)`).
@@ -128,6 +129,10 @@ def conv_transpose_stride2(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """
     k, _, c, o = kernel.shape
     n, h, w, _ = x.shape
+    if h == w == 1:
+        # The decoder's first layer: no two taps meet, so output pixel a is x·kernel[k-1-a].
+        flipped = kernel[::-1, ::-1].transpose(2, 0, 1, 3).reshape(c, k * k * o)
+        return (x.reshape(n, c) @ flipped).reshape(n, k, k, o)
     if 4 * o <= c:
         out = jax.ShapeDtypeStruct((n, 2 * h + k - 2, 2 * w + k - 2, o), x.dtype)
         flipped = kernel[::-1, ::-1].swapaxes(2, 3)
