@@ -65,7 +65,8 @@ def evaluate(
     lengths: list[list[int]] = [[] for _ in shares]
     frames: list[list[np.ndarray]] = [[] for _ in range(num_seeds)]
     obs = env.reset()
-    carry = agent.initial_carry(per_seed, num_seeds)
+    # Placed like the keys (and the states): the jitted policy then compiles once.
+    carry = jax.device_put(agent.initial_carry(per_seed, num_seeds), keys.sharding)
     running = np.zeros(env.num_envs)
     steps = np.zeros(env.num_envs, int)
     firsts = np.arange(num_seeds) * per_seed  # each seed's first env

@@ -264,7 +264,9 @@ class Acting:
     def __init__(self, agent, config, env, replays, seed_loops, sharding):
         self.agent, self.env, self.replays, self.sharding = agent, env, replays, sharding
         self.num_seeds, self.envs = len(replays), config.envs
-        self.act_keys = _wrap_key([loop["act_key"] for loop in seed_loops])
+        # Every input of the jitted policy placed like its outputs: one compile, not three.
+        act_keys = _wrap_key([seed_loop["act_key"] for seed_loop in seed_loops])
+        self.act_keys = jax.device_put(act_keys, sharding)
         self.random_rngs = [_generator(loop["random_rng"]) for loop in seed_loops]
         self.spec = env.step_spec
         self.obs = env.reset()
@@ -361,9 +363,10 @@ class Evaluating:
     """Every `eval_every` steps: `eval_eps` episodes of each seed's eval policy in its own
     eval envs (one pool for all seeds), and the open-loop report of its replay."""
 
-    def __init__(self, agent, config, env, seed_loops):
+    def __init__(self, agent, config, env, seed_loops, sharding):
         self.agent, self.config, self.env = agent, config, env
-        self.eval_keys = _wrap_key([loop["eval_key"] for loop in seed_loops])
+        eval_keys = _wrap_key([seed_loop["eval_key"] for seed_loop in seed_loops])
+        self.eval_keys = jax.device_put(eval_keys, sharding)
         # The open-loop report samples its chunks from a stream of its own, so that a report
         # never shifts the batches the learner sees (exact resume across evals).
         self.report_rngs = [_generator(loop["report_rng"]) for loop in seed_loops]
@@ -592,7 +595,7 @@ def _run_loop(
     )
     acting = Acting(agent, config, env, replays, loop["seeds"], sharding)
     learning = Learning(agent, config, replays, sharding, loop)
-    evaluating = Evaluating(agent, config, eval_env, loop["seeds"])
+    evaluating = Evaluating(agent, config, eval_env, loop["seeds"], sharding)
     logging = Logging(config, loggers, loop["step"], loop["updates"])
     step = loop["step"]
 

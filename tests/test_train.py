@@ -1,11 +1,13 @@
 """End to end through the real CLI (`python -m dreamer_jax.train`) on tiny configs."""
 
+import logging
 import os
 import pathlib
 import subprocess
 import sys
 import types
 
+import jax
 import numpy as np
 import pytest
 import yaml
@@ -297,7 +299,7 @@ def expected_episodes(recorder: RecordingEnv, discrete: bool) -> list[dict[str, 
     "presets, task",
     [(["classic", "debug"], "classic_cartpole"), (["atari", "debug"], "atari_pong")],
 )
-def test_replay_holds_exactly_what_the_envs_saw(tmp_path, monkeypatch, presets, task):
+def test_replay_holds_exactly_what_the_envs_saw(tmp_path, monkeypatch, caplog, presets, task):
     """The whole data path in process, after the prefill too: every replay row is the step
     an env returned, with the exact one-hot action that produced it."""
     config = make_config(
@@ -312,7 +314,14 @@ def test_replay_holds_exactly_what_the_envs_saw(tmp_path, monkeypatch, presets, 
         return created[-1]
 
     monkeypatch.setattr(train_module, "make_env", recording_make_env)
-    train_module.train(config, types.SimpleNamespace(signum=None))
+    with jax.log_compiles(), caplog.at_level(logging.WARNING):
+        train_module.train(config, types.SimpleNamespace(signum=None))
+    # The policy compiles once per mode (train, eval), the update once: every input is placed
+    # as the outputs that feed it back are.
+    compiled = [
+        r.getMessage().split()[1] for r in caplog.records if "Compiling jit(" in r.getMessage()
+    ]
+    assert (compiled.count("jit(_act_seeds)"), compiled.count("jit(_train_step)")) == (2, 1)
 
     (env,) = [e for e in created if e.num_envs == 2]
     # Evaluation used its own envs: the training envs were stepped once per loop iteration.
