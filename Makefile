@@ -40,3 +40,9 @@ bench:
 train:
 	@echo "logs go to $(LOGDIR)"
 	$(BIN)/python -m dreamer_jax.train --configs atari --task $(TASK) --logdir $(LOGDIR) --seed $(SEED)
+
+# Python 3.12 wheels for a lent GPU machine, unpacked and pruned into .whl/ (carry it there;
+# then `bash scripts/gpu_check.sh`). Needs the package registry, not a GPU.
+.PHONY: gpu-wheels
+gpu-wheels:
+	bash scripts/gpu_wheels.sh

@@ -1,0 +1,227 @@
+#!/usr/bin/env bash
+# One GPU check for a lent device machine (H100/H200, about 9 minutes), with .whl/ carried
+# (built by scripts/gpu_wheels.sh):
+#
+#   bash scripts/gpu_check.sh                     # results under $OUT (default ./gpu_out)
+#   GPU_CHECK_SMOKE=1 PYTHON=/tmp/gpusim/bin/python bash scripts/gpu_check.sh   # tiny, CPU
+#
+# Runs, each under `timeout` (a failure or a timeout is recorded and the next step runs):
+#   0. nvidia-smi -L, jax version and devices, the project's imports;
+#   a. the learner over seeds, bf16, Atari preset: scripts/bench.py --num_seeds N for N in
+#      $GPU_CHECK_SEEDS (default 1 2 4 8 16), 20 updates each -> learner_seeds.json;
+#   b. end to end on Atari Boxing, bf16, one env per seed: 1 seed, then 8 seeds ->
+#      e2e.json (frames/s summed over seeds and updates/s of the metrics rows past the prefill).
+# Writes at most 4 files to $OUT: log.txt (all output), steps.tsv (each step's exit code,
+# seconds and timeout), learner_seeds.json, e2e.json; the JSON files are rewritten after each
+# step, so a cut-off run still leaves what it measured.
+#
+# Time: the whole script keeps to GPU_CHECK_BUDGET seconds (default 540). Each step's timeout
+# is its own cap (bench 100 s per call, e2e 150 s and 180 s), cut to what the budget leaves
+# after the time held back for the later steps (the e2e runs hold back 130 + 160 s from the
+# learner steps, so the last bench calls are the ones skipped when compiles are slow); a step
+# with under 30 s left is skipped (steps.tsv says so). One bench call is mostly start-up plus
+# the ~35 s compile of train_step. The run tool's timeout_s should be about BUDGET + 60.
+set -uo pipefail  # no -e: every step runs whatever the previous one did
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT="$PWD"
+OUT="${OUT:-$ROOT/gpu_out}"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+LOG="$OUT/log.txt"
+STEPS="$OUT/steps.tsv"
+SMOKE="${GPU_CHECK_SMOKE:-0}"
+BUDGET="${GPU_CHECK_BUDGET:-540}"
+WORK="${GPU_CHECK_TMP:-/tmp/gpu_check}"  # bench JSONs (merged into $OUT), compile cache
+: >"$LOG"
+printf 'step\trc\tseconds\ttimeout_s\n' >"$STEPS"
+rm -rf "$WORK/bench"
+mkdir -p "$WORK/bench"
+
+export PYTHONPATH="$ROOT/.whl:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+# One process at a time holds the GPU; leave room for cuDNN/cuBLAS workspaces.
+export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.85}"
+# Persistent compile (and XLA autotune) cache, emptied first so that bench's compile_s is a
+# real compile even on a machine that ran this before.
+if [ -z "${JAX_COMPILATION_CACHE_DIR:-}" ]; then
+    export JAX_COMPILATION_CACHE_DIR="$WORK/jax_cache"
+    rm -rf "$JAX_COMPILATION_CACHE_DIR"
+fi
+export PYTHONUNBUFFERED=1
+
+# The image's python that has jax (python or python3), unless PYTHON names one.
+PY="${PYTHON:-}"
+if [ -z "$PY" ]; then
+    for candidate in python python3; do
+        if command -v "$candidate" >/dev/null && "$candidate" -c "import jax" 2>/dev/null; then
+            PY="$candidate"
+            break
+        fi
+    done
+    PY="${PY:-python3}"
+fi
+
+say() { echo "== $(date +%T) +${SECONDS}s $*" | tee -a "$LOG"; }
+
+# run_step NAME CAP RESERVE CMD...: runs CMD under timeout min(CAP, budget left - RESERVE),
+# output to the console and log.txt; records rc (124: timed out; "skipped": no budget).
+run_step() {
+    local name=$1 cap=$2 reserve=$3
+    shift 3
+    local left=$((BUDGET - SECONDS - reserve))
+    local limit=$((cap < left ? cap : left))
+    if ((limit < 30)); then
+        say "$name: skipped, ${left}s of the budget left"
+        printf '%s\tskipped\t0\t0\n' "$name" >>"$STEPS"
+        return 0
+    fi
+    say "$name (timeout ${limit}s): $*"
+    local start=$SECONDS
+    timeout -k 15 "$limit" "$@" </dev/null 2>&1 | tee -a "$LOG"
+    local rc=${PIPESTATUS[0]}
+    say "$name: rc $rc after $((SECONDS - start))s"
+    printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - start))" "$limit" >>"$STEPS"
+}
+
+if [ "$SMOKE" = 1 ]; then
+    PRESET=(--configs atari debug)
+    SEEDS="${GPU_CHECK_SEEDS:-1 2}"
+    UPDATES=2
+    # debug preset: prefill 300, 100-step episodes.
+    PREFILL=300
+    E2E1=(--steps 700 --prefill "$PREFILL" --log_every 100)
+    E2E8_SEEDS=2
+    E2E8=(--steps 600 --prefill "$PREFILL" --log_every 100)
+else
+    PRESET=(--configs atari)
+    SEEDS="${GPU_CHECK_SEEDS:-1 2 4 8 16}"
+    UPDATES=20
+    # The atari preset's prefill is 50k policy steps (pretrain 1, already the minimum); cut
+    # to 5k so that these short runs reach the training phase: random Boxing episodes are
+    # ~1.8k policy steps, so every seed's replay holds an episode by then. Steps are policy
+    # steps per seed (action_repeat 4: 4 frames each); --steps is sized so that each run
+    # ends inside its timeout on an H100/H200 (bf16, 1 env: ~150-200 policy steps/s per seed
+    # once trained every 16 steps; a SIGTERM from timeout still checkpoints and keeps the
+    # metrics rows written so far).
+    PREFILL=5000
+    E2E1=(--steps 15000 --prefill "$PREFILL" --log_every 2000)
+    E2E8_SEEDS=8
+    E2E8=(--steps 10000 --prefill "$PREFILL" --log_every 2000)
+fi
+
+merge_bench() {
+    "$PY" - "$WORK/bench" "$STEPS" "$OUT/learner_seeds.json" <<'EOF'
+import csv, json, pathlib, sys
+folder, steps, out = pathlib.Path(sys.argv[1]), sys.argv[2], pathlib.Path(sys.argv[3])
+status = {r["step"]: r for r in csv.DictReader(open(steps), delimiter="\t")}
+runs = []
+for name, row in status.items():
+    if not name.startswith("bench_seeds_"):
+        continue
+    n = int(name.rsplit("_", 1)[1])
+    path = folder / f"seeds_{n}.json"
+    figures = json.loads(path.read_text()) if path.exists() else {}
+    runs.append({"num_seeds": n, "rc": row["rc"], "wall_s": int(row["seconds"]), **figures})
+out.write_text(json.dumps({"runs": runs}, indent=1))
+for r in runs:
+    if "updates_per_sec" in r:
+        print(f"learner N={r['num_seeds']}: {r['updates_per_sec']:.2f} updates/s, "
+              f"{r['seed_updates_per_sec']:.2f} seed-updates/s, compile {r['compile_s']:.1f} s, "
+              f"{r['memory_kind']} {r['memory_gib']:.2f} GiB")
+    else:
+        print(f"learner N={r['num_seeds']}: no result (rc {r['rc']})")
+EOF
+}
+
+summarize_e2e() {
+    "$PY" - "$STEPS" "$OUT/e2e.json" "$PREFILL" /tmp/e2e1 /tmp/e2e8 <<'EOF'
+import csv, json, math, pathlib, sys
+steps, out, prefill = sys.argv[1], pathlib.Path(sys.argv[2]), int(sys.argv[3])
+status = {r["step"]: r for r in csv.DictReader(open(steps), delimiter="\t")}
+result = {"prefill": prefill, "note": "rows with step > prefill; fps = frames/s of one seed "
+          "(policy steps x action_repeat); frames_per_sec = sum over seeds of each seed's mean"}
+for logdir in map(pathlib.Path, sys.argv[4:]):
+    name = logdir.name
+    files = sorted(logdir.rglob("metrics.jsonl")) if logdir.exists() else []
+    seeds, fps_means, ups_means, rows_first, fps_steady, ups_steady = [], [], [], [], [], []
+    for path in files:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = [r for r in rows if r.get("step", 0) > prefill and r.get("fps") is not None]
+        if not rows:
+            continue
+        seeds.append(path.parent.name)
+        fps_means.append(sum(r["fps"] for r in rows) / len(rows))
+        ups = [r["updates_per_sec"] for r in rows if r.get("updates_per_sec") is not None]
+        ups_means.append(sum(ups) / len(ups) if ups else math.nan)
+        # The first row past the prefill also holds the policy's recompiles; without it:
+        steady = rows[1:] or rows
+        fps_steady.append(sum(r["fps"] for r in steady) / len(steady))
+        ups = [r["updates_per_sec"] for r in steady if r.get("updates_per_sec") is not None]
+        ups_steady.append(sum(ups) / len(ups) if ups else math.nan)
+        if not rows_first:
+            rows_first = [{k: r.get(k) for k in ("step", "fps", "updates_per_sec", "updates")}
+                          for r in rows]
+    row = status.get(name, {})
+    result[name] = {
+        "rc": row.get("rc"), "wall_s": row.get("seconds"), "timeout_s": row.get("timeout_s"),
+        "metrics_files": len(files), "seeds_with_rows": len(seeds),
+        "rows_per_seed": len(rows_first),
+        "frames_per_sec": sum(fps_means) if fps_means else None,
+        "fps_per_seed": fps_means,
+        "updates_per_sec": sum(ups_means) / len(ups_means) if ups_means else None,
+        "frames_per_sec_without_first_row": sum(fps_steady) if fps_steady else None,
+        "updates_per_sec_without_first_row": (
+            sum(ups_steady) / len(ups_steady) if ups_steady else None),
+        "rows_first_seed": rows_first,
+    }
+    r = result[name]
+    print(f"{name}: rc {r['rc']}, {r['seeds_with_rows']} seeds with {r['rows_per_seed']} rows "
+          f"past the prefill, frames/s (sum over seeds) {r['frames_per_sec']}, "
+          f"updates/s {r['updates_per_sec']}; without the first row "
+          f"{r['frames_per_sec_without_first_row']} frames/s, "
+          f"{r['updates_per_sec_without_first_row']} updates/s")
+out.write_text(json.dumps(result, indent=1))
+EOF
+}
+
+say "gpu_check: smoke=$SMOKE budget=${BUDGET}s python=$PY out=$OUT"
+{
+    nvidia-smi -L || echo "nvidia-smi: none"
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+    du -sh "$ROOT/.whl" || echo "no .whl (scripts/gpu_wheels.sh builds it)"
+} 2>&1 | tee -a "$LOG"
+# Timeouts: each step's cap, and what the e2e runs hold back from the steps before them.
+E2E1_CAP=150 E2E8_CAP=180 E2E1_MIN=130 E2E8_MIN=160
+run_step env 60 $((E2E1_MIN + E2E8_MIN + 60)) "$PY" -c "
+import sys, jax
+print('python', sys.version.split()[0], 'jax', jax.__version__, 'backend', jax.default_backend())
+print('devices', jax.devices())
+import distrax, envpool, tensorboardX, wandb, gymnasium, dreamer_jax.train
+print('imports ok: distrax', distrax.__version__, 'envpool', envpool.__version__,
+      'wandb', wandb.__version__, 'from', envpool.__file__)
+"
+
+# a) the learner over seeds (each call one JSON, merged into learner_seeds.json).
+for n in $SEEDS; do
+    run_step "bench_seeds_$n" 100 $((E2E1_MIN + E2E8_MIN + 10)) "$PY" scripts/bench.py "${PRESET[@]}" \
+        --precision bf16 --num_seeds "$n" --updates "$UPDATES" --no-record \
+        --json "$WORK/bench/seeds_$n.json"
+    merge_bench >/dev/null 2>&1 || true
+done
+merge_bench 2>&1 | tee -a "$LOG"
+
+# b) end to end, one env per seed (a logdir with data would be resumed: start clean).
+rm -rf /tmp/e2e1 /tmp/e2e8
+run_step e2e1 $E2E1_CAP $((E2E8_MIN + 10)) "$PY" -m dreamer_jax.train "${PRESET[@]}" --task atari_boxing \
+    --precision bf16 --envs 1 --num_seeds 1 --logdir /tmp/e2e1 "${E2E1[@]}" \
+    --eval_every 1000000 --wandb.mode disabled
+summarize_e2e >/dev/null 2>&1 || true
+run_step e2e8 $E2E8_CAP 10 "$PY" -m dreamer_jax.train "${PRESET[@]}" --task atari_boxing \
+    --precision bf16 --envs 1 --num_seeds "$E2E8_SEEDS" --logdir /tmp/e2e8 "${E2E8[@]}" \
+    --eval_every 1000000 --wandb.mode disabled
+summarize_e2e 2>&1 | tee -a "$LOG"
+
+# c) nothing large is copied: list what came out.
+say "done; $OUT holds:"
+ls -la "$OUT" 2>&1 | tee -a "$LOG"
+cat "$STEPS"
