@@ -18,6 +18,7 @@ is skipped (state unchanged apart from the counters) and counted.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.struct
@@ -79,6 +80,21 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
+def over_seeds(fn):
+    """`fn` mapped over the leading seed axis of all its arguments (`jax.vmap`). A seed axis
+    of one runs `fn` itself on the slice: XLA optimizes that program better than a batch of
+    one (9 % faster Atari update on the CPU), and a single run stays the unbatched program."""
+
+    @functools.wraps(fn)  # jit names the program after fn
+    def mapped(*args):
+        if jax.tree.leaves(args)[0].shape[0] == 1:
+            out = fn(*jax.tree.map(lambda x: x[0], args))
+            return jax.tree.map(lambda x: x[None], out)
+        return jax.vmap(fn)(*args)
+
+    return mapped
+
+
 class Agent:
     """Holds the (static) networks, optimizers and config; all array work is in pure
     functions of `TrainState`, compiled once."""
@@ -102,8 +118,8 @@ class Agent:
         self.train_step = jax.jit(self._train_step, donate_argnums=0)
         self.policy_step = jax.jit(self._policy_step, static_argnames="mode")
         # The seed axis: vmap keeps every seed's maths and PRNG stream those of a single run.
-        self.init_seeds = jax.jit(jax.vmap(self._init))
-        self.train_seeds = jax.jit(jax.vmap(self._train_step), donate_argnums=0)
+        self.init_seeds = jax.jit(over_seeds(self._init))
+        self.train_seeds = jax.jit(over_seeds(self._train_step), donate_argnums=0)
         self.act_seeds = jax.jit(self._act_seeds, static_argnames="mode")
 
     # ------------------------------------------------------------------ init
@@ -264,7 +280,7 @@ class Agent:
             action, carry = self._policy_step(state, obs, carry, step_key, mode)
             return action, carry, key
 
-        return jax.vmap(act)(states, obs, carry, keys)
+        return over_seeds(act)(states, obs, carry, keys)
 
     def _policy_step(
         self,
