@@ -121,6 +121,7 @@ def test_every_key_has_a_range_rule():
         ("seed", -1),
         ("seed", 99999999999999999999),
         ("seed", 2**31),
+        ("num_seeds", 0),
         ("log_every", 0),
         ("eval_every", 0),
         ("checkpoint_every", 0),
@@ -169,6 +170,7 @@ def test_out_of_range_values_are_one_clear_line(key, value):
         ("pretrain", 0),
         ("seed", 0),
         ("seed", 2**31 - 1),
+        ("num_seeds", 1),
         ("checkpoint_keep", 1),
         ("actor.layers", 0),  # a linear head
         ("grad_heads", []),
@@ -247,3 +249,9 @@ def test_save_that_fails_midway_keeps_the_previous_file(tmp_path, monkeypatch):
         make_config(["debug"], {"seed": 5}).save(path)
     assert path.read_text() == before
     assert os.listdir(tmp_path) == ["config.yaml"]
+
+
+def test_last_seed_of_a_many_seed_run_must_be_a_valid_seed():
+    assert make_config(["debug"], {"seed": 2**31 - 4, "num_seeds": 4}).num_seeds == 4
+    with pytest.raises(ConfigError, match=r"'seed' \+ 'num_seeds' - 1 \(2147483648\) must be"):
+        make_config(["debug"], {"seed": 2**31 - 4, "num_seeds": 5})
