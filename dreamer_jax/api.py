@@ -13,13 +13,11 @@ from __future__ import annotations
 import pathlib
 from typing import NamedTuple
 
-import jax
-
 from dreamer_jax.agent import Agent, TrainState
 from dreamer_jax.checkpoint import Checkpointer, CheckpointError
 from dreamer_jax.config import Config, load_run_config
 from dreamer_jax.envs import VectorEnv
-from dreamer_jax.seeds import run_seeds, select
+from dreamer_jax.seeds import init_keys, run_seeds, select
 
 
 class LoadedRun(NamedTuple):
@@ -46,7 +44,7 @@ def _locate(logdir: pathlib.Path) -> tuple[pathlib.Path, Config, int, Config]:
     folder (`<logdir>/seed_<s>`) of a many-seed run, whose checkpoints hold all seeds."""
     config = load_run_config(logdir / "config.yaml")
     if config.num_seeds > 1:
-        first, last = run_seeds(config)[0], run_seeds(config)[-1]
+        first, *_, last = run_seeds(config)
         example = logdir / f"seed_{first}"
         raise CheckpointError(f"{logdir} holds seeds {first}..{last}; load one, e.g. {example}")
     parent = logdir.parent
@@ -71,8 +69,7 @@ def load(logdir: str | pathlib.Path) -> LoadedRun:
         raise CheckpointError(f"no checkpoints in {logdir}")
     agent = make_agent(run_config)
     # Only its structure is used, as the template that restoring fills in.
-    keys = jax.random.split(jax.random.key(0), run_config.num_seeds)
-    template = agent.init_seeds(keys)
+    template = agent.init_seeds(init_keys(run_config))
     checkpointer = Checkpointer(directory, keep=run_config.checkpoint_keep, read_only=True)
     try:
         restored = checkpointer.restore_latest(template)

@@ -2,9 +2,10 @@
 
 Seed `s = config.seed + i` is index `i` of a leading axis on every array of the run: the
 `TrainState`, the batch `[N, B, T, ...]`, the observations `[N, E, ...]` of its `E` envs,
-the PRNG keys `[N]`. A single run is the same program with N = 1, so one code path serves
-both. The axis is split over the local devices (`seed_sharding`); seeds never exchange
-data, so several hosts need no communication: give each host its own `--seed` range.
+the PRNG keys `[N]`. A single run is the same code path with N = 1 (whose program
+`agent.over_seeds` leaves unbatched). The axis is split over the local devices
+(`seed_sharding`); seeds never exchange data, so several hosts need no communication: give
+each host its own `--seed` range.
 """
 
 from __future__ import annotations
