@@ -330,6 +330,7 @@ _RULES: dict[str, _Rule] = {
     "replay.minlen": _SIZE,
     "replay.prioritize_ends": _TYPED,
     "replay.prefetch": _SIZE,
+    "replay.ongoing": _TYPED,
     "dataset.batch": _SIZE,
     "dataset.length": _int(2),
     "precision": _one_of("32", "bf16"),

@@ -16,6 +16,16 @@ Episodes are stored in memory, for sampling, only if their length is at least
 `max(minlen, length)`; shorter ones are still written to disk (and returned by `add`) but
 never stored, so they do not count toward `capacity` or `stats`.
 
+Sampling is the paper's: an episode uniformly, then a chunk start uniformly within it (plus
+the end bonus of `prioritize_ends`), from finished episodes only. `ongoing=True` (not in the
+paper; off by default) also draws from each env's episode in progress once it is
+`max(minlen, length)` steps long (dreamerv3's replay samples unfinished episodes too), so
+with many envs the newest data is sampled before its episode ends. An ongoing episode of `L`
+steps is drawn with weight `min(1, L / mean stored length)` against 1 for a finished one, so
+its steps are sampled at most at the rate of an average stored episode's steps, and gets no
+end bonus (its last step is not an episode end). Ongoing episodes are not saved and do not
+count toward `capacity` until they finish.
+
 Every finished episode is written to `<directory>/{index:08d}-{length}.npz` (compressed),
 where `index` continues from the largest index already in the directory, so lexicographic
 order is chronological order across restarts. Files are written to a hidden temp name and
@@ -71,6 +81,7 @@ class Replay:
       length: chunk length T of a sample.
       batch: chunks per sample B.
       prioritize_ends: over-sample chunks that end an episode (official default on Atari).
+      ongoing: also sample chunks of the episodes in progress (see the module docstring).
       seed: seeds the numpy Generator that `dataset()` draws from.
       prefetch: batches the `dataset()` thread keeps ready.
     """
@@ -86,6 +97,7 @@ class Replay:
         prioritize_ends: bool,
         seed: int,
         prefetch: int = 4,
+        ongoing: bool = False,
     ):
         if min(capacity, minlen, length, batch, prefetch) < 1:
             raise ValueError("replay capacity, minlen, length, batch and prefetch must be >= 1")
@@ -99,6 +111,7 @@ class Replay:
         self._length = int(length)
         self._batch = int(batch)
         self._prioritize_ends = bool(prioritize_ends)
+        self._sample_ongoing = bool(ongoing)
         self._prefetch = int(prefetch)
         self._rng = np.random.default_rng(seed)
 
@@ -250,29 +263,50 @@ class Replay:
             episodes, starts = self._draw(rng)
         return self._gather(episodes, starts)
 
-    def _draw(self, rng: np.random.Generator) -> tuple[list[dict[str, np.ndarray]], np.ndarray]:
-        """Chooses episodes uniformly and start indices; call with `_lock` held."""
-        if not self._episodes:
-            raise RuntimeError(
-                f"replay has no episode of length >= {max(self._minlen, self._length)} yet"
-            )
-        index = rng.integers(0, len(self._episodes), size=self._batch)
-        totals = np.asarray(self._lengths)[index]
+    def _draw(self, rng: np.random.Generator) -> tuple[list[Any], np.ndarray]:
+        """Chooses episodes and start indices; call with `_lock` held. Returns per chunk its
+        finished episode (dict of arrays) or its ongoing episode's steps (list of step dicts),
+        and its start."""
+        need = max(self._minlen, self._length)
+        ongoing = []
+        if self._sample_ongoing and self._ongoing is not None:
+            ongoing = [steps for steps in self._ongoing if len(steps) >= need]
+        if not self._episodes and not ongoing:
+            raise RuntimeError(f"replay has no episode of length >= {need} yet")
+        if not self._sample_ongoing:
+            index = rng.integers(0, len(self._episodes), size=self._batch)
+        else:
+            # Ongoing episodes weigh min(1, L / mean stored length): their steps are drawn at
+            # most as often as an average stored episode's (1 each before any is stored).
+            mean = self._num_steps / len(self._episodes) if self._episodes else 1.0
+            weights = [1.0] * len(self._episodes) + [min(1.0, len(s) / mean) for s in ongoing]
+            weights = np.asarray(weights)
+            index = rng.choice(len(weights), size=self._batch, p=weights / weights.sum())
+        pool = self._episodes + ongoing
+        totals = np.asarray(self._lengths + [len(steps) for steps in ongoing])[index]
         upper = totals - self._length + 1
         if self._prioritize_ends:
-            upper += self._minlen
+            upper += np.where(index < len(self._episodes), self._minlen, 0)
         starts = np.minimum(rng.integers(0, upper), totals - self._length)
-        return [self._episodes[i] for i in index], starts
+        # Slicing an ongoing episode's steps now keeps the chunk whatever the env adds or
+        # clears before the prefetch thread copies it.
+        chunks = [
+            pool[i] if i < len(self._episodes) else pool[i][start : start + self._length]
+            for i, start in zip(index, starts, strict=True)
+        ]
+        return chunks, np.where(index < len(self._episodes), starts, 0)
 
-    def _gather(
-        self, episodes: list[dict[str, np.ndarray]], starts: np.ndarray
-    ) -> dict[str, np.ndarray]:
-        """Copies the chunks; safe without the lock since stored arrays are read-only."""
+    def _gather(self, episodes: list[Any], starts: np.ndarray) -> dict[str, np.ndarray]:
+        """Copies the chunks; safe without the lock since stored arrays are read-only and an
+        ongoing chunk's steps are never written again."""
         batch = {}
         for key, (shape, dtype) in self._spec.items():
             out = np.empty((self._batch, self._length, *shape), dtype)
             for b, (episode, start) in enumerate(zip(episodes, starts, strict=True)):
-                out[b] = episode[key][start : start + self._length]
+                if isinstance(episode, list):  # an ongoing episode's steps, already sliced
+                    out[b] = np.stack([step[key] for step in episode])
+                else:
+                    out[b] = episode[key][start : start + self._length]
             batch[key] = out
         batch["is_first"][:, 0] = True
         return batch
@@ -333,6 +367,16 @@ class Replay:
             raise RuntimeError("set_rng_state() while dataset() runs; call close() first")
         with self._lock:
             self._rng.bit_generator.state = copy.deepcopy(state)
+
+    @property
+    def ready(self) -> bool:
+        """Whether a chunk can be drawn: an episode is stored, or (with `ongoing`) an env's
+        episode in progress is long enough."""
+        need = max(self._minlen, self._length)
+        with self._lock:
+            if self._episodes:
+                return True
+            return self._sample_ongoing and any(len(s) >= need for s in self._ongoing or [])
 
     @property
     def episodes(self) -> list[dict[str, np.ndarray]]:

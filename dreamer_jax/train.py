@@ -308,7 +308,7 @@ class Acting:
 
 class Learning:
     """Owes `train_steps` updates every `train_every` policy steps (plus `pretrain` once)
-    from the end of the prefill, once every seed's replay holds an episode, and pays them
+    from the end of the prefill, once every seed's replay can be sampled, and pays them
     with one jitted update of all seeds on a batch `[N, B, T, ...]` from their replays."""
 
     def __init__(self, agent, config, replays, sharding, loop):
@@ -320,7 +320,7 @@ class Learning:
 
     def owe(self, step: int) -> None:
         config = self.config
-        if step < config.prefill or not all(r.stats["num_episodes"] for r in self.replays):
+        if step < config.prefill or not all(replay.ready for replay in self.replays):
             return
         if self.updates == 0:
             self.owed += config.pretrain  # the official one-off pretraining
@@ -544,6 +544,7 @@ def _train(
                     prioritize_ends=config.replay.prioritize_ends,
                     seed=seeds[i],
                     prefetch=config.replay.prefetch,
+                    ongoing=config.replay.ongoing,
                 )
             )
             if loop["seeds"][i]["replay_rng"] is not None:

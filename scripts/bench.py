@@ -5,6 +5,7 @@
     python scripts/bench.py --collector --configs atari --envs 8   # env steps/s alone
     python scripts/bench.py --replay --configs atari               # replay memory and waits
     python scripts/bench.py --determinism --configs atari --num_seeds 2  # bit-identical?
+    python scripts/bench.py --data_age --configs atari --envs 16 [--replay.ongoing true]
 
 Any config preset/override is accepted as for training. Prints one result block and appends
 it, with the exact command, machine and date, to docs/benchmarks.md (unless --no-record);
@@ -15,6 +16,11 @@ The learner runs `num_seeds` seeds as the training loop does: one jitted update 
 leading seed axis (`updates_per_sec` counts those calls; `seed_updates_per_sec` is N times
 that). `--determinism` checks that two runs of the same updates are bit-identical, and how far
 each seed of the N-seed program is from the one-seed program of that seed.
+
+`--data_age` measures how old the data the learner samples is, in policy steps (summed over
+envs, the run's step counter), with the configured replay and `envs`: synthetic episodes of
+`--episode_length` steps (Boxing's are about 1,800) through the real `Replay`, one batch
+drawn every 100 steps until `--data_steps` (default 400k) steps.
 """
 
 from __future__ import annotations
@@ -261,23 +267,66 @@ def bench_replay(config, episodes: int = 50, episode_length: int = 1000):
     ]
 
 
+def bench_data_age(config, episode_length: int, total_steps: int) -> tuple[list, dict]:
+    """Age (policy steps since it was added) of the newest row of every sampled chunk, for
+    `config.envs` envs whose episodes last `episode_length` steps (env i's first one ends
+    early, (i + 1) / envs of the way, so the envs' episodes end at different times)."""
+    from dreamer_jax.replay import Replay
+
+    flag = ((), np.dtype(bool))
+    spec = {"vector": ((1,), np.dtype(np.float32)), "action": ((1,), np.dtype(np.uint8)),
+            "reward": ((), np.dtype(np.float32)), "is_first": flag, "is_last": flag,
+            "is_terminal": flag}  # fmt: skip
+    replay = Replay(
+        None, spec, config.replay.capacity, config.replay.minlen, config.dataset.length,
+        config.dataset.batch, config.replay.prioritize_ends, config.seed, config.replay.prefetch,
+        ongoing=config.replay.ongoing,
+    )  # fmt: skip
+    envs = config.envs
+    left = np.array([episode_length * (i + 1) // envs for i in range(envs)])
+    first, rng, ages, step = np.ones(envs, bool), np.random.default_rng(0), [], 0
+    while step < total_steps:
+        last = left == 1
+        replay.add({
+            "vector": np.zeros((envs, 1), np.float32), "action": np.zeros((envs, 1), np.uint8),
+            "reward": np.full(envs, step, np.float32),  # when the row was added
+            "is_first": first.copy(), "is_last": last, "is_terminal": np.zeros(envs, bool),
+        })  # fmt: skip
+        first, left = last, np.where(last, episode_length, left - 1)
+        step += envs
+        if step % 100 < envs and step >= config.prefill and replay.ready:
+            ages.append(step - replay.sample(rng)["reward"][:, -1])
+    ages = np.concatenate(ages)
+    figures = {
+        "envs": envs, "ongoing": config.replay.ongoing, "episode_length": episode_length,
+        "steps": total_steps, "median_age": float(np.median(ages)),
+        "p1_age": float(np.percentile(ages, 1)), "p10_age": float(np.percentile(ages, 10)),
+    }  # fmt: skip
+    return [
+        ("envs, replay.ongoing", f"{envs}, {str(config.replay.ongoing).lower()}"),
+        ("episodes", f"{episode_length} steps; {total_steps} policy steps in all"),
+        ("sampled chunks", f"{len(ages)}, from step {config.prefill}, one batch per 100 steps"),
+        ("age of a chunk's newest row", f"median {figures['median_age']:.0f}, 10th percentile "
+         f"{figures['p10_age']:.0f}, 1st percentile {figures['p1_age']:.0f} policy steps"),
+    ], figures  # fmt: skip
+
+
 def main(argv: list[str]) -> int:
     if any(arg in ("-h", "--help") for arg in argv):
         print(__doc__)
         return 0
     record = "--no-record" not in argv
-    modes = ("--collector", "--replay", "--determinism")
+    modes = ("--collector", "--replay", "--determinism", "--data_age")
     mode = next((m for m in modes if m in argv), "--learner")[2:]
     argv = [a for a in argv if a not in ("--no-record", *modes)]
-    updates, json_path = 20, None
-    if "--updates" in argv:
-        i = argv.index("--updates")
-        updates = int(argv[i + 1])
-        argv = argv[:i] + argv[i + 2 :]
-    if "--json" in argv:
-        i = argv.index("--json")
-        json_path = pathlib.Path(argv[i + 1])
-        argv = argv[:i] + argv[i + 2 :]
+    options = {"--updates": 20, "--json": None, "--episode_length": 1800, "--data_steps": 400_000}
+    for name in options:
+        if name in argv:
+            i = argv.index(name)
+            options[name] = argv[i + 1]
+            argv = argv[:i] + argv[i + 2 :]
+    updates = int(options["--updates"])
+    json_path = None if options["--json"] is None else pathlib.Path(options["--json"])
     try:
         config = load_config(argv)
     except ConfigError as error:
@@ -289,6 +338,9 @@ def main(argv: list[str]) -> int:
         results = bench_collector(config)
     elif mode == "replay":
         results = bench_replay(config)
+    elif mode == "data_age":
+        length, total = int(options["--episode_length"]), int(float(options["--data_steps"]))
+        results, figures = bench_data_age(config, length, total)
     elif mode == "determinism":
         results, figures = bench_determinism(config, updates)
     else:

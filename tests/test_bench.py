@@ -2,6 +2,7 @@
 tiny sizes (the figures themselves go to docs/benchmarks.md, never into a test)."""
 
 import importlib.util
+import json
 import pathlib
 import subprocess
 import sys
@@ -47,3 +48,19 @@ def test_unknown_config_key_exits_2():
     result = _bench("--no_such_key", "1")
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "no_such_key" in result.stderr
+
+
+def test_data_age_mode_sees_ongoing_episodes_younger(tmp_path):
+    """Episodes of 500 steps in 4 envs: the paper's replay samples nothing younger than the
+    last finished episode; with `replay.ongoing` the newest rows of running episodes count."""
+    figures = {}
+    for ongoing in ("false", "true"):
+        path = tmp_path / f"{ongoing}.json"
+        result = _bench("--data_age", "--envs", "4", "--episode_length", "500", "--data_steps",
+                        "20000", "--replay.ongoing", ongoing, "--json", str(path))  # fmt: skip
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "| age of a chunk's newest row | median" in result.stdout
+        figures[ongoing] = json.loads(path.read_text())
+    assert figures["true"]["ongoing"] and not figures["false"]["ongoing"]
+    assert 0 <= figures["true"]["p1_age"] < figures["false"]["p1_age"]
+    assert figures["true"]["median_age"] <= figures["false"]["median_age"]

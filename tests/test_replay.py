@@ -416,3 +416,66 @@ def test_unwritable_directory_raises(tmp_path):
     with pytest.raises(ReplayDirectoryError, match="replay directory .*file/replay"):
         make_replay(blocker / "replay")
     assert issubclass(ReplayDirectoryError, OSError)
+
+
+# ----------------------------------------------------------- sampling ongoing episodes
+
+
+def feed(replay: Replay, episodes: list[dict[str, np.ndarray]], start: int, stop: int) -> None:
+    """Adds steps `start … stop − 1` of one episode per env (env i plays `episodes[i]`)."""
+    for t in range(start, stop):
+        replay.add({key: np.stack([ep[key][t] for ep in episodes]) for key in episodes[0]})
+
+
+def test_ongoing_episodes_are_sampled_only_when_asked_and_long_enough():
+    for ongoing in (False, True):
+        replay = make_replay(minlen=8, length=5, batch=64, ongoing=ongoing)
+        in_progress = make_episode(100, offset=1000)
+        feed(replay, [in_progress], 0, 7)
+        assert not replay.ready  # 7 steps < max(minlen, length)
+        feed(replay, [in_progress], 7, 8)
+        assert replay.ready == ongoing
+        replay.add_episode(make_episode(30))
+        rewards = replay.sample(np.random.default_rng(0))["reward"]
+        from_ongoing = rewards[:, 0] >= 1000
+        assert from_ongoing.any() == ongoing
+        # An ongoing chunk holds only steps already added: starts 0 … 8 − 5.
+        assert np.all(rewards[from_ongoing, 0] <= 1000 + 3)
+        np.testing.assert_array_equal(rewards, rewards[:, :1] + np.arange(5))
+
+
+@pytest.mark.parametrize("steps, weight", [(50, 0.25), (100, 0.5), (400, 1.0)])
+def test_ongoing_episode_weight_is_its_share_of_the_mean_stored_length(steps, weight):
+    replay = make_replay(minlen=10, length=10, batch=1000, ongoing=True, prioritize_ends=True)
+    replay.add_episode(make_episode(100))
+    replay.add_episode(make_episode(300, offset=10_000))  # mean stored length 200
+    feed(replay, [make_episode(500, offset=100_000), make_episode(500, offset=200_000)], 0, steps)
+    rng = np.random.default_rng(0)
+    first = np.concatenate([replay.sample(rng)["reward"][:, 0] for _ in range(20)])
+    share = np.mean(first >= 100_000)
+    want = 2 * weight / (2 + 2 * weight)  # two ongoing of weight w, two stored of weight 1
+    assert abs(share - want) < 5 * np.sqrt(want * (1 - want) / len(first)), share
+    # Starts are uniform over the steps so far, with no end bonus: the last start is as
+    # likely as any other (prioritize_ends makes a finished episode's last one 11× as likely).
+    starts = (first[first >= 200_000] - 200_000).astype(int)
+    freq = np.bincount(starts) / len(starts)
+    assert len(freq) == steps - 9
+    assert freq[-1] < 3 / (steps - 9)
+
+
+def test_a_drawn_ongoing_chunk_survives_its_episode_ending():
+    """The prefetch thread copies a chunk after the draw: the env may finish that episode and
+    start the next one in between."""
+    replay = make_replay(minlen=5, length=5, batch=8, ongoing=True, prefetch=3)
+    first, second = make_episode(12, offset=1000), make_episode(40, offset=2000)
+    second["is_first"][0] = True
+    feed(replay, [first], 0, 6)
+    batches = replay.dataset()
+    drawn = next(batches)  # draws 4 batches, all from the 6 steps of the ongoing episode
+    feed(replay, [first], 6, 12)
+    feed(replay, [second], 0, 40)
+    for batch in [drawn, *(next(batches) for _ in range(3))]:
+        rewards = batch["reward"]
+        assert np.all((rewards[:, 0] >= 1000) & (rewards[:, 0] <= 1001)), rewards[:, 0]
+        np.testing.assert_array_equal(rewards, rewards[:, :1] + np.arange(5))
+    replay.close()

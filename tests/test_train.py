@@ -268,19 +268,16 @@ class RecordingEnv:
         return self.returned[-1]
 
 
-def expected_episodes(recorder: RecordingEnv, discrete: bool) -> list[dict[str, np.ndarray]]:
-    """The episodes the replay must hold, rebuilt from what the env saw and returned: row t
-    of env i is the step returned at t, with the action sent on the step that produced it
-    (zeros on an episode's first row). Only episodes that ended before the run stopped."""
-    rows = recorder.returned
-    episodes = []
+def env_rows(recorder: RecordingEnv, discrete: bool) -> list[list[dict[str, np.ndarray]]]:
+    """Per env, the replay rows it produced, in order: row t of env i is the step returned at
+    t, with the action sent on the step that produced it (zeros on an episode's first row)."""
+    streams = []
     for i in range(recorder.num_envs):
-        current: list[dict] = []
+        rows = []
         # The last returned step is never recorded: the loop stops before adding it.
-        for t, step in enumerate(rows[:-1]):
+        for t, step in enumerate(recorder.returned[:-1]):
             row = {k: v[i] for k, v in step.items()}
             if step["is_first"][i]:
-                current = []
                 action = np.zeros(recorder.num_actions)
             else:
                 action = recorder.sent[t - 1][i]
@@ -289,8 +286,21 @@ def expected_episodes(recorder: RecordingEnv, discrete: bool) -> list[dict[str, 
             row["action"] = action
             row["policy"] = t > 0 and not step["is_first"][i]
             row["time"] = t
+            rows.append(row)
+        streams.append(rows)
+    return streams
+
+
+def expected_episodes(recorder: RecordingEnv, discrete: bool) -> list[dict[str, np.ndarray]]:
+    """The episodes the replay must hold (`env_rows` cut at `is_last`): only episodes that
+    ended before the run stopped."""
+    episodes = []
+    for rows in env_rows(recorder, discrete):
+        current: list[dict] = []
+        for row in rows:
+            current = [] if row["is_first"] else current
             current.append(row)
-            if step["is_last"][i]:
+            if row["is_last"]:
                 episodes.append({k: np.stack([r[k] for r in current]) for k in current[0]})
     return episodes
 
@@ -345,6 +355,65 @@ def test_replay_holds_exactly_what_the_envs_saw(tmp_path, monkeypatch, caplog, p
         assert (stored["action"][1:].sum(-1) == 1).all() and (stored["action"][0] == 0).all()
         policy_rows += int(want["policy"][want["time"] > config.prefill // 2].sum())
     assert policy_rows >= 100  # episodes the agent played, not only the prefill's
+
+
+@pytest.mark.parametrize("ongoing", [False, True])
+def test_ongoing_replay_trains_on_the_steps_of_unfinished_episodes(tmp_path, monkeypatch, ongoing):
+    """Random acrobot episodes run to the 500-step limit, so none ends in this run: the paper's
+    replay (finished episodes only) never trains; with `replay.ongoing` the learner trains on
+    chunks that are exactly consecutive rows of an env's episode in progress."""
+    config = make_config(
+        ["classic", "debug"],
+        {"task": "classic_acrobot", "logdir": str(tmp_path), "envs": 2, "steps": 400,
+         "prefill": 100, "time_limit": 0, "eval_every": 100_000, "log_every": 200,
+         "replay.ongoing": ongoing, "wandb.mode": "disabled"},
+    )  # fmt: skip
+    created, batches, make_env = [], [], train_module.make_env
+
+    def recording_make_env(config, num_envs, seeds):
+        created.append(RecordingEnv(make_env(config, num_envs, seeds)))
+        return created[-1]
+
+    class RecordingReplay(train_module.Replay):
+        def dataset(self):
+            for batch in super().dataset():
+                batches.append(batch)
+                yield batch
+
+    monkeypatch.setattr(train_module, "make_env", recording_make_env)
+    monkeypatch.setattr(train_module, "Replay", RecordingReplay)
+    loop = train_module.train(config, types.SimpleNamespace(signum=None))
+    env = created[0]
+    assert not any(step["is_last"].any() for step in env.returned)  # no episode ended
+    if not ongoing:
+        assert loop["updates"] == 0 and not list(tmp_path.glob("replay/*.npz"))
+        return
+    assert loop["updates"] >= (config.steps - config.prefill) // config.train_every
+    streams = [{k: np.stack([r[k] for r in rows]) for k in rows[0]} for rows in env_rows(env, True)]
+    length = config.dataset.length
+    chunks = [
+        {k: v[b] for k, v in batch.items()}
+        for batch in batches
+        for b in range(len(batch["reward"]))
+    ]
+    ends = []
+    for chunk in chunks:
+        # The chunk's first observation locates it in one env's stream.
+        found = [
+            (i, t)
+            for i, stream in enumerate(streams)
+            for t in range(len(stream["vector"]) - length + 1)
+            if np.array_equal(stream["vector"][t], chunk["vector"][0])
+        ]
+        assert len(found) == 1
+        i, t = found[0]
+        for key, value in chunk.items():
+            want = streams[i][key][t : t + length].astype(value.dtype)
+            want[0] = True if key == "is_first" else want[0]
+            np.testing.assert_array_equal(value, want, err_msg=key)
+        ends.append(t + length - 1)
+    # Not only the prefill's rows: the learner saw steps its own policy played.
+    assert max(ends) > config.prefill // config.envs
 
 
 def _files(logdir):
