@@ -40,6 +40,7 @@ import numpy as np
 
 from dreamer_jax.agent import Agent
 from dreamer_jax.config import ConfigError, load_config
+from dreamer_jax.hugepages import reexec_with_huge_pages
 from dreamer_jax.seeds import init_keys, run_seeds, seed_sharding, select, stack
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -372,4 +373,5 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    reexec_with_huge_pages()  # as dreamer-train does: measure what training gets
     sys.exit(main(sys.argv[1:]))
