@@ -42,7 +42,9 @@ train:
 	$(BIN)/python -m dreamer_jax.train --configs atari --task $(TASK) --logdir $(LOGDIR) --seed $(SEED)
 
 # Python 3.12 wheels for a lent GPU machine, unpacked and pruned into .whl/ (carry it there;
-# then `bash scripts/gpu_check.sh`). Needs the package registry, not a GPU.
+# then `bash scripts/gpu_check.sh` for the speed figures, or `bash scripts/gpu_boxing.sh` for
+# the ~1M-frame Boxing learning check; each fits one 10-minute call). Needs the package
+# registry, not a GPU.
 .PHONY: gpu-wheels
 gpu-wheels:
 	bash scripts/gpu_wheels.sh
