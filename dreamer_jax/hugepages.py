@@ -33,7 +33,7 @@ def reexec_with_huge_pages() -> None:
     `with_huge_pages`; returns at once if there is nothing to add. Call it first thing in
     a program's entry point, never from library code."""
     environ = with_huge_pages(dict(os.environ))
-    if environ is None:
+    if environ is None or not sys.executable:  # no interpreter path to re-execute (embedded)
         return
     sys.stdout.flush()
     sys.stderr.flush()
