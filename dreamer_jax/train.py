@@ -23,6 +23,11 @@ every input is checked before anything is written.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # a program: re-execute with huge pages before jax is imported
+    from dreamer_jax.hugepages import reexec_with_huge_pages
+
+    reexec_with_huge_pages()
+
 import os
 import pathlib
 import re
@@ -43,7 +48,6 @@ from dreamer_jax.checkpoint import Checkpointer, CheckpointError
 from dreamer_jax.config import Config, ConfigError, load_run_config, parse_cli, program_name
 from dreamer_jax.envs import UnknownTaskError, VectorEnv
 from dreamer_jax.eval import evaluate
-from dreamer_jax.hugepages import reexec_with_huge_pages
 from dreamer_jax.logger import METRICS_FILE, LogdirError, Logger, WandbError
 from dreamer_jax.paths import DirectoryError, ensure_writable, lock_directory
 from dreamer_jax.provenance import provenance, record_start
@@ -668,8 +672,6 @@ def _save_after_error(save_checkpoint, state: TrainState, step: int, checkpointe
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    if argv is None:  # run as a program (not called from Python): set up the process first
-        reexec_with_huge_pages()
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         config = parse_cli(argv, program_name("dreamer_jax.train"), __doc__)
