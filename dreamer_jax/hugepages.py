@@ -8,8 +8,9 @@ pages for those blocks (2 MiB per fault where the kernel's THP mode is `madvise`
 `always`): the Atari update ran 1.16× faster, the classic one the same (docs/benchmarks.md).
 glibc reads its tunables only at start-up, so `dreamer-train` and `python -m
 dreamer_jax.train` re-execute themselves once with the setting before they import jax, and
-`scripts/bench.py` does so too (after its imports). Set `GLIBC_TUNABLES=glibc.malloc.hugetlb=0` to opt out;
-elsewhere than Linux, and with other C libraries, nothing changes.
+`scripts/bench.py` does so too (after its imports). Set
+`GLIBC_TUNABLES=glibc.malloc.hugetlb=0` to opt out; elsewhere than Linux, and with other C
+libraries, nothing changes.
 """
 
 from __future__ import annotations
