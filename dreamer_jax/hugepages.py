@@ -5,7 +5,7 @@ and glibc returns such large blocks to the kernel when they are freed, so every 
 faults them back in 4 KiB at a time: about 850k page faults and 1.3 s of kernel time per
 Atari update on a 2-core CPU. With `glibc.malloc.hugetlb=1` malloc asks for transparent huge
 pages for those blocks (2 MiB per fault where the kernel's THP mode is `madvise` or
-`always`): the Atari update ran 1.16× faster, the classic one the same (docs/benchmarks.md).
+`always`): the Atari update ran 1.19× faster, the classic one the same (docs/benchmarks.md).
 glibc reads its tunables only at start-up, so `dreamer-train` and `python -m
 dreamer_jax.train` re-execute themselves once with the setting before they import jax, and
 `scripts/bench.py` does so too (after its imports). Set

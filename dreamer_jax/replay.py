@@ -267,11 +267,9 @@ class Replay:
         """Chooses episodes and start indices; call with `_lock` held. Returns per chunk its
         finished episode (dict of arrays) or its ongoing episode's steps (list of step dicts),
         and its start."""
-        need = max(self._minlen, self._length)
-        ongoing = []
-        if self._sample_ongoing and self._ongoing is not None:
-            ongoing = [steps for steps in self._ongoing if len(steps) >= need]
+        ongoing = self._sampleable_ongoing()
         if not self._episodes and not ongoing:
+            need = max(self._minlen, self._length)
             raise RuntimeError(f"replay has no episode of length >= {need} yet")
         if not self._sample_ongoing:
             index = rng.integers(0, len(self._episodes), size=self._batch)
@@ -295,6 +293,14 @@ class Replay:
             for i, start in zip(index, starts, strict=True)
         ]
         return chunks, np.where(index < len(self._episodes), starts, 0)
+
+    def _sampleable_ongoing(self) -> list[list[dict[str, np.ndarray]]]:
+        """With `ongoing`, the steps of each env's episode in progress that is long enough to
+        be sampled (as a finished one would have to be); call with `_lock` held."""
+        if not self._sample_ongoing or self._ongoing is None:
+            return []
+        need = max(self._minlen, self._length)
+        return [steps for steps in self._ongoing if len(steps) >= need]
 
     def _gather(self, episodes: list[Any], starts: np.ndarray) -> dict[str, np.ndarray]:
         """Copies the chunks; safe without the lock since stored arrays are read-only and an
@@ -372,11 +378,8 @@ class Replay:
     def ready(self) -> bool:
         """Whether a chunk can be drawn: an episode is stored, or (with `ongoing`) an env's
         episode in progress is long enough."""
-        need = max(self._minlen, self._length)
         with self._lock:
-            if self._episodes:
-                return True
-            return self._sample_ongoing and any(len(s) >= need for s in self._ongoing or [])
+            return bool(self._episodes or self._sampleable_ongoing())
 
     @property
     def episodes(self) -> list[dict[str, np.ndarray]]:
