@@ -3,6 +3,7 @@
 `dreamer_jax.load(logdir)` gives a run's agent, state, config and step (`dreamer_jax.api`).
 """
 
+import importlib
 from typing import Any
 
 __version__ = "0.1.0"
@@ -10,14 +11,22 @@ __all__ = ["load"]
 
 
 def train_cli() -> int:
-    """The `dreamer-train` command: re-executes itself with glibc's huge-page tunable
-    (`dreamer_jax.hugepages`) before jax is imported, then runs `dreamer_jax.train.main`."""
-    from dreamer_jax.hugepages import reexec_with_huge_pages
+    """The `dreamer-train` command (`dreamer_jax.train.main`)."""
+    return _program("dreamer_jax.train")
 
-    reexec_with_huge_pages()
-    from dreamer_jax.train import main
 
-    return main()
+def eval_cli() -> int:
+    """The `dreamer-eval` command (`dreamer_jax.eval.main`)."""
+    return _program("dreamer_jax.eval")
+
+
+def _program(module: str) -> int:
+    # Sets up the process for XLA:CPU's speed (`dreamer_jax.startup`) before jax is imported,
+    # so that training and evaluation compute alike.
+    from dreamer_jax.startup import prepare
+
+    prepare()
+    return importlib.import_module(module).main()
 
 
 def __getattr__(name: str) -> Any:

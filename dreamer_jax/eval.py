@@ -10,6 +10,11 @@ with `--video` it writes `<logdir>/eval_<step>.gif` of the first episode of env 
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # a program: set up XLA:CPU as training does before jax is imported
+    from dreamer_jax.startup import prepare
+
+    prepare()
+
 import argparse
 import json
 import pathlib

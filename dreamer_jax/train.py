@@ -23,10 +23,10 @@ every input is checked before anything is written.
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # a program: re-execute with huge pages before jax is imported
-    from dreamer_jax.hugepages import reexec_with_huge_pages
+if __name__ == "__main__":  # a program: set up XLA:CPU's speed before jax is imported
+    from dreamer_jax.startup import prepare
 
-    reexec_with_huge_pages()
+    prepare()
 
 import os
 import pathlib

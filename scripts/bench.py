@@ -40,8 +40,8 @@ import numpy as np
 
 from dreamer_jax.agent import Agent
 from dreamer_jax.config import ConfigError, load_config
-from dreamer_jax.hugepages import reexec_with_huge_pages
 from dreamer_jax.seeds import init_keys, run_seeds, seed_sharding, select, stack
+from dreamer_jax.startup import prepare
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -373,5 +373,5 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    reexec_with_huge_pages()  # as dreamer-train does: measure what training gets
+    prepare()  # as dreamer-train does: measure what training gets
     sys.exit(main(sys.argv[1:]))

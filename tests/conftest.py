@@ -1,13 +1,14 @@
 """Shared test setup: a persistent XLA compilation cache so that the same program compiled
-by several tests (or pytest-xdist workers) is compiled once per machine, and the CLI
-subprocesses start with the huge-page tunable the CLI would re-execute itself to get."""
+by several tests (or pytest-xdist workers) is compiled once per machine, and the process
+set-up of `dreamer_jax.startup` (XLA flags here and in the CLI subprocesses tests start, the
+huge-page tunable there) so that tests compute as `dreamer-train` does."""
 
 import os
 import pathlib
 
 import jax
 
-from dreamer_jax.hugepages import with_huge_pages
+from dreamer_jax.startup import jaxlib_version, with_eigen_dots, with_huge_pages
 
 CACHE = os.environ.get(
     "JAX_COMPILATION_CACHE_DIR", str(pathlib.Path(__file__).resolve().parent.parent / ".jax_cache")
@@ -17,6 +18,8 @@ os.environ["JAX_COMPILATION_CACHE_DIR"] = CACHE
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "1"
 jax.config.update("jax_compilation_cache_dir", CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-# Set for the CLI subprocesses tests start, so they do not each re-execute (and re-import
-# jax); tests/test_hugepages.py runs the re-execution itself.
+# XLA_FLAGS before any test makes jax's backend: in-process results then match the CLI's
+# bit for bit. The tunable is for the CLI subprocesses, so they do not each re-execute (and
+# re-import jax); tests/test_startup.py runs the re-execution itself.
+os.environ.update(with_eigen_dots(dict(os.environ), jaxlib_version()) or {})
 os.environ.update(with_huge_pages(dict(os.environ)) or {})

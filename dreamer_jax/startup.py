@@ -1,0 +1,78 @@
+"""What a dreamer-jax program sets up before jax starts, for XLA:CPU's speed.
+
+- Huge pages. XLA:CPU allocates an update's temporaries anew on every call (gigabytes at the
+  Atari preset) and glibc returns such large blocks to the kernel when they are freed, so
+  every update faults them back in 4 KiB at a time: about 850k page faults and 1.3 s of
+  kernel time per Atari update on a 2-core CPU. With `glibc.malloc.hugetlb=1` malloc asks
+  for transparent huge pages for those blocks (2 MiB per fault where the kernel's THP mode is
+  `madvise` or `always`): the Atari update ran 1.19× faster, the classic one the same. glibc
+  reads its tunables only at start-up, so the program re-executes itself once with the
+  setting. `GLIBC_TUNABLES=glibc.malloc.hugetlb=0` opts out; elsewhere than Linux, and with
+  other C libraries, nothing changes.
+- Eigen for matmuls. XLA:CPU hands each dot to YNNPACK by default; its own (Eigen) dots ran
+  the Atari preset's update 1.07× faster (3.67 → 3.42 s on a 2-core CPU), at the cost of
+  2–4 % on small batches (the classic preset, Atari with `--dataset.batch 4`). `XLA_FLAGS`
+  gets `--xla_cpu_experimental_ynn_fusion_type=-individual_dot` unless it already names that
+  flag (`--xla_cpu_experimental_ynn_fusion_type=+individual_dot` keeps XLA's default) or
+  jaxlib is not one of the versions it was checked with (XLA aborts on a flag it does not
+  know). XLA reads its flags when jax first creates its backend, so setting the variable in
+  this process before then is enough; GPU runs are unaffected.
+
+Figures and commands: docs/benchmarks.md. `dreamer-train` and `dreamer-eval` (and their
+`python -m dreamer_jax.train` / `.eval` forms) and `scripts/bench.py` call `prepare()` first
+thing; code that imports dreamer_jax as a library gets neither setting unless it does the
+same, and may then compute with other float rounding than the CLI.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import sys
+
+TUNABLE = "glibc.malloc.hugetlb"
+DOT_FLAG_NAME = "xla_cpu_experimental_ynn_fusion_type"
+DOT_FLAG = f"--{DOT_FLAG_NAME}=-individual_dot"
+# jaxlib (major, minor) versions whose XLA knows DOT_FLAG and ran faster with it.
+DOT_FLAG_JAXLIB = ((0, 10), (0, 11))
+
+
+def with_huge_pages(environ: dict[str, str]) -> dict[str, str] | None:
+    """`environ` with `glibc.malloc.hugetlb=1` added to `GLIBC_TUNABLES`, or None if it
+    already names that tunable (whatever its value) or this is not Linux."""
+    tunables = environ.get("GLIBC_TUNABLES", "")
+    if not sys.platform.startswith("linux") or TUNABLE in tunables:
+        return None
+    return {**environ, "GLIBC_TUNABLES": ":".join(filter(None, [tunables, f"{TUNABLE}=1"]))}
+
+
+def with_eigen_dots(environ: dict[str, str], jaxlib_version: str) -> dict[str, str] | None:
+    """`environ` with `DOT_FLAG` added to `XLA_FLAGS`, or None if `XLA_FLAGS` already names
+    that flag or `jaxlib_version` (e.g. "0.10.2") is not one it was checked with."""
+    flags = environ.get("XLA_FLAGS", "")
+    release = tuple(int(part) for part in jaxlib_version.split(".")[:2] if part.isdigit())
+    if DOT_FLAG_NAME in flags or release not in DOT_FLAG_JAXLIB:
+        return None
+    return {**environ, "XLA_FLAGS": " ".join(filter(None, [flags, DOT_FLAG]))}
+
+
+def jaxlib_version() -> str:
+    """The installed jaxlib's version, "" if none (read without importing it)."""
+    try:
+        return importlib.metadata.version("jaxlib")
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+
+
+def prepare() -> None:
+    """Sets `XLA_FLAGS` (`with_eigen_dots`) in this process, then replaces the process (same
+    pid, same command line) by one started with `with_huge_pages` if that adds anything.
+    Call it first thing in a program's entry point, before jax runs anything; never from
+    library code."""
+    os.environ.update(with_eigen_dots(dict(os.environ), jaxlib_version()) or {})
+    environ = with_huge_pages(dict(os.environ))
+    if environ is None or not sys.executable:  # no interpreter path to re-execute (embedded)
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, sys.orig_argv, environ)

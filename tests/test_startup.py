@@ -1,0 +1,153 @@
+"""dreamer_jax/startup.py: the XLA_FLAGS and GLIBC_TUNABLES the CLI runs with."""
+
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import pytest
+
+from dreamer_jax.startup import DOT_FLAG, jaxlib_version, with_eigen_dots, with_huge_pages
+
+linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc tunables")
+
+
+@linux
+def test_adds_the_tunable_and_keeps_the_others():
+    assert with_huge_pages({"A": "1"}) == {"A": "1", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    environ = {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}
+    assert with_huge_pages(environ)["GLIBC_TUNABLES"] == (
+        "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+    )
+
+
+@linux
+@pytest.mark.parametrize("value", ["glibc.malloc.hugetlb=0", "glibc.malloc.hugetlb=1:x=1"])
+def test_a_tunable_already_set_is_left_as_it_is(value):
+    assert with_huge_pages({"GLIBC_TUNABLES": value}) is None
+
+
+def test_adds_the_dot_flag_for_the_jaxlib_versions_it_was_checked_with():
+    flag = "--xla_cpu_experimental_ynn_fusion_type=-individual_dot"
+    assert with_eigen_dots({"A": "1"}, "0.10.2") == {"A": "1", "XLA_FLAGS": flag}
+    assert with_eigen_dots({"XLA_FLAGS": "--xla_dump_to=/d"}, "0.11.2") == {
+        "XLA_FLAGS": f"--xla_dump_to=/d {flag}"
+    }
+    for version in ["0.9.2", "0.12.0", "1.0.0", ""]:  # XLA aborts on a flag it does not know
+        assert with_eigen_dots({}, version) is None
+
+
+def test_a_dot_flag_already_set_is_left_as_it_is():
+    for flags in ["--xla_cpu_experimental_ynn_fusion_type=+individual_dot",
+                  "--xla_dump_to=/d --xla_cpu_experimental_ynn_fusion_type="]:  # fmt: skip
+        assert with_eigen_dots({"XLA_FLAGS": flags}, "0.10.2") is None
+
+
+def _dot_uses_ynnpack() -> str:
+    """Python code printing whether XLA:CPU compiles a matmul into a YNNPACK fusion."""
+    return (
+        "import jax, jax.numpy as jnp; x = jnp.ones((256, 256)); "
+        "print('ynn' in jax.jit(lambda x: x @ x).lower(x).compile().as_text())"
+    )
+
+
+checked_jaxlib = pytest.mark.skipif(
+    with_eigen_dots({}, jaxlib_version()) is None, reason="the dot flag is not set for this jaxlib"
+)
+
+
+@checked_jaxlib
+def test_the_dot_flag_moves_matmuls_off_ynnpack():
+    environ = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    default = _run(_dot_uses_ynnpack(), environ)
+    flagged = _run(_dot_uses_ynnpack(), {**environ, "XLA_FLAGS": DOT_FLAG})
+    assert default.stdout.split() == ["True"], default.stderr
+    assert flagged.stdout.split() == ["False"], flagged.stderr
+
+
+@checked_jaxlib
+def test_prepare_after_importing_the_package_still_sets_the_flag_in_time():
+    """No dreamer_jax module creates jax's backend on import, so bench.py (which calls
+    `prepare` after its imports) gets the flag; without re-execution it is set in-process."""
+    code = (
+        "import dreamer_jax.train, dreamer_jax.eval, dreamer_jax.sweep, dreamer_jax.analyze; "
+        "from dreamer_jax.startup import prepare; prepare(); " + _dot_uses_ynnpack()
+    )
+    environ = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    result = _run(code, {**environ, "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"})
+    assert result.stdout.split() == ["False"], result.stderr
+
+
+def _run(code: str, environ: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code, "an argument"], env=environ, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+
+
+@linux
+def test_prepare_reexecutes_the_same_command_once_with_the_tunable_and_the_flag():
+    code = (
+        "import os, sys; print('start', os.getpid(), flush=True); "
+        "from dreamer_jax.startup import prepare; prepare(); "
+        "print(os.environ['GLIBC_TUNABLES'], sys.argv[1:], os.getpid()); "
+        "print(os.environ.get('XLA_FLAGS'))"
+    )
+    environ = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "XLA_FLAGS")}
+    result = _run(code, environ)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    pids = [line.split()[1] for line in lines if line.startswith("start")]
+    assert len(pids) == 2 and pids[0] == pids[1]  # started twice, one process
+    assert lines[-2] == f"glibc.malloc.hugetlb=1 ['an argument'] {pids[0]}"
+    assert lines[-1] == str((with_eigen_dots({}, jaxlib_version()) or {}).get("XLA_FLAGS"))
+    opted_out = _run(
+        code,
+        {**environ, "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0", "XLA_FLAGS": "--xla_dump_to=/d"},
+    )
+    assert opted_out.stdout.count("start") == 1
+    assert opted_out.stdout.splitlines()[-2].startswith("glibc.malloc.hugetlb=0")
+    assert opted_out.stdout.splitlines()[-1].startswith("--xla_dump_to=/d")
+
+
+def _environ_of(pid: int, name: str) -> str | None:
+    """Variable `name` in the environment the process `pid` was last exec'd with."""
+    try:
+        environ = pathlib.Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    prefix = f"{name}=".encode()
+    values = [e[len(prefix) :] for e in environ if e.startswith(prefix)]
+    return values[0].decode() if values else ""
+
+
+@linux
+@pytest.mark.parametrize("program", ["train", "eval"])
+@pytest.mark.parametrize("form", ["python -m", "console script"])
+def test_the_commands_run_with_the_tunable_and_the_flag(tmp_path, program, form):
+    """`dreamer-train` and `dreamer-eval`, each as a console script and as `python -m`,
+    started without GLIBC_TUNABLES or XLA_FLAGS, run with them (read in /proc)."""
+    command = [sys.executable, "-m", f"dreamer_jax.{program}"]
+    if form == "console script":
+        script = pathlib.Path(sys.executable).parent / f"dreamer-{program}"
+        if not script.exists():
+            pytest.skip(f"{script.name} is not installed next to this interpreter")
+        command = [str(script)]
+    environ = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "XLA_FLAGS")}
+    args = ["--logdir", str(tmp_path / "run")]  # evaluation: a run to evaluate, none here
+    if program == "train":
+        args += ["--configs", "classic", "debug", "--task", "classic_cartpole",
+                 "--wandb.mode", "disabled"]  # fmt: skip
+    process = subprocess.Popen([*command, *args], env=environ, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not _environ_of(process.pid, "GLIBC_TUNABLES"):
+            time.sleep(0.1)
+        assert _environ_of(process.pid, "GLIBC_TUNABLES") == "glibc.malloc.hugetlb=1"
+        flags = (with_eigen_dots({}, jaxlib_version()) or {}).get("XLA_FLAGS", "")
+        assert _environ_of(process.pid, "XLA_FLAGS") == flags
+    finally:
+        process.kill()
+        process.wait()
