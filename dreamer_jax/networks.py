@@ -91,13 +91,37 @@ def _patches(x: jax.Array, taps: int, rows: int, cols: int) -> jax.Array:
     )
 
 
-def conv_stride2(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """`nn.Conv(strides=2, padding="VALID")` without bias as one matmul: `[N, H, W, C]`,
-    kernel `[k, k, C, O]` -> `[N, (H-k)//2+1, (W-k)//2+1, O]`.
+@jax.custom_vjp
+def patch_matmul(patches: jax.Array, kernel: jax.Array) -> jax.Array:
+    """`patches @ kernel` (`[..., K] @ [K, O]`) whose gradient XLA:CPU computes without a
+    transposed copy of the output gradient: left to autodiff, XLA materializes each conv
+    layer's output gradient twice, once transposed for the kernel's gradient (up to 138 MB
+    per layer at the Atari preset); as one dot contracting the flattened rows of both it needs
+    none (the Atari update 1.03–1.07× faster, docs/benchmarks.md). Same maths as `@`."""
+    return patches @ kernel
 
-    Space-to-depth turns the stride-2 k×k window into a stride-1 t×t window (`t = ceil(k/2)`)
-    over 2×2 pixel blocks; an odd kernel gets a zero last row and column to fit the blocks.
-    """
+
+def _patch_matmul_fwd(patches, kernel):
+    return patches @ kernel, (patches, kernel)
+
+
+def _patch_matmul_bwd(residuals, out_grad):
+    patches, kernel = residuals
+    # Materialized once, in the layout both gradient dots read.
+    out_grad = jax.lax.optimization_barrier(out_grad)
+    rows = out_grad.reshape(-1, out_grad.shape[-1])
+    kernel_grad = jax.lax.dot_general(
+        patches.reshape(-1, patches.shape[-1]), rows, (((0,), (0,)), ((), ()))
+    )
+    return (out_grad @ kernel.T).astype(patches.dtype), kernel_grad.astype(kernel.dtype)
+
+
+patch_matmul.defvjp(_patch_matmul_fwd, _patch_matmul_bwd)
+
+
+def _stride2_operands(x: jax.Array, kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The patches `[N, H', W', t*t*4*C]` and kernel `[t*t*4*C, O]` whose product is
+    `conv_stride2(x, kernel)`."""
     k, _, c, o = kernel.shape
     t = (k + 1) // 2
     n, h, w, _ = x.shape
@@ -110,7 +134,17 @@ def conv_stride2(x: jax.Array, kernel: jax.Array) -> jax.Array:
     x = x.reshape(n, rows + t - 1, cols + t - 1, 4 * c)
     kernel = jnp.pad(kernel, ((0, 2 * t - k), (0, 2 * t - k), (0, 0), (0, 0)))
     kernel = kernel.reshape(t, 2, t, 2, c, o).transpose(0, 2, 1, 3, 4, 5).reshape(-1, o)
-    return _patches(x, t, rows, cols) @ kernel
+    return _patches(x, t, rows, cols), kernel
+
+
+def conv_stride2(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """`nn.Conv(strides=2, padding="VALID")` without bias as one matmul: `[N, H, W, C]`,
+    kernel `[k, k, C, O]` -> `[N, (H-k)//2+1, (W-k)//2+1, O]`.
+
+    Space-to-depth turns the stride-2 k×k window into a stride-1 t×t window (`t = ceil(k/2)`)
+    over 2×2 pixel blocks; an odd kernel gets a zero last row and column to fit the blocks.
+    """
+    return patch_matmul(*_stride2_operands(x, kernel))
 
 
 def conv_transpose_stride2(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -136,7 +170,9 @@ def conv_transpose_stride2(x: jax.Array, kernel: jax.Array) -> jax.Array:
     if 4 * o <= c:
         out = jax.ShapeDtypeStruct((n, 2 * h + k - 2, 2 * w + k - 2, o), x.dtype)
         flipped = kernel[::-1, ::-1].swapaxes(2, 3)
-        return jax.linear_transpose(lambda y: conv_stride2(y, flipped), out)(x)[0]
+        # A plain matmul inside: jax cannot transpose a custom VJP.
+        adjoint = jax.linear_transpose(lambda y: jnp.matmul(*_stride2_operands(y, flipped)), out)
+        return adjoint(x)[0]
     t = (k + 1) // 2
     # A zero first row and column make an odd kernel even (and add one zero output row and
     # column, cropped below). Then tap i of phase r reads kernel row 2i + 1 - r.
@@ -145,7 +181,7 @@ def conv_transpose_stride2(x: jax.Array, kernel: jax.Array) -> jax.Array:
     kernel = kernel.transpose(0, 2, 4, 1, 3, 5).reshape(t * t * c, 4 * o)
     rows, cols = h + t - 1, w + t - 1
     x = jnp.pad(x, ((0, 0), (t - 1, t - 1), (t - 1, t - 1), (0, 0)))
-    y = (_patches(x, t, rows, cols) @ kernel).reshape(n, rows, cols, 2, 2, o)
+    y = patch_matmul(_patches(x, t, rows, cols), kernel).reshape(n, rows, cols, 2, 2, o)
     y = y.transpose(0, 1, 3, 2, 4, 5).reshape(n, 2 * rows, 2 * cols, o)
     return y[:, : 2 * h + k - 2, : 2 * w + k - 2]
 
