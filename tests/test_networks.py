@@ -19,8 +19,27 @@ from dreamer_jax.networks import (
     action_noise,
     get_feat,
     initial_state,
+    patch_matmul,
     straight_through_onehot,
 )
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_patch_matmul_value_and_gradients_are_those_of_matmul_also_per_seed(dtype):
+    keys = jax.random.split(jax.random.key(0), 3)
+    patches = jax.random.normal(keys[0], (3, 2, 5, 4, 12)).astype(dtype)  # [seed, N, H, W, K]
+    kernel = jax.random.normal(keys[1], (3, 12, 6)).astype(dtype)  # [seed, K, O]
+    weights = jax.random.normal(keys[2], (3, 2, 5, 4, 6))
+
+    def loss(matmul):
+        per_seed = lambda x, w, c: (matmul(x, w).astype(jnp.float32) * c).sum()
+        return lambda x, w: jax.vmap(per_seed)(x, w, weights).sum()
+
+    ours = jax.value_and_grad(loss(patch_matmul), argnums=(0, 1))(patches, kernel)
+    reference = jax.value_and_grad(loss(jnp.matmul), argnums=(0, 1))(patches, kernel)
+    chex.assert_trees_all_equal_dtypes(ours, reference)
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    chex.assert_trees_all_close(ours, reference, rtol=tol, atol=tol * 10)
 
 
 def test_straight_through_forward_is_onehot_and_gradient_is_softmax():
