@@ -10,8 +10,8 @@
   setting. `GLIBC_TUNABLES=glibc.malloc.hugetlb=0` opts out; elsewhere than Linux, and with
   other C libraries, nothing changes.
 - Eigen for matmuls. XLA:CPU hands each dot to YNNPACK by default; its own (Eigen) dots ran
-  the Atari preset's update 1.07× faster (3.67 → 3.42 s on a 2-core CPU), at the cost of
-  2–4 % on small batches (the classic preset, Atari with `--dataset.batch 4`). `XLA_FLAGS`
+  the Atari preset's update 1.07× faster (3.65 → 3.42 s on a 2-core CPU), at the cost of
+  about 4 % at small batches (Atari with `--dataset.batch 4`). `XLA_FLAGS`
   gets `--xla_cpu_experimental_ynn_fusion_type=-individual_dot` unless it already names that
   flag (`--xla_cpu_experimental_ynn_fusion_type=+individual_dot` keeps XLA's default) or
   jaxlib is not one of the versions it was checked with (XLA aborts on a flag it does not
