@@ -35,7 +35,6 @@ DOT_FLAG_NAME = "xla_cpu_experimental_ynn_fusion_type"
 DOT_FLAG = f"--{DOT_FLAG_NAME}=-individual_dot"
 # jaxlib (major, minor) versions whose XLA knows DOT_FLAG and ran faster with it.
 DOT_FLAG_JAXLIB = ((0, 10), (0, 11))
-FORCED_DEVICES = "xla_force_host_platform_device_count"
 
 
 def with_huge_pages(environ: dict[str, str]) -> dict[str, str] | None:
@@ -49,13 +48,10 @@ def with_huge_pages(environ: dict[str, str]) -> dict[str, str] | None:
 
 def with_eigen_dots(environ: dict[str, str], jaxlib_version: str) -> dict[str, str] | None:
     """`environ` with `DOT_FLAG` added to `XLA_FLAGS`, or None if `XLA_FLAGS` already names
-    that flag or forces several host devices, or `jaxlib_version` (e.g. "0.10.2") is not one
-    it was checked with."""
+    that flag or `jaxlib_version` (e.g. "0.10.2") is not one it was checked with."""
     flags = environ.get("XLA_FLAGS", "")
     release = tuple(int(part) for part in jaxlib_version.split(".")[:2] if part.isdigit())
-    # Forced host devices (the multi-device test set-up) keep XLA's default: with Eigen dots
-    # a 4-device CPU run once stalled 40 s in an all-reduce rendezvous and was aborted.
-    if DOT_FLAG_NAME in flags or FORCED_DEVICES in flags or release not in DOT_FLAG_JAXLIB:
+    if DOT_FLAG_NAME in flags or release not in DOT_FLAG_JAXLIB:
         return None
     return {**environ, "XLA_FLAGS": " ".join(filter(None, [flags, DOT_FLAG]))}
 

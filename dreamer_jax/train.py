@@ -28,6 +28,7 @@ if __name__ == "__main__":  # a program: set up XLA:CPU's speed before jax is im
 
     prepare()
 
+import functools
 import os
 import pathlib
 import re
@@ -42,7 +43,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from dreamer_jax.agent import Agent, TrainState
+from dreamer_jax.agent import Agent, TrainState, over_seeds
 from dreamer_jax.api import make_agent
 from dreamer_jax.checkpoint import Checkpointer, CheckpointError
 from dreamer_jax.config import Config, ConfigError, load_run_config, parse_cli, program_name
@@ -61,7 +62,6 @@ from dreamer_jax.seeds import (
     seed_keys,
     seed_logdir,
     seed_sharding,
-    select,
 )
 from dreamer_jax.world_model import open_loop_prediction, preprocess
 
@@ -112,16 +112,30 @@ def changed_keys(saved: Config, config: Config) -> list[str]:
     return sorted(k for k in new if not free(k) and old.get(k) != new[k])
 
 
-_open_loop = jax.jit(open_loop_prediction, static_argnums=(0, 4))
-
-
-def open_loop_frames(agent: Agent, state: TrainState, batch: dict, key: jax.Array) -> np.ndarray:
-    """The SPEC §6 picture for up to 6 replayed chunks, as uint8 frames `[T, 3H, n·W, C]`."""
-    batch = {k: v[:OPENL_SEQUENCES] for k, v in batch.items()}
+@functools.partial(jax.jit, static_argnums=0)
+def _open_loop_seeds(agent: Agent, wm_params, batch: dict, keys: jax.Array):
+    """`open_loop_prediction` of every seed: `wm_params`, `batch` `[N, B, T, ...]` (raw, as
+    sampled) and `keys` `[N]` have a leading seed axis, split over the devices like the
+    states, so that no seed's parameters move (no collectives between devices)."""
     context = min(5, agent.config.dataset.length - 1)
-    data = preprocess(batch, agent.config)
-    truth, prediction = _open_loop(agent.world_model, state.wm_params, data, key, context)
-    return open_loop_video(np.asarray(truth), np.asarray(prediction))
+
+    def one_seed(params, batch, key):
+        data = preprocess(batch, agent.config)
+        return open_loop_prediction(agent.world_model, params, data, key, context)
+
+    return over_seeds(one_seed)(wm_params, batch, keys)
+
+
+def open_loop_frames(
+    agent: Agent, states: TrainState, batches: list[dict], keys: jax.Array, sharding
+) -> list[np.ndarray]:
+    """The SPEC §6 picture of each seed, for up to 6 chunks of its sampled batch (one batch
+    per seed), as uint8 frames `[T, 3H, n·W, C]`."""
+    batch = {k: np.stack([b[k][:OPENL_SEQUENCES] for b in batches]) for k in batches[0]}
+    truth, prediction = jax.device_get(
+        _open_loop_seeds(agent, states.wm_params, jax.device_put(batch, sharding), keys)
+    )
+    return [open_loop_video(*seed) for seed in zip(truth, prediction, strict=True)]
 
 
 def _key_data(key: jax.Array) -> list:
@@ -369,7 +383,7 @@ class Evaluating:
     eval envs (one pool for all seeds), and the open-loop report of its replay."""
 
     def __init__(self, agent, config, env, seed_loops, sharding):
-        self.agent, self.config, self.env = agent, config, env
+        self.agent, self.config, self.env, self.sharding = agent, config, env, sharding
         eval_keys = _wrap_key([seed_loop["eval_key"] for seed_loop in seed_loops])
         self.eval_keys = jax.device_put(eval_keys, sharding)
         # The open-loop report samples its chunks from a stream of its own, so that a report
@@ -384,13 +398,15 @@ class Evaluating:
             record_video=self.config.eval_video_frames > 0,
             max_frames=self.config.eval_video_frames,
         )  # fmt: skip
-        for i, (result, logger) in enumerate(zip(results, loggers, strict=True)):
+        for result, logger in zip(results, loggers, strict=True):
             logger.scalar("eval_return", float(np.mean(result.returns)))
             logger.scalar("eval_length", float(np.mean(result.lengths)))
             if result.frames:
                 logger.video("eval_policy", np.stack(result.frames), step=step)
-            batch = replays[i].sample(self.report_rngs[i])
-            frames = open_loop_frames(self.agent, select(states, i), batch, openl_keys[i])
+        samples = zip(replays, self.report_rngs, strict=True)
+        batches = [replay.sample(rng) for replay, rng in samples]
+        videos = open_loop_frames(self.agent, states, batches, openl_keys, self.sharding)
+        for logger, frames in zip(loggers, videos, strict=True):
             logger.video("openl", frames, step=step)
 
     def seed_loops(self) -> list[dict]:
