@@ -114,6 +114,13 @@ def _load_run(path: pathlib.Path) -> Run | None:
     if not evals:
         warnings.warn(f"skipping {path}: no eval_return logged yet", stacklevel=2)
         return None
+    since = stopped_learning(rows)
+    if since is not None:
+        warnings.warn(
+            f"{path}: every update logged since frames {since} was non-finite (skipped), so "
+            "its later evaluations are of parameters that stopped learning there",
+            stacklevel=2,
+        )
     return Run(
         path=path,
         task=config.task,
@@ -122,6 +129,18 @@ def _load_run(path: pathlib.Path) -> Run | None:
         returns=np.array([row["eval_return"] for row in evals], float),
         last_frames=rows[-1]["frames"],
     )
+
+
+def stopped_learning(rows: Sequence[dict]) -> int | None:
+    """The frames of the first row of a run's final stretch of rows in which every update was
+    non-finite (its `nonfinite` metric, the fraction of updates skipped since the previous
+    row, is 1), or None when its last logged updates learned."""
+    since = None
+    for row in reversed([row for row in rows if isinstance(row.get("nonfinite"), int | float)]):
+        if row["nonfinite"] < 1:
+            break
+        since = row["frames"]
+    return since
 
 
 def final_return(run: Run) -> float:

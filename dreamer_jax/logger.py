@@ -187,7 +187,8 @@ class Logger:
     def write(self, step: int) -> dict[str, Any]:
         """Writes the buffered scalars as one log step to every output and clears the buffer.
 
-        Returns the record appended to metrics.jsonl (non-finite values as None)."""
+        Returns the record appended to metrics.jsonl (non-finite values as None; TensorBoard
+        gets only the finite ones)."""
         self.step = step
         scalars, self._scalars = self._scalars, {}
         record = {"step": step, "frames": step * self.action_repeat}
@@ -197,7 +198,8 @@ class Logger:
             file.flush()
             os.fsync(file.fileno())  # a crash after write() returns loses nothing
         for name, value in scalars.items():
-            self._tb.add_scalar(name, value, global_step=step)
+            if math.isfinite(value):  # tensorboardX warns of each non-finite value
+                self._tb.add_scalar(name, value, global_step=step)
         self._tb.flush()
         if self._wandb is not None and scalars:
             self._wandb.log(scalars, step=step)

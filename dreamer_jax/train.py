@@ -79,7 +79,8 @@ class RunError(Exception):
 
 
 class NonFiniteError(RuntimeError):
-    """Too many consecutive non-finite updates; the last good checkpoint is kept."""
+    """Too many consecutive non-finite updates of every seed; the last good checkpoint is
+    kept."""
 
 
 def make_env(config: Config, num_envs: int, seeds: list[int]) -> VectorEnv:
@@ -351,14 +352,7 @@ class Learning:
         while self.owed > 0:
             # Checked one update late, so the host never waits on the update in flight.
             if self.last is not None:
-                streaks = np.asarray(self.last["nonfinite_streak"])
-                if streaks.max() >= self.config.max_nonfinite:
-                    seeds = [self.config.seed + i for i in np.flatnonzero(streaks == streaks.max())]
-                    raise NonFiniteError(
-                        f"{self.config.max_nonfinite} consecutive non-finite updates at step "
-                        f"{step} (seed {', '.join(map(str, seeds))}); stopping with the last "
-                        "good checkpoint kept"
-                    )
+                self._check_finite(step)
             batches = [next(dataset) for dataset in self.datasets]
             batch = {k: np.stack([b[k] for b in batches]) for k in batches[0]}
             states, self.last = self.agent.train_seeds(states, jax.device_put(batch, self.sharding))
@@ -366,6 +360,28 @@ class Learning:
             self.updates += 1
             self.owed -= 1
         return states
+
+    def _check_finite(self, step: int) -> None:
+        """Stops the run (NonFiniteError) once every seed's last `max_nonfinite` updates were
+        non-finite. A seed that gets there while others learn is reported once per streak and
+        goes on: its updates stay skipped (its parameters those of its last finite update)
+        until one is finite again, so one diverged seed does not end the other seeds' run."""
+        streaks = np.asarray(self.last["nonfinite_streak"])
+        limit, first = self.config.max_nonfinite, self.config.seed
+        if streaks.min() >= limit:
+            seeds = ", ".join(str(first + i) for i in range(len(streaks)))
+            raise NonFiniteError(
+                f"{limit} consecutive non-finite updates at step {step} (seed {seeds}); "
+                "stopping with the last good checkpoint kept"
+            )
+        for i in np.flatnonzero(streaks == limit):
+            print(
+                f"warning: seed {first + i}: {limit} consecutive non-finite updates at step "
+                f"{step}; its updates are skipped while the other seeds go on (the run stops "
+                "if every seed gets there)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def take_metrics(self) -> list[dict[str, float]]:
         """Each seed's mean of every train metric since the last call ({} if none)."""

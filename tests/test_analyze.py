@@ -212,6 +212,30 @@ def test_run_without_evals_is_skipped_and_other_folders_ignored(tmp_path):
     assert [run.seed for run in runs] == [0]
 
 
+def test_stopped_learning_is_the_start_of_the_final_all_nonfinite_rows():
+    def rows(fractions):
+        return [{"step": 100 * i, "frames": 400 * i, "nonfinite": f} for i, f in fractions]
+
+    assert (
+        analyze.stopped_learning(rows([(1, 0.0), (2, 1.0), (3, 0.5), (4, 1.0), (5, 1.0)])) == 1600
+    )
+    assert analyze.stopped_learning(rows([(1, 1.0), (2, 1.0)])) == 400
+    assert analyze.stopped_learning(rows([(1, 1.0), (2, 0.9)])) is None
+    no_updates = [{"step": 600, "frames": 2400, "eval_return": 1.0}]  # rows without the metric
+    assert analyze.stopped_learning(rows([(1, 0.0), (2, 1.0)]) + no_updates) == 800
+    assert analyze.stopped_learning(no_updates) is None
+
+
+def test_a_run_that_stopped_learning_is_kept_with_a_warning(tmp_path):
+    rows = eval_rows([(400, 1.0), (800, 2.0)])
+    rows[0]["nonfinite"], rows[1]["nonfinite"] = 0.25, 1.0
+    stuck = write_run(tmp_path, "atari_pong", 1, rows)
+    write_run(tmp_path, "atari_pong", 0, eval_rows([(400, 1.0)]))
+    with pytest.warns(UserWarning, match=f"{stuck}: every update logged since frames 800 was"):
+        runs = analyze.load_runs(tmp_path)
+    assert [run.seed for run in runs] == [0, 1]
+
+
 def test_two_runs_of_one_task_and_seed_are_an_error(tmp_path):
     write_run(tmp_path, "atari_pong", 0, eval_rows([(10, 1.0)]), name="kl_0.5/seed_0")
     write_run(tmp_path, "atari_pong", 0, eval_rows([(10, 2.0)]), name="kl_0.8/seed_0")

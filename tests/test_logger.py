@@ -1,3 +1,4 @@
+import logging
 import math
 import os
 import pathlib
@@ -71,17 +72,19 @@ def test_step_and_frames_are_reserved_scalar_names(tmp_path):
     logger.close()
 
 
-def test_tensorboard_event_file_holds_the_scalars(tmp_path):
+def test_tensorboard_event_file_holds_the_finite_scalars(tmp_path, caplog):
     logger = _logger(tmp_path)
     logger.scalars({"model_loss": 0.25, "actor_entropy": 3.0})
     logger.write(5)
-    logger.scalar("model_loss", 0.125)
-    logger.write(9)
+    logger.scalars({"model_loss": 0.125, "actor_entropy": math.nan})
+    with caplog.at_level(logging.WARNING):
+        logger.write(9)  # tensorboardX would warn of each non-finite value, every row
     logger.close()
 
     events = _tb_events(tmp_path)
     assert [(step, v.simple_value) for step, v in events["model_loss"]] == [(5, 0.25), (9, 0.125)]
     assert [(step, v.simple_value) for step, v in events["actor_entropy"]] == [(5, 3.0)]
+    assert caplog.records == []
 
 
 @pytest.mark.parametrize("channels", [1, 3])

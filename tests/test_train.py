@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
+from dreamer_jax import analyze
 from dreamer_jax import train as train_module
 from dreamer_jax.config import make_config
 from dreamer_jax.logger import read_metrics
@@ -222,15 +223,66 @@ def test_cartpole_learns_beyond_random(tmp_path):
     assert len(evals) == 4 and max(evals) > 66, evals
 
 
-def test_nonfinite_updates_stop_the_run(tmp_path):
+@pytest.mark.parametrize("num_seeds", ["1", "2"])
+def test_nonfinite_updates_stop_the_run(tmp_path, num_seeds):
     # A huge learning rate blows the parameters up to where every forward pass overflows:
-    # each update is then skipped, and the run stops.
+    # each update is then skipped, and once every seed is there the run stops.
     result = run_cli(
-        *CLASSIC, "--logdir", str(tmp_path / "run"), "--steps", "2000",
+        *CLASSIC, "--logdir", str(tmp_path / "run"), "--steps", "2000", "--num_seeds", num_seeds,
         "--model_opt.lr", "1e30", "--max_nonfinite", "3", timeout=600,
     )  # fmt: skip
     assert result.returncode == 1, result.stderr[-2000:]
-    assert "3 consecutive non-finite updates" in result.stderr
+    seeds = "0" if num_seeds == "1" else "0, 1"
+    assert "3 consecutive non-finite updates at step" in result.stderr
+    assert f"(seed {seeds}); stopping with the last good checkpoint kept" in result.stderr
+
+
+class NonFiniteRewards:
+    """A real `VectorEnv` whose row `row` always returns a NaN reward: every update of the
+    seed that owns that env is non-finite, the other seeds' data is untouched."""
+
+    def __init__(self, env, row):
+        self.env, self.row = env, row
+
+    def __getattr__(self, name):
+        return getattr(self.env, name)
+
+    def _poisoned(self, step):
+        step["reward"][self.row] = np.nan
+        return step
+
+    def reset(self):
+        return self._poisoned(self.env.reset())
+
+    def step(self, action, active=None):
+        return self._poisoned(self.env.step(action, active))
+
+
+def test_one_diverged_seed_is_reported_and_the_others_train_on(tmp_path, monkeypatch, capsys):
+    config = make_config(
+        ["classic", "debug"],
+        {"task": "classic_cartpole", "logdir": str(tmp_path), "num_seeds": 2, "steps": 900,
+         "prefill": 300, "eval_every": 450, "log_every": 150, "max_nonfinite": 3,
+         "wandb.mode": "disabled"},
+    )  # fmt: skip
+    make_env, created = train_module.make_env, []
+
+    def poisoned_make_env(config, num_envs, seeds):
+        env = make_env(config, num_envs, seeds)
+        created.append(env)
+        return NonFiniteRewards(env, row=1) if len(created) == 1 else env  # seed 1's train env
+
+    monkeypatch.setattr(train_module, "make_env", poisoned_make_env)
+    train_module.train(config, types.SimpleNamespace(signum=None))
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "non-finite" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: seed 1: 3 consecutive")
+    learning, diverged = (read_metrics(tmp_path / f"seed_{s}" / "metrics.jsonl") for s in (0, 1))
+    trained = [row for row in learning if "nonfinite" in row]
+    assert len(trained) >= 3 and trained[-1]["step"] == 900
+    assert all(row["nonfinite"] == 0 and row["model_loss"] is not None for row in trained)
+    assert [row["nonfinite"] for row in diverged if "nonfinite" in row] == [1.0] * len(trained)
+    assert analyze.stopped_learning(diverged) == trained[0]["frames"] == config.prefill
+    assert analyze.stopped_learning(learning) is None
 
 
 def test_atari_debug_same_seed_is_bit_identical(tmp_path):
