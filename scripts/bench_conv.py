@@ -5,13 +5,14 @@
 
 Times forward + backward (jit, `jax.value_and_grad` of a sum-of-squares loss) of
 `ConvEncoder` / `ConvDecoder` (matmul lowering) and of the same stacks built from flax's
-`nn.Conv` / `nn.ConvTranspose` (the reference that tests/test_networks.py holds), with the same
-parameters and inputs. Gradients are taken as a world-model update needs them: the encoder's
-w.r.t. its parameters, the decoder's w.r.t. its parameters and its input features. Sizes come
-from the config presets (`atari`: 16×50 frames, depth 48; `debug`: 4×10 frames, depth 4).
-The two versions run interleaved (A, B, A, B, ...) and the best of `--repeats` is kept, so a
-busy machine slows both alike. GFLOP are XLA's cost analysis of each compiled function (the
-matmul lowering also counts the zeros it multiplies); the reference's count is the useful work.
+`nn.Conv` / `nn.ConvTranspose` (the reference tests/test_networks.py checks them against, in
+tests/helpers.py), with the same parameters and inputs. Gradients are taken as a world-model
+update needs them: the encoder's w.r.t. its parameters, the decoder's w.r.t. its parameters
+and its input features. Sizes come from the config presets (`atari`: 16×50 frames, depth 48;
+`debug`: 4×10 frames, depth 4). The two versions run interleaved (A, B, A, B, ...) and the
+best of `--repeats` is kept, so a busy machine slows both alike. GFLOP are XLA's cost
+analysis of each compiled function (the matmul lowering also counts the zeros it
+multiplies); the reference's count is the useful work.
 
 `--seeds N` times, for both lowerings, one `jax.vmap`ped call over N seeds (each its own
 parameters and `--frames` frames, as the N-seed update runs them) against N single calls:
@@ -35,7 +36,7 @@ from dreamer_jax.networks import ConvDecoder, ConvEncoder
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from test_networks import FlaxConvDecoder, FlaxConvEncoder  # noqa: E402
+from helpers import FlaxConvDecoder, FlaxConvEncoder  # noqa: E402
 
 PRESETS = {"atari": ["atari"], "debug": ["atari", "debug"]}
 

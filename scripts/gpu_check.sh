@@ -7,19 +7,22 @@
 #
 # Runs, each under `timeout` (a failure or a timeout is recorded and the next step runs):
 #   0. nvidia-smi -L, jax version and devices, the project's imports;
-#   a. the learner over seeds, bf16, Atari preset: scripts/bench.py --num_seeds N for N in
+#   a. the image encoder and decoder, forward + backward at the Atari batch, bf16: the matmul
+#      lowering against flax's convolutions (cuDNN there), scripts/bench_conv.py, in log.txt:
+#      whether the lowering XLA:CPU needed slows a single seed on the GPU;
+#   b. the learner over seeds, bf16, Atari preset: scripts/bench.py --num_seeds N for N in
 #      $GPU_CHECK_SEEDS (default 1 2 4 8 16), 20 updates each -> learner_seeds.json;
-#   b. end to end on Atari Boxing, bf16, one env per seed: 1 seed, then 8 seeds ->
+#   c. end to end on Atari Boxing, bf16, one env per seed: 1 seed, then 8 seeds ->
 #      e2e.json (frames/s summed over seeds and updates/s of the metrics rows past the prefill).
 # Writes at most 4 files to $OUT: log.txt (all output), steps.tsv (each step's exit code,
 # seconds and timeout), learner_seeds.json, e2e.json; the JSON files are rewritten after each
 # step, so a cut-off run still leaves what it measured.
 #
 # Time: the whole script keeps to GPU_CHECK_BUDGET seconds (default 540). Each step's timeout
-# is its own cap (bench 100 s per call, e2e 150 s and 180 s), cut to what the budget leaves
-# after the time held back for the later steps (the e2e runs hold back 130 + 160 s from the
-# learner steps, so the last bench calls are the ones skipped when compiles are slow); a step
-# with under 30 s left is skipped (steps.tsv says so). One bench call is mostly start-up plus
+# is its own cap (conv 60 s, bench 100 s per call, e2e 150 s and 180 s), cut to what the
+# budget leaves after the time held back for the later steps (the e2e runs hold back 130 +
+# 160 s from the learner steps, so the last bench calls are the ones skipped when compiles
+# are slow); a step with under 30 s left is skipped (steps.tsv says so). One bench call is mostly start-up plus
 # the ~35 s compile of train_step. The run tool's timeout_s should be about BUDGET + 60.
 set -uo pipefail  # no -e: every step runs whatever the previous one did
 
@@ -92,6 +95,7 @@ if [ "$SMOKE" = 1 ]; then
     E2E1=(--steps 700 --prefill "$PREFILL" --log_every 100)
     E2E8_SEEDS=2
     E2E8=(--steps 600 --prefill "$PREFILL" --log_every 100)
+    CONV=(--sizes debug --repeats 1)
 else
     PRESET=(--configs atari)
     SEEDS="${GPU_CHECK_SEEDS:-1 2 4 8 16}"
@@ -107,6 +111,7 @@ else
     E2E1=(--steps 15000 --prefill "$PREFILL" --log_every 2000)
     E2E8_SEEDS=8
     E2E8=(--steps 10000 --prefill "$PREFILL" --log_every 2000)
+    CONV=(--sizes atari --repeats 3)
 fi
 
 merge_bench() {
@@ -201,7 +206,12 @@ print('imports ok: distrax', distrax.__version__, 'envpool', envpool.__version__
       'wandb', wandb.__version__, 'from', envpool.__file__)
 "
 
-# a) the learner over seeds (each call one JSON, merged into learner_seeds.json).
+# a) convolutions: matmul lowering vs flax/cuDNN (first: a short step, and if the bench calls
+# below run out of budget, the last of them is the one skipped).
+run_step conv 60 $((E2E1_MIN + E2E8_MIN + 100)) "$PY" scripts/bench_conv.py "${CONV[@]}" \
+    --precision bf16
+
+# b) the learner over seeds (each call one JSON, merged into learner_seeds.json).
 for n in $SEEDS; do
     run_step "bench_seeds_$n" 100 $((E2E1_MIN + E2E8_MIN + 10)) "$PY" scripts/bench.py "${PRESET[@]}" \
         --precision bf16 --num_seeds "$n" --updates "$UPDATES" --no-record \
@@ -210,7 +220,7 @@ for n in $SEEDS; do
 done
 merge_bench 2>&1 | tee -a "$LOG"
 
-# b) end to end, one env per seed (a logdir with data would be resumed: start clean).
+# c) end to end, one env per seed (a logdir with data would be resumed: start clean).
 rm -rf /tmp/e2e1 /tmp/e2e8
 run_step e2e1 $E2E1_CAP $((E2E8_MIN + 10)) "$PY" -m dreamer_jax.train "${PRESET[@]}" --task atari_boxing \
     --precision bf16 --envs 1 --num_seeds 1 --logdir /tmp/e2e1 "${E2E1[@]}" \
@@ -221,7 +231,7 @@ run_step e2e8 $E2E8_CAP 10 "$PY" -m dreamer_jax.train "${PRESET[@]}" --task atar
     --eval_every 1000000 --wandb.mode disabled
 summarize_e2e 2>&1 | tee -a "$LOG"
 
-# c) nothing large is copied: list what came out.
+# Nothing large is copied: list what came out.
 say "done; $OUT holds:"
 ls -la "$OUT" 2>&1 | tee -a "$LOG"
 cat "$STEPS"

@@ -1,5 +1,9 @@
-"""Small builders shared by the learner tests (not a test module)."""
+"""Small builders shared by the learner tests (not a test module), and the flax convolution
+reference of the image encoder and decoder (tests/test_networks.py, scripts/bench_conv.py)."""
 
+from collections.abc import Sequence
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -52,3 +56,50 @@ def product_input_dtypes(fn, *args) -> set[jnp.dtype]:
 
     walk(jax.make_jaxpr(fn)(*args).jaxpr)
     return found
+
+
+_glorot = nn.initializers.xavier_uniform()
+
+
+class FlaxConvEncoder(nn.Module):
+    """The reference: the encoder built from flax's `nn.Conv` (the project's code before the
+    matmul lowering; scripts/bench_conv.py times it too)."""
+
+    depth: int = 48
+    kernels: Sequence[int] = (4, 4, 4, 4)
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, image):
+        lead = image.shape[:-3]
+        x = image.reshape(-1, *image.shape[-3:]).astype(self.dtype)
+        for i, kernel in enumerate(self.kernels):
+            conv = nn.Conv(2**i * self.depth, (kernel, kernel), 2, "VALID", dtype=self.dtype,
+                           kernel_init=_glorot)  # fmt: skip
+            x = nn.elu(conv(x))
+        return x.reshape(*lead, -1)
+
+
+class FlaxConvDecoder(nn.Module):
+    """The reference decoder, from flax's `nn.ConvTranspose` (which does not flip kernels)."""
+
+    channels: int
+    depth: int = 48
+    kernels: Sequence[int] = (5, 5, 6, 6)
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, feat):
+        lead = feat.shape[:-1]
+        x = nn.Dense(32 * self.depth, dtype=self.dtype, kernel_init=_glorot)(
+            feat.astype(self.dtype)
+        )
+        x = x.reshape(-1, 1, 1, 32 * self.depth)
+        for i, kernel in enumerate(self.kernels):
+            last = i == len(self.kernels) - 1
+            depth = self.channels if last else 2 ** (len(self.kernels) - i - 2) * self.depth
+            conv = nn.ConvTranspose(depth, (kernel, kernel), (2, 2), "VALID", dtype=self.dtype,
+                                    kernel_init=_glorot)  # fmt: skip
+            x = conv(x)
+            x = x if last else nn.elu(x)
+        return x.reshape(*lead, *x.shape[1:])

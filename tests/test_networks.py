@@ -1,13 +1,11 @@
 import functools
-from collections.abc import Sequence
 
 import chex
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import product_input_dtypes, vector_agent
+from helpers import FlaxConvDecoder, FlaxConvEncoder, product_input_dtypes, vector_agent
 
 from dreamer_jax.agent import Agent
 from dreamer_jax.config import make_config
@@ -70,53 +68,6 @@ def test_conv_encoder_decoder_shapes():
     feat = jnp.zeros((2, 3, 40))
     out = decoder.apply(decoder.init(jax.random.key(0), feat), feat)
     chex.assert_shape(out, (2, 3, 64, 64, 3))
-
-
-_glorot = nn.initializers.xavier_uniform()
-
-
-class FlaxConvEncoder(nn.Module):
-    """The reference: the encoder built from flax's `nn.Conv` (the project's code before the
-    matmul lowering; scripts/bench_conv.py times it too)."""
-
-    depth: int = 48
-    kernels: Sequence[int] = (4, 4, 4, 4)
-    dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, image):
-        lead = image.shape[:-3]
-        x = image.reshape(-1, *image.shape[-3:]).astype(self.dtype)
-        for i, kernel in enumerate(self.kernels):
-            conv = nn.Conv(2**i * self.depth, (kernel, kernel), 2, "VALID", dtype=self.dtype,
-                           kernel_init=_glorot)  # fmt: skip
-            x = nn.elu(conv(x))
-        return x.reshape(*lead, -1)
-
-
-class FlaxConvDecoder(nn.Module):
-    """The reference decoder, from flax's `nn.ConvTranspose` (which does not flip kernels)."""
-
-    channels: int
-    depth: int = 48
-    kernels: Sequence[int] = (5, 5, 6, 6)
-    dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, feat):
-        lead = feat.shape[:-1]
-        x = nn.Dense(32 * self.depth, dtype=self.dtype, kernel_init=_glorot)(
-            feat.astype(self.dtype)
-        )
-        x = x.reshape(-1, 1, 1, 32 * self.depth)
-        for i, kernel in enumerate(self.kernels):
-            last = i == len(self.kernels) - 1
-            depth = self.channels if last else 2 ** (len(self.kernels) - i - 2) * self.depth
-            conv = nn.ConvTranspose(depth, (kernel, kernel), (2, 2), "VALID", dtype=self.dtype,
-                                    kernel_init=_glorot)  # fmt: skip
-            x = conv(x)
-            x = x if last else nn.elu(x)
-        return x.reshape(*lead, *x.shape[1:])
 
 
 def _conv_pairs(depth=4, lead=(2,), enc_kernels=(4, 4, 4, 4), dec_kernels=(5, 5, 6, 6), channels=1):
