@@ -22,8 +22,9 @@
 # is its own cap (conv 60 s, bench 100 s per call, e2e 150 s and 180 s), cut to what the
 # budget leaves after the time held back for the later steps (the e2e runs hold back 130 +
 # 160 s from the learner steps, so the last bench calls are the ones skipped when compiles
-# are slow); a step with under 30 s left is skipped (steps.tsv says so). One bench call is mostly start-up plus
-# the ~35 s compile of train_step. The run tool's timeout_s should be about BUDGET + 60.
+# are slow); a step with under 30 s left is skipped (steps.tsv says so). One bench call is
+# mostly start-up plus the ~35 s compile of train_step. The run tool's timeout_s should be
+# about BUDGET + 60.
 set -uo pipefail  # no -e: every step runs whatever the previous one did
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
