@@ -49,7 +49,7 @@ from dreamer_jax.checkpoint import Checkpointer, CheckpointError
 from dreamer_jax.config import Config, ConfigError, load_run_config, parse_cli, program_name
 from dreamer_jax.envs import UnknownTaskError, VectorEnv
 from dreamer_jax.eval import evaluate
-from dreamer_jax.logger import METRICS_FILE, LogdirError, Logger, WandbError
+from dreamer_jax.logger import METRICS_FILE, LogdirError, Logger, WandbError, read_metrics
 from dreamer_jax.paths import DirectoryError, ensure_writable, lock_directory
 from dreamer_jax.provenance import provenance, record_start
 from dreamer_jax.replay import Replay, bytes_per_step
@@ -676,6 +676,8 @@ def _run_loop(
         if step not in checkpointer.steps():  # the periodic save may have just written it
             save_checkpoint()
         print(f"checkpoint saved at step {step} in {checkpointer.directory}", flush=True)
+        for seed, logger in zip(run_seeds(config), loggers, strict=True):
+            print(latest_returns(seed, logger.metrics_path), flush=True)
     except Exception as error:
         if not isinstance(error, CheckpointError | NonFiniteError):
             _save_after_error(save_checkpoint, states, step, checkpointer)
@@ -688,6 +690,18 @@ def _run_loop(
             ) from error
         raise
     return loop
+
+
+def latest_returns(seed: int, metrics_path: pathlib.Path) -> str:
+    """One line for the end of a run: the seed's latest logged eval and train return, each
+    with its step, from its metrics.jsonl (so a resumed run reports its earlier rows too)."""
+    rows = read_metrics(metrics_path)
+    parts = []
+    for key in ("eval_return", "train_return"):
+        logged = [(row["step"], row[key]) for row in rows if row.get(key) is not None]
+        if logged:
+            parts.append(f"{key} {logged[-1][1]:.4g} (step {logged[-1][0]})")
+    return f"seed {seed}: {', '.join(parts) or 'no return logged yet'}"
 
 
 def _save_after_error(save_checkpoint, state: TrainState, step: int, checkpointer) -> None:

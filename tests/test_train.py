@@ -1,5 +1,6 @@
 """End to end through the real CLI (`python -m dreamer_jax.train`) on tiny configs."""
 
+import json
 import logging
 import os
 import pathlib
@@ -663,6 +664,7 @@ def two_seed_run(tmp_path_factory):
     for name, extra in (("both", ["--num_seeds", "2", "--seed", "1"]), ("alone", ["--seed", "2"])):
         result = run_cli(*SEEDS, "--logdir", str(root / name), *extra)
         assert result.returncode == 0, result.stderr[-3000:]
+        (root / f"{name}.out").write_text(result.stdout)
     return root
 
 
@@ -678,6 +680,31 @@ def test_each_seed_has_the_folder_of_a_single_run(two_seed_run):
         assert read_metrics(folder / "metrics.jsonl")
         assert list(folder.glob("events.out.tfevents.*")) and list(folder.glob("openl_*.gif"))
         assert list((folder / "replay").glob("*.npz"))
+
+
+def test_the_run_ends_with_each_seeds_latest_returns(two_seed_run):
+    last_lines = (two_seed_run / "both.out").read_text().splitlines()[-2:]
+    for seed, line in zip((1, 2), last_lines, strict=True):
+        rows = read_metrics(two_seed_run / "both" / f"seed_{seed}" / "metrics.jsonl")
+        evals = [r for r in rows if r.get("eval_return") is not None]
+        trains = [r for r in rows if r.get("train_return") is not None]
+        assert evals and trains
+        assert line == (
+            f"seed {seed}: eval_return {evals[-1]['eval_return']:.4g} (step {evals[-1]['step']}), "
+            f"train_return {trains[-1]['train_return']:.4g} (step {trains[-1]['step']})"
+        )
+
+
+def test_latest_returns_skips_null_values(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": 100, "train_return": 3.0, "eval_return": 12.25},
+            {"step": 200, "train_return": 4.5, "eval_return": None},  # non-finite, as logged
+            {"step": 300, "model_loss": 1.0}]  # fmt: skip
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    line = "seed 7: eval_return 12.25 (step 100), train_return 4.5 (step 200)"
+    assert train_module.latest_returns(7, path) == line
+    path.write_text(json.dumps({"step": 5, "model_loss": 1.0}) + "\n")
+    assert train_module.latest_returns(0, path) == "seed 0: no return logged yet"
 
 
 def _assert_same_run(together, alone):
