@@ -694,8 +694,9 @@ def _run_loop(
 
 def latest_returns(seed: int, metrics_path: pathlib.Path) -> str:
     """One line for the end of a run: the seed's latest logged eval and train return, each
-    with its step, from its metrics.jsonl (so a resumed run reports its earlier rows too)."""
-    rows = read_metrics(metrics_path)
+    with its step, from its metrics.jsonl (so a resumed run reports its earlier rows too;
+    a run that logged nothing has none)."""
+    rows = read_metrics(metrics_path) if metrics_path.exists() else []
     parts = []
     for key in ("eval_return", "train_return"):
         logged = [(row["step"], row[key]) for row in rows if row.get(key) is not None]

@@ -705,6 +705,8 @@ def test_latest_returns_skips_null_values(tmp_path):
     assert train_module.latest_returns(7, path) == line
     path.write_text(json.dumps({"step": 5, "model_loss": 1.0}) + "\n")
     assert train_module.latest_returns(0, path) == "seed 0: no return logged yet"
+    path.unlink()  # a run that never reached its first log
+    assert train_module.latest_returns(0, path) == "seed 0: no return logged yet"
 
 
 def _assert_same_run(together, alone):
