@@ -26,11 +26,13 @@ does not log any step twice. A malformed line (a crash mid-write, a damaged file
 dropped with a warning naming the file and line.
 
 Terminal: a tqdm bar over frames when stderr is a TTY (or `progress=True`); otherwise no bar,
-and each `write()` prints one compact plain line to stdout so CI logs stay readable.
+and each `write()` prints one plain line to stdout (headed by the step, the share of the run
+done and, from the row's `fps`, the time left) so logs of runs under nohup stay readable.
 """
 
 from __future__ import annotations
 
+import datetime
 import importlib.util
 import json
 import math
@@ -55,7 +57,7 @@ WANDB_ID_FILE = "wandb_run_id.txt"
 VIDEO_FPS = 10
 STRIP_FRAMES = 50
 # Shown first in the plain per-write line; every other scalar follows in insertion order.
-_HEADLINE = ("train_return", "eval_return", "fps", "updates_per_s")
+_HEADLINE = ("train_return", "eval_return", "fps", "updates_per_sec")
 _RESERVED = ("step", "frames")
 
 
@@ -204,8 +206,20 @@ class Logger:
         if self._wandb is not None and scalars:
             self._wandb.log(scalars, step=step)
         if not (self._use_bar or self._quiet):
-            print(_plain_line(step, record["frames"], scalars), flush=True)
+            header = _header(step, self.total_steps, self.action_repeat, scalars.get("fps"))
+            print(_plain_line(header, scalars), flush=True)
         return record
+
+    def message(self, text: str) -> None:
+        """Prints one line for the user, above the bar when there is one (nothing if quiet)."""
+        if self._quiet:
+            return
+        if self._use_bar:
+            from tqdm import tqdm
+
+            tqdm.write(text)
+        else:
+            print(text, flush=True)
 
     def progress(self, step: int, info: dict[str, float]) -> None:
         """Moves the progress bar to `step * action_repeat` frames and shows `info` (e.g.
@@ -352,8 +366,34 @@ def save_gif(path: pathlib.Path, frames: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def _plain_line(step: int, frames: int, scalars: dict[str, float]) -> str:
-    """'[step 12000 | frames 48000] train_return 12 fps 2100 model_loss 1.23 ...'."""
+def _header(step: int, total_steps: int, action_repeat: int, fps: float | None) -> str:
+    """'[step 12000/400000 (3%) | frames 48000 | 1:02:03 left]': the total, the share done
+    and the time left (the remaining frames at `fps`) only where known."""
+    frames = f"frames {step * action_repeat}"
+    if not total_steps:
+        return f"[step {step} | {frames}]"
+    parts = [f"step {step}/{total_steps} ({100 * step / total_steps:.0f}%)", frames]
+    if fps and math.isfinite(fps) and fps > 0:
+        seconds = max(total_steps - step, 0) * action_repeat / fps
+        parts.append(f"{datetime.timedelta(seconds=round(seconds))} left")
+    return f"[{' | '.join(parts)}]"
+
+
+def _plain_line(header: str, scalars: dict[str, float]) -> str:
+    """'<header> train_return 12 fps 2100 model_loss 1.23 ...': the headline scalars first."""
     order = [k for k in _HEADLINE if k in scalars] + [k for k in scalars if k not in _HEADLINE]
-    parts = [f"{k} {scalars[k]:.4g}" for k in order]
-    return " ".join([f"[step {step} | frames {frames}]", *parts])
+    return " ".join([header, *(f"{k} {scalars[k]:.4g}" for k in order)])
+
+
+def seeds_line(seeds: Sequence[int], records: Sequence[dict[str, Any]]) -> str | None:
+    """One line of every seed's returns in one log step of a many-seed run, e.g.
+    'seeds 0 1 2: train_return 12.5 - 30 | eval_return 10 8 -' ('-': none logged in this step
+    by that seed); None when no seed logged a return."""
+    parts = []
+    for key in ("train_return", "eval_return"):
+        values = [record.get(key) for record in records]
+        if any(value is not None for value in values):
+            parts.append(" ".join([key, *("-" if v is None else f"{v:.4g}" for v in values)]))
+    if not parts:
+        return None
+    return f"seeds {' '.join(map(str, seeds))}: {' | '.join(parts)}"

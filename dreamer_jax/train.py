@@ -49,7 +49,14 @@ from dreamer_jax.checkpoint import Checkpointer, CheckpointError
 from dreamer_jax.config import Config, ConfigError, load_run_config, parse_cli, program_name
 from dreamer_jax.envs import UnknownTaskError, VectorEnv
 from dreamer_jax.eval import evaluate
-from dreamer_jax.logger import METRICS_FILE, LogdirError, Logger, WandbError, read_metrics
+from dreamer_jax.logger import (
+    METRICS_FILE,
+    LogdirError,
+    Logger,
+    WandbError,
+    read_metrics,
+    seeds_line,
+)
 from dreamer_jax.paths import DirectoryError, ensure_writable, lock_directory
 from dreamer_jax.provenance import provenance, record_start
 from dreamer_jax.replay import Replay, bytes_per_step
@@ -434,10 +441,11 @@ class Evaluating:
 
 class Logging:
     """Every `log_every` steps, each seed's train metrics, returns, speed and replay size to
-    its own logger; the first seed's logger shows the progress."""
+    its own logger; the first seed's logger shows the progress, followed in a many-seed run
+    by one line of every seed's returns."""
 
     def __init__(self, config, loggers, step, updates):
-        self.config, self.loggers = config, loggers
+        self.config, self.loggers, self.seeds = config, loggers, run_seeds(config)
         self.clock, self.clock_step, self.clock_updates = time.perf_counter(), step, updates
 
     def write(self, step: int, acting: Acting, learning: Learning, replays: list[Replay]):
@@ -451,6 +459,7 @@ class Logging:
         per_seed = zip(
             self.loggers, learning.take_metrics(), acting.take_returns(), replays, strict=True
         )
+        records = []
         for logger, metrics, returns, replay in per_seed:
             logger.scalars(metrics)
             if returns:
@@ -463,8 +472,12 @@ class Logging:
                     "replay_episodes": replay.stats["num_episodes"],
                 }
             )
-            last = logger.write(step)
-            logger.progress(step, {k: last[k] for k in ("fps", "train_return") if k in last})
+            record = logger.write(step)
+            logger.progress(step, {k: record[k] for k in ("fps", "train_return") if k in record})
+            records.append(record)
+        line = seeds_line(self.seeds, records) if len(records) > 1 else None
+        if line:  # the progress shows the first seed only
+            self.loggers[0].message(line)
         self.clock, self.clock_step, self.clock_updates = now, step, learning.updates
 
 

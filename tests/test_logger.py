@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from tensorboardX.proto import event_pb2
 
-from dreamer_jax.logger import LogdirError, Logger, read_metrics
+from dreamer_jax.logger import LogdirError, Logger, read_metrics, seeds_line
 
 TESTS = pathlib.Path(__file__).resolve().parent
 
@@ -188,17 +188,51 @@ def test_non_tty_prints_one_compact_line_per_write(tmp_path, capsys):
     # progress=None under capsys: stderr is not a TTY, so no bar.
     logger = _logger(tmp_path, progress=None, action_repeat=4, total_steps=100)
     logger.progress(12, {"train_return": 12.0})
-    logger.scalars({"model_loss": 1.234, "fps": 2100, "train_return": 12})
+    logger.scalars({"model_loss": 1.234, "fps": 2.2, "train_return": 12})
     logger.write(12)
     logger.write(13)
+    logger.message("seeds 0 1: train_return 12 3")
     logger.close()
+    unknown_total = _logger(tmp_path / "b", progress=False, action_repeat=4)
+    unknown_total.scalars({"fps": 2.2})
+    unknown_total.write(12)
+    unknown_total.close()
 
     captured = capsys.readouterr()
+    # (100 - 12) steps x 4 frames at 2.2 frames/s: 160 s left.
     assert captured.out.splitlines() == [
-        "[step 12 | frames 48] train_return 12 fps 2100 model_loss 1.234",
-        "[step 13 | frames 52]",
+        "[step 12/100 (12%) | frames 48 | 0:02:40 left] train_return 12 fps 2.2 model_loss 1.234",
+        "[step 13/100 (13%) | frames 52]",
+        "seeds 0 1: train_return 12 3",
+        "[step 12 | frames 48] fps 2.2",
     ]
     assert captured.err == ""
+
+
+def test_seeds_line_lists_each_seeds_returns_in_order():
+    records = [
+        {"step": 5, "train_return": 12.5, "eval_return": 10.0, "fps": 3.0},
+        {"step": 5, "train_return": None},
+        {"step": 5, "train_return": 30.0, "eval_return": 8.25},
+    ]
+    line = seeds_line([4, 5, 6], records)
+    assert line == "seeds 4 5 6: train_return 12.5 - 30 | eval_return 10 - 8.25"
+    assert seeds_line([4, 5], [{"step": 5, "train_return": 1.0}, {"step": 5}]) == (
+        "seeds 4 5: train_return 1 -"
+    )
+    assert seeds_line([4, 5], [{"step": 5, "fps": 1.0}, {"step": 5}]) is None
+
+
+def test_messages_go_above_the_bar_and_nowhere_when_quiet(tmp_path, capsys):
+    quiet = _logger(tmp_path / "quiet", quiet=True)
+    quiet.message("hidden")
+    quiet.close()
+    assert capsys.readouterr().out == ""
+    with_bar = _logger(tmp_path / "bar", progress=True, total_steps=10)
+    with_bar.progress(2, {})
+    with_bar.message("shown")
+    with_bar.close()
+    assert "shown" in capsys.readouterr().out  # tqdm.write prints to stdout
 
 
 def test_progress_bar_counts_frames_and_shows_info(tmp_path, capsys):

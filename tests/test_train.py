@@ -16,7 +16,7 @@ import yaml
 from dreamer_jax import analyze
 from dreamer_jax import train as train_module
 from dreamer_jax.config import make_config
-from dreamer_jax.logger import read_metrics
+from dreamer_jax.logger import read_metrics, seeds_line
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -693,6 +693,19 @@ def test_the_run_ends_with_each_seeds_latest_returns(two_seed_run):
             f"seed {seed}: eval_return {evals[-1]['eval_return']:.4g} (step {evals[-1]['step']}), "
             f"train_return {trains[-1]['train_return']:.4g} (step {trains[-1]['step']})"
         )
+
+
+def test_each_log_step_shows_every_seeds_returns(two_seed_run):
+    lines = [
+        line for line in (two_seed_run / "both.out").read_text().splitlines()
+        if line.startswith("seeds 1 2: ")
+    ]  # fmt: skip
+    rows = [read_metrics(two_seed_run / "both" / f"seed_{s}" / "metrics.jsonl") for s in (1, 2)]
+    assert len(lines) == len(rows[0]) == len(rows[1]) > 1
+    # The format is tested by hand in test_logger; here: one line per step, from these rows.
+    for line, *step_rows in zip(lines, *rows, strict=True):
+        assert line == seeds_line([1, 2], step_rows)
+    assert any("eval_return" in line for line in lines)
 
 
 def test_latest_returns_skips_null_values(tmp_path):
