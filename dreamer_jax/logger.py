@@ -4,7 +4,7 @@
     logger.scalars({"model_loss": 1.2, "train_return": -20.0})
     logger.video("openl", frames)   # uint8 [T, H, W, C]; saved and logged at once
     logger.write(step)              # one log step: jsonl + TensorBoard + wandb
-    logger.progress(step, {"updates_per_s": 3.1, "train_return": -20.0})
+    logger.progress(step, {"updates_per_sec": 3.1, "train_return": -20.0})
     logger.close()
 
 Outputs, all under `logdir`:
