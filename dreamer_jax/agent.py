@@ -304,7 +304,7 @@ class Agent:
         embed = self.world_model.apply(
             state.wm_params, data[self.obs_key], method=WorldModel.encode
         )
-        posterior, _ = self.world_model.apply(
+        posterior = self.world_model.apply(
             state.wm_params, latent, prev_action, embed, obs["is_first"], obs_key,
             method=WorldModel.obs_step,
         )  # fmt: skip

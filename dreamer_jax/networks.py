@@ -147,39 +147,90 @@ def conv_stride2(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return patch_matmul(*_stride2_operands(x, kernel))
 
 
+def _stride2_taps(out: jax.Array, k: int, rows: int, cols: int) -> jax.Array:
+    """The windows of a stride-2 k×k convolution, exact taps: `[N, 2·rows+k-2, 2·cols+k-2,
+    O]` -> `[N, rows, cols, k*k*O]`, pixel `(i, j)` holding `out[2i+a, 2j+b]` in `(a, b, O)`
+    order. Read from the 2×2 pixel blocks (one zero row and column pad an odd size)."""
+    n, _, _, o = out.shape
+    t = (k + 1) // 2
+    pads = ((0, 0), (0, 2 * (rows + t - 1) - out.shape[1]), (0, 2 * (cols + t - 1) - out.shape[2]))
+    blocks = jnp.pad(out, (*pads, (0, 0))).reshape(n, rows + t - 1, 2, cols + t - 1, 2, o)
+    return jnp.concatenate(
+        [
+            blocks[:, a // 2 : a // 2 + rows, a % 2, b // 2 : b // 2 + cols, b % 2]
+            for a in range(k)
+            for b in range(k)
+        ],
+        -1,
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def overlap_add(taps: jax.Array, k: int) -> jax.Array:
+    """The adjoint of `_stride2_taps`: `[N, H, W, k*k*O]` -> `[N, 2H+k-2, 2W+k-2, O]`, adding
+    tap `(a, b)` of input pixel `(i, j)` to output pixel `(2i+a, 2j+b)`.
+
+    Each output phase (row, column parity) is a sum of ⌈k/2⌉² shifted tap arrays. The gradient
+    is `_stride2_taps` of the output gradient, one concatenation: left to autodiff, XLA builds
+    one full-size array per tap (the Atari decoder 1.3× slower).
+    """
+    n, h, w, _ = taps.shape
+    t = (k + 1) // 2
+    taps = taps.reshape(n, h, w, k, k, -1)
+
+    def phase(r: int, s: int) -> jax.Array:  # `[N, H+t-1, W+t-1, O]`
+        shifted = [
+            jnp.pad(
+                taps[:, :, :, 2 * p + r, 2 * q + s],
+                ((0, 0), (p, t - 1 - p), (q, t - 1 - q), (0, 0)),
+            )
+            for p in range(t)
+            for q in range(t)
+            if 2 * p + r < k and 2 * q + s < k
+        ]
+        return functools.reduce(jnp.add, shifted)
+
+    phases = jnp.stack([jnp.stack([phase(r, s) for s in (0, 1)], 3) for r in (0, 1)], 2)
+    out = phases.reshape(n, 2 * (h + t - 1), 2 * (w + t - 1), -1)
+    return out[:, : 2 * h + k - 2, : 2 * w + k - 2]
+
+
+def _overlap_add_fwd(taps, k):
+    return overlap_add(taps, k), taps.shape
+
+
+def _overlap_add_bwd(k, shape, out_grad):
+    return (_stride2_taps(out_grad, k, shape[1], shape[2]),)
+
+
+overlap_add.defvjp(_overlap_add_fwd, _overlap_add_bwd)
+
+
 def conv_transpose_stride2(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """`nn.ConvTranspose(strides=2, padding="VALID")` without bias as one matmul:
     `[N, H, W, C]`, kernel `[k, k, C, O]` -> `[N, 2H+k-2, 2W+k-2, O]`.
 
     flax does not flip the kernel: input pixel `i` adds `x[i]·kernel[k-1-a]` to output pixel
-    `2i+a`. A 1×1 input is one matmul with the flipped kernel. Otherwise two exact lowerings;
-    each materializes one large array, so the smaller wins:
-    - `4·O <= C`: the adjoint (transpose) of `conv_stride2` with the flipped kernel, its in and
-      out channels swapped. Its matmul maps each input pixel to all the output values it
-      touches, then adds them up in place: t²·4·O values per input pixel (`t = ceil(k/2)`).
-    - otherwise, sub-pixel: each of the 4 output phases (row, column parity) is a stride-1 t×t
-      convolution, so one matmul of the input's t×t patches (t²·C values per pixel) computes
-      all 4 and depth-to-space interleaves them.
+    `2i+a`. Two exact lowerings; each materializes one large array, so the smaller wins:
+    - direct: one matmul maps each input pixel to its k²·O contributions (the flipped kernel),
+      and `overlap_add` sums them into the output. No multiply is wasted.
+    - sub-pixel: each of the 4 output phases (row, column parity) is a stride-1 t×t
+      convolution (`t = ceil(k/2)`), so one matmul of the input's t×t patches (t²·C values
+      per pixel) computes all 4 and depth-to-space interleaves them. It multiplies the zeros
+      around the input's border, and for odd k a zero kernel row and column.
     """
     k, _, c, o = kernel.shape
     n, h, w, _ = x.shape
-    if h == w == 1:
-        # The decoder's first layer: no two taps meet, so output pixel a is x·kernel[k-1-a].
-        flipped = kernel[::-1, ::-1].transpose(2, 0, 1, 3).reshape(c, k * k * o)
-        return (x.reshape(n, c) @ flipped).reshape(n, k, k, o)
-    if 4 * o <= c:
-        out = jax.ShapeDtypeStruct((n, 2 * h + k - 2, 2 * w + k - 2, o), x.dtype)
-        flipped = kernel[::-1, ::-1].swapaxes(2, 3)
-        # A plain matmul inside: jax cannot transpose a custom VJP.
-        adjoint = jax.linear_transpose(lambda y: jnp.matmul(*_stride2_operands(y, flipped)), out)
-        return adjoint(x)[0]
     t = (k + 1) // 2
+    rows, cols = h + t - 1, w + t - 1
+    if h * w * k * k * o <= rows * cols * t * t * c:
+        flipped = kernel[::-1, ::-1].transpose(2, 0, 1, 3).reshape(c, k * k * o)
+        return overlap_add(patch_matmul(x, flipped), k)
     # A zero first row and column make an odd kernel even (and add one zero output row and
     # column, cropped below). Then tap i of phase r reads kernel row 2i + 1 - r.
     kernel = jnp.pad(kernel, ((2 * t - k, 0), (2 * t - k, 0), (0, 0), (0, 0)))
     kernel = kernel.reshape(t, 2, t, 2, c, o)[:, ::-1, :, ::-1]
     kernel = kernel.transpose(0, 2, 4, 1, 3, 5).reshape(t * t * c, 4 * o)
-    rows, cols = h + t - 1, w + t - 1
     x = jnp.pad(x, ((0, 0), (t - 1, t - 1), (t - 1, t - 1), (0, 0)))
     y = patch_matmul(_patches(x, t, rows, cols), kernel).reshape(n, rows, cols, 2, 2, o)
     y = y.transpose(0, 1, 3, 2, 4, 5).reshape(n, 2 * rows, 2 * cols, o)
@@ -320,13 +371,21 @@ class RSSM(nn.Module):
         logits = layer(x).astype(jnp.float32)
         return logits.reshape(*logits.shape[:-1], self.stoch, self.discrete)
 
-    def img_step(self, prev: RSSMState, prev_action: jax.Array, key: jax.Array) -> RSSMState:
-        """Prior: `(h, z)_{t-1}, a_{t-1} -> (h_t, ẑ_t)`."""
+    def deter_step(self, prev: RSSMState, prev_action: jax.Array) -> jax.Array:
+        """`h_t = GRU(elu(img_in([z_{t-1}, a_{t-1}])), h_{t-1})`: `[B, D]`."""
         prev_stoch = prev.stoch.reshape(*prev.stoch.shape[:-2], -1)
         x = jnp.concatenate([prev_stoch, prev_action.astype(prev_stoch.dtype)], -1)
         x = nn.elu(self.img_in(x.astype(self.dtype)))
-        deter = self.cell(x, prev.deter)
-        logits = self._logits(self.img_logits, nn.elu(self.img_out(deter.astype(self.dtype))))
+        return self.cell(x, prev.deter)
+
+    def prior_logits(self, deter: jax.Array) -> jax.Array:
+        """`[..., D]` -> `[..., S, K]`: the logits of the prior `p(ẑ_t | h_t)`."""
+        return self._logits(self.img_logits, nn.elu(self.img_out(deter.astype(self.dtype))))
+
+    def img_step(self, prev: RSSMState, prev_action: jax.Array, key: jax.Array) -> RSSMState:
+        """Prior: `(h, z)_{t-1}, a_{t-1} -> (h_t, ẑ_t)`."""
+        deter = self.deter_step(prev, prev_action)
+        logits = self.prior_logits(deter)
         return RSSMState(deter, straight_through_onehot(logits, key), logits)
 
     def obs_step(
@@ -336,24 +395,29 @@ class RSSM(nn.Module):
         embed: jax.Array,
         is_first: jax.Array,
         key: jax.Array,
-    ) -> tuple[RSSMState, RSSMState]:
-        """Posterior and prior for one step. `is_first` `[B]` zeroes the previous state and
-        action, so every episode (and every replayed chunk) starts from the initial state.
+    ) -> RSSMState:
+        """Posterior for one step: `(h, z)_{t-1}, a_{t-1}, e_t -> (h_t, z_t)`. `is_first` `[B]`
+        zeroes the previous state and action, so every episode (and every replayed chunk)
+        starts from the initial state.
+
+        The step's prior is `prior_logits(posterior.deter)`: it reads only `h_t` and nothing
+        here needs its sample, so a sequence's priors are one batched call after the scan
+        (`world_model.observe`) instead of small ones in every step.
         """
         keep = 1.0 - is_first.astype(jnp.float32)
         prev, prev_action = jax.tree.map(
             lambda x: x * keep.reshape(-1, *[1] * (x.ndim - 1)), (prev, prev_action)
         )
-        prior_key, post_key = jax.random.split(key)
-        prior = self.img_step(prev, prev_action, prior_key)
-        x = jnp.concatenate([prior.deter.astype(self.dtype), embed.astype(self.dtype)], -1)
+        deter = self.deter_step(prev, prev_action)
+        x = jnp.concatenate([deter.astype(self.dtype), embed.astype(self.dtype)], -1)
         logits = self._logits(self.obs_logits, nn.elu(self.obs_out(x)))
-        posterior = RSSMState(prior.deter, straight_through_onehot(logits, post_key), logits)
-        return posterior, prior
+        return RSSMState(deter, straight_through_onehot(logits, key), logits)
 
     def __call__(self, prev, prev_action, embed, is_first, key):
         """Used only by `init`: touches every layer."""
-        return self.obs_step(prev, prev_action, embed, is_first, key)
+        posterior = self.obs_step(prev, prev_action, embed, is_first, key)
+        self.prior_logits(posterior.deter)
+        return posterior
 
 
 class Actor(nn.Module):

@@ -71,6 +71,9 @@ class WorldModel(nn.Module):
     def img_step(self, prev, prev_action, key):
         return self.rssm.img_step(prev, prev_action, key)
 
+    def prior_logits(self, deter):
+        return self.rssm.prior_logits(deter)
+
     def decode(self, feat: jax.Array) -> jax.Array:
         """Mean of the observation `[..., *obs_shape]`."""
         return self.decoder(feat).astype(jnp.float32)
@@ -86,9 +89,10 @@ class WorldModel(nn.Module):
     def __call__(self, obs, action, is_first, key):
         """Used only by `init`: touches every layer with a `[B, ...]` step."""
         embed = self.encode(obs)
-        post, _ = self.obs_step(
+        post = self.obs_step(
             initial_state(obs.shape[0], *rssm_sizes(self.config)), action, embed, is_first, key
         )
+        self.prior_logits(post.deter)
         feat = get_feat(post)
         self.decode(feat)
         self.reward(feat)
@@ -128,14 +132,15 @@ def observe(
     is_first: jax.Array,
     key: jax.Array,
     initial: RSSMState | None = None,
-) -> tuple[RSSMState, RSSMState]:
+) -> tuple[RSSMState, jax.Array]:
     """Filter a batch of sequences with `lax.scan` over time.
 
     Args:
       embed: `[B, T, E]`; action: `[B, T, A]` (led to each step); is_first: `[B, T]`.
       initial: state before the first step `[B, ...]`; zeros if None.
     Returns:
-      `(posterior, prior)`, each an `RSSMState` with leaves `[B, T, ...]`.
+      `(posterior, prior_logits)`: an `RSSMState` with leaves `[B, T, ...]` and the logits
+      `[B, T, S, K]` of each step's prior, computed from the posterior's `h_t` after the scan.
     """
     batch, length = action.shape[:2]
     if initial is None:
@@ -145,11 +150,12 @@ def observe(
 
     def step(prev, inputs):
         act, emb, first, step_key = inputs
-        post, prior = model.apply(params, prev, act, emb, first, step_key, method=model.obs_step)
-        return post, (post, prior)
+        post = model.apply(params, prev, act, emb, first, step_key, method=model.obs_step)
+        return post, post
 
-    _, (posterior, prior) = jax.lax.scan(step, initial, (*time_major, keys))
-    return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), (posterior, prior))
+    _, posterior = jax.lax.scan(step, initial, (*time_major, keys))
+    posterior = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), posterior)
+    return posterior, model.apply(params, posterior.deter, method=WorldModel.prior_logits)
 
 
 def world_model_loss(
@@ -169,8 +175,8 @@ def world_model_loss(
       `(loss, (posterior, metrics))`; posterior leaves `[B, T, ...]`.
     """
     embed = model.apply(params, data[model.obs_key], method=WorldModel.encode)
-    posterior, prior = observe(model, params, embed, data["action"], data["is_first"], key)
-    kl_loss, kl_value = kl_balance(posterior.logits, prior.logits, **config.kl)
+    posterior, prior_logits = observe(model, params, embed, data["action"], data["is_first"], key)
+    kl_loss, kl_value = kl_balance(posterior.logits, prior_logits, **config.kl)
     feat = get_feat(posterior)
 
     def head_feat(name):
@@ -197,7 +203,7 @@ def world_model_loss(
     metrics.update(
         model_loss=model_loss,
         kl=kl_value.mean(),
-        prior_entropy=latent_dist(prior.logits).entropy().mean(),
+        prior_entropy=latent_dist(prior_logits).entropy().mean(),
         post_entropy=latent_dist(posterior.logits).entropy().mean(),
     )
     return model_loss, (posterior, metrics)

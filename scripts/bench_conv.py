@@ -18,6 +18,9 @@ multiplies); the reference's count is the useful work.
 parameters and `--frames` frames, as the N-seed update runs them) against N single calls:
 per-seed weights turn flax's convolutions into grouped convolutions, the matmul lowering
 into batched matmuls.
+
+Like `dreamer-train`, the script starts with `startup.prepare()` (huge pages, Eigen dots on
+CPU), so the figures are those training gets.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import numpy as np
 
 from dreamer_jax.config import make_config
 from dreamer_jax.networks import ConvDecoder, ConvEncoder
+from dreamer_jax.startup import prepare
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -171,4 +175,5 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    prepare()  # as dreamer-train does: measure what training gets
     sys.exit(main(sys.argv[1:]))

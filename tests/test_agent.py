@@ -215,7 +215,7 @@ def test_eval_action_is_argmax_of_actor_on_filtered_latent():
     zeroed = jax.tree.map(lambda x: x * keep.reshape(-1, *[1] * (x.ndim - 1)), carry)
     model, params = agent.world_model, state.wm_params
     embed = model.apply(params, jnp.asarray(obs["vector"]), method=WorldModel.encode)
-    posterior, _ = model.apply(
+    posterior = model.apply(
         params, *zeroed, embed, np.zeros(n, bool), jax.random.split(key, 3)[0],
         method=WorldModel.obs_step,
     )  # fmt: skip

@@ -1,6 +1,7 @@
 import functools
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +16,7 @@ from dreamer_jax.networks import (
     ConvEncoder,
     GRUCell,
     action_noise,
+    conv_transpose_stride2,
     get_feat,
     initial_state,
     patch_matmul,
@@ -112,8 +114,9 @@ def _output_and_grads(module, params, x, weights):
     return module.apply(params, x), jax.grad(loss, (0, 1))(params, x)
 
 
-# The debug size, the Atari shapes on 2 frames, and odd kernels (zero-padded to even inside);
-# between them the decoder runs both lowerings with even and odd kernels.
+# The debug size, the Atari shapes on 2 frames, and odd kernels; between them the decoder runs
+# both lowerings with even kernels and the direct one with odd ones (each lowering with each
+# parity on its own: the next test).
 @pytest.mark.parametrize(
     "depth, lead, enc_kernels, dec_kernels, channels",
     [
@@ -138,6 +141,30 @@ def test_conv_encoder_decoder_equal_flax_conv_layers(
             _output_and_grads(module, params, x, weights),
             _output_and_grads(reference, params, x, weights),
         )
+
+
+# (H, k, C, O), with the lowering the size rule picks (docstring of conv_transpose_stride2):
+# direct for a 1×1 input, odd k and even k; sub-pixel for even and odd k.
+@pytest.mark.parametrize(
+    "h, k, c, o", [(1, 5, 16, 8), (5, 5, 16, 8), (30, 6, 4, 1), (13, 6, 8, 4), (13, 5, 8, 4)]
+)
+def test_conv_transpose_stride2_equals_flax_conv_transpose_in_each_lowering(h, k, c, o):
+    rng = np.random.default_rng(h + k)
+    x = rng.normal(size=(2, h, h, c)).astype(np.float32)
+    kernel = (rng.normal(size=(k, k, c, o)) / np.sqrt(k * k * c)).astype(np.float32)
+    flax_layer = nn.ConvTranspose(o, (k, k), strides=(2, 2), padding="VALID", use_bias=False)
+    reference = lambda x, kernel: flax_layer.apply({"params": {"kernel": kernel}}, x)
+    size = 2 * h + k - 2
+    weights = rng.normal(size=(2, size, size, o)).astype(np.float32)
+
+    def output_and_grads(conv):
+        loss = lambda x, kernel: jnp.sum(weights * conv(x, kernel) ** 2)
+        return conv(x, kernel), jax.grad(loss, (0, 1))(x, kernel)
+
+    _assert_trees_close(
+        jax.jit(output_and_grads, static_argnums=0)(conv_transpose_stride2),
+        jax.jit(output_and_grads, static_argnums=0)(reference),
+    )
 
 
 def test_conv_encoder_decoder_init_equals_flax_conv_layers():
@@ -227,12 +254,19 @@ def test_rssm_step_shapes_and_is_first_reset():
     step = lambda state, act: rssm.apply(
         params, state, act, embed, is_first, jax.random.key(1), method=RSSM.obs_step
     )
-    post_a, prior_a = step(prev, jnp.zeros_like(action))
-    post_b, _ = step(other, action)
+    post_a = step(prev, jnp.zeros_like(action))
+    post_b = step(other, action)
+    prior_a = rssm.apply(
+        params, prev, jnp.zeros_like(action), jax.random.key(2),
+        method=RSSM.img_step,
+    )  # fmt: skip
     chex.assert_shape([post_a.stoch, post_a.logits, prior_a.logits], (batch, 4, 5))
     chex.assert_shape([post_a.deter, prior_a.deter], (batch, 6))
     chex.assert_shape(get_feat(post_a), (batch, 4 * 5 + 6))
-    np.testing.assert_array_equal(post_a.deter, prior_a.deter)  # posterior keeps the prior's h
+    # The posterior keeps the prior's h (from the zero state: row 0 is reset, rows 1-2 are 0).
+    np.testing.assert_allclose(post_a.deter, prior_a.deter, rtol=1e-6)
+    prior_logits = rssm.apply(params, post_a.deter, method=RSSM.prior_logits)
+    np.testing.assert_allclose(prior_logits, prior_a.logits, rtol=1e-6)
     # is_first zeroes the previous state and action: env 0 is identical, others differ.
     np.testing.assert_allclose(post_a.logits[0], post_b.logits[0], rtol=1e-6)
     assert not np.allclose(post_a.logits[1], post_b.logits[1])

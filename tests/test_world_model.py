@@ -4,7 +4,14 @@ import jax.numpy as jnp
 import numpy as np
 from helpers import structured_batch, tiny_config, vector_agent
 
-from dreamer_jax.world_model import WorldModel, observe, preprocess, world_model_loss
+from dreamer_jax.networks import RSSMState, initial_state
+from dreamer_jax.world_model import (
+    WorldModel,
+    observe,
+    preprocess,
+    rssm_sizes,
+    world_model_loss,
+)
 
 
 def test_preprocess_image_reward_discount():
@@ -30,7 +37,7 @@ def test_posterior_prior_shapes_and_chunk_reset():
     data = preprocess(batch, config)
     model, params = agent.world_model, state.wm_params
     embed = model.apply(params, data["vector"], method=WorldModel.encode)
-    posterior, prior = observe(
+    posterior, prior_logits = observe(
         model, params, embed, data["action"], data["is_first"], jax.random.key(1)
     )
     b, t, s, k = (
@@ -39,8 +46,8 @@ def test_posterior_prior_shapes_and_chunk_reset():
         config.rssm.stoch,
         config.rssm.discrete,
     )
-    chex.assert_shape([posterior.stoch, posterior.logits, prior.stoch, prior.logits], (b, t, s, k))
-    chex.assert_shape([posterior.deter, prior.deter], (b, t, config.rssm.deter))
+    chex.assert_shape([posterior.stoch, posterior.logits, prior_logits], (b, t, s, k))
+    chex.assert_shape(posterior.deter, (b, t, config.rssm.deter))
     # is_first at step 3 makes everything from step 3 on independent of steps 0..2.
     first = jnp.asarray(data["is_first"]).at[:, 3].set(True)
     action = jnp.asarray(data["action"])
@@ -73,6 +80,31 @@ def test_world_model_loss_terms_finite_and_consistent():
     assert jnp.all(posterior.stoch.sum(-1) > 0.99)
 
 
+def test_observed_prior_is_the_imagination_step_from_the_previous_posterior():
+    # observe computes the priors after its scan; each must be the prior img_step predicts
+    # from the previous posterior and the step's action (the initial state after is_first).
+    agent = vector_agent()
+    config = agent.config
+    state = agent.init(jax.random.key(0))
+    data = preprocess(structured_batch(config.dataset.batch, config.dataset.length), config)
+    model, params = agent.world_model, state.wm_params
+    embed = model.apply(params, data["vector"], method=WorldModel.encode)
+    first = np.asarray(data["is_first"]).copy()
+    first[:, 4] = True  # a reset inside the chunk
+    posterior, prior_logits = observe(
+        model, params, embed, data["action"], first, jax.random.key(1)
+    )
+    initial = initial_state(config.dataset.batch, *rssm_sizes(config))
+    for t in range(config.dataset.length):
+        prev = RSSMState(*(x[:, t - 1] for x in posterior)) if t else initial
+        keep = ~first[:, t].reshape(-1, 1, 1)
+        prev = prev._replace(deter=prev.deter * keep[..., 0], stoch=prev.stoch * keep)
+        action = data["action"][:, t] * keep[..., 0]
+        prior = model.apply(params, prev, action, jax.random.key(2), method=WorldModel.img_step)
+        np.testing.assert_allclose(prior.logits, prior_logits[:, t], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(prior.deter, posterior.deter[:, t], rtol=1e-5, atol=1e-6)
+
+
 def test_prior_at_t_depends_on_action_t_and_no_later_action():
     # Row t's action led to observation t, so the prior of step t is predicted from it.
     agent = vector_agent()
@@ -83,8 +115,7 @@ def test_prior_at_t_depends_on_action_t_and_no_later_action():
     embed = model.apply(params, data["vector"], method=WorldModel.encode)
 
     def prior_logits(action):  # [B, T, S, K]
-        _, prior = observe(model, params, embed, action, data["is_first"], jax.random.key(1))
-        return prior.logits
+        return observe(model, params, embed, action, data["is_first"], jax.random.key(1))[1]
 
     jacobian = jax.jacrev(prior_logits)(jnp.asarray(data["action"]))  # [B, T, S, K, B, T, A]
     influence = np.abs(np.asarray(jacobian)).sum((0, 2, 3, 4, 6))  # [t of prior, s of action]
