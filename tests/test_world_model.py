@@ -29,14 +29,19 @@ def test_preprocess_image_reward_discount():
     np.testing.assert_allclose(identity["reward"], batch["reward"])
 
 
-def test_posterior_prior_shapes_and_chunk_reset():
+def _observe_inputs():
+    """A vector agent's config, world model and initial parameters, a preprocessed structured
+    batch `[B, T, ...]` and its embedding."""
     agent = vector_agent()
     config = agent.config
-    state = agent.init(jax.random.key(0))
-    batch = structured_batch(config.dataset.batch, config.dataset.length)
-    data = preprocess(batch, config)
-    model, params = agent.world_model, state.wm_params
-    embed = model.apply(params, data["vector"], method=WorldModel.encode)
+    params = agent.init(jax.random.key(0)).wm_params
+    data = preprocess(structured_batch(config.dataset.batch, config.dataset.length), config)
+    embed = agent.world_model.apply(params, data["vector"], method=WorldModel.encode)
+    return config, agent.world_model, params, data, embed
+
+
+def test_posterior_prior_shapes_and_chunk_reset():
+    config, model, params, data, embed = _observe_inputs()
     posterior, prior_logits = observe(
         model, params, embed, data["action"], data["is_first"], jax.random.key(1)
     )
@@ -83,12 +88,7 @@ def test_world_model_loss_terms_finite_and_consistent():
 def test_observed_prior_is_the_imagination_step_from_the_previous_posterior():
     # observe computes the priors after its scan; each must be the prior img_step predicts
     # from the previous posterior and the step's action (the initial state after is_first).
-    agent = vector_agent()
-    config = agent.config
-    state = agent.init(jax.random.key(0))
-    data = preprocess(structured_batch(config.dataset.batch, config.dataset.length), config)
-    model, params = agent.world_model, state.wm_params
-    embed = model.apply(params, data["vector"], method=WorldModel.encode)
+    config, model, params, data, embed = _observe_inputs()
     first = np.asarray(data["is_first"]).copy()
     first[:, 4] = True  # a reset inside the chunk
     posterior, prior_logits = observe(
@@ -107,12 +107,7 @@ def test_observed_prior_is_the_imagination_step_from_the_previous_posterior():
 
 def test_prior_at_t_depends_on_action_t_and_no_later_action():
     # Row t's action led to observation t, so the prior of step t is predicted from it.
-    agent = vector_agent()
-    config = agent.config
-    state = agent.init(jax.random.key(0))
-    data = preprocess(structured_batch(config.dataset.batch, config.dataset.length), config)
-    model, params = agent.world_model, state.wm_params
-    embed = model.apply(params, data["vector"], method=WorldModel.encode)
+    _, model, params, data, embed = _observe_inputs()
 
     def prior_logits(action):  # [B, T, S, K]
         return observe(model, params, embed, action, data["is_first"], jax.random.key(1))[1]
