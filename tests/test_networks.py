@@ -1,6 +1,7 @@
 import functools
 
 import chex
+import distrax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -17,8 +18,10 @@ from dreamer_jax.networks import (
     GRUCell,
     action_noise,
     conv_transpose_stride2,
+    first_max_onehot,
     get_feat,
     initial_state,
+    onehot_sample,
     patch_matmul,
     straight_through_onehot,
 )
@@ -40,6 +43,28 @@ def test_patch_matmul_value_and_gradients_are_those_of_matmul_also_per_seed(dtyp
     chex.assert_trees_all_equal_dtypes(ours, reference)
     tol = 1e-5 if dtype == jnp.float32 else 2e-2
     chex.assert_trees_all_close(ours, reference, rtol=tol, atol=tol * 10)
+
+
+def test_first_max_onehot_marks_the_first_maximum_of_each_row():
+    values = np.array(
+        [
+            [1.0, 3.0, 3.0, 0.0],
+            [-2.0, -5.0, -2.0, -9.0],
+            [0.5, 0.0, 0.0, 0.5],
+            [0.0, 1.0, 2.0, 7.0],
+        ],
+        np.float32,
+    )
+    expected = np.eye(4, dtype=np.float32)[values.argmax(-1)]  # numpy: first index on ties
+    np.testing.assert_array_equal(first_max_onehot(jnp.asarray(values)), expected)
+    np.testing.assert_array_equal(first_max_onehot(jnp.asarray(values[:, None])), expected[:, None])
+
+
+def test_onehot_sample_draws_what_distrax_draws_for_the_same_key():
+    logits = 3 * jax.random.normal(jax.random.key(0), (6, 32, 32))
+    for key in jax.random.split(jax.random.key(1), 5):
+        reference = distrax.OneHotCategorical(logits=logits, dtype=jnp.float32).sample(seed=key)
+        np.testing.assert_array_equal(onehot_sample(logits, key), reference)
 
 
 def test_straight_through_forward_is_onehot_and_gradient_is_softmax():
