@@ -126,11 +126,16 @@ def bench_learner(config, updates: int) -> tuple[list[tuple[str, str]], dict]:
 
     states, metrics = agent.train_seeds(states, batches)  # warm-up (first execution)
     jax.block_until_ready(metrics)
-    start = time.perf_counter()
+    usage, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     for _ in range(updates):
         states, metrics = agent.train_seeds(states, batches)
     jax.block_until_ready((states, metrics))
     elapsed = time.perf_counter() - start
+    # The process's CPU time (all threads): on CPU, user time says how many cores the update
+    # keeps busy and system time what the kernel spends on it (mostly page faults).
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    user_ms = 1000 * (after.ru_utime - usage.ru_utime) / updates
+    system_ms = 1000 * (after.ru_stime - usage.ru_stime) / updates
     memory_kind, memory = peak_memory_bytes()
     b, t, n = config.dataset.batch, config.dataset.length, config.num_seeds
     figures = {
@@ -141,6 +146,8 @@ def bench_learner(config, updates: int) -> tuple[list[tuple[str, str]], dict]:
         "compile_s": compile_s,
         "updates_per_sec": updates / elapsed,
         "seed_updates_per_sec": n * updates / elapsed,
+        "host_user_ms_per_update": user_ms,
+        "host_system_ms_per_update": system_ms,
         "memory_kind": memory_kind,
         "memory_gib": memory / 2**30,
         "xla_gflop_per_update": flops / 1e9,
@@ -152,6 +159,7 @@ def bench_learner(config, updates: int) -> tuple[list[tuple[str, str]], dict]:
         ("compile time", f"{compile_s:.1f} s"),
         ("train_step", f"{updates / elapsed:.2f} updates/s ({1000 * elapsed / updates:.0f} ms)"),
         ("seed-updates/s", f"{n * updates / elapsed:.2f}"),
+        ("host CPU/update", f"user {user_ms:.0f} ms, system {system_ms:.0f} ms"),
         (memory_kind, f"{memory / 2**30:.2f} GiB"),
         ("XLA FLOPs/update", f"{flops / 1e9:.1f} GFLOP"),
     ]

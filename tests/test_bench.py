@@ -38,6 +38,7 @@ def test_learner_and_determinism_modes_on_cpu():
     learner = _bench("--updates", "2")
     assert learner.returncode == 0, learner.stderr[-2000:]
     assert "| train_step |" in learner.stdout and "updates/s" in learner.stdout
+    assert "| host CPU/update | user " in learner.stdout
     determinism = _bench("--determinism", "--updates", "2")
     assert determinism.returncode == 0, determinism.stderr[-2000:]
     assert "| bit-identical | yes |" in determinism.stdout  # CPU XLA is deterministic
