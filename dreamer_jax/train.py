@@ -179,6 +179,18 @@ def out_of_memory(error: BaseException) -> str | None:
     return f"{int(match.group(2)) / 2**30:.2f}GiB"
 
 
+def out_of_memory_message(config: Config, asked: str) -> str:
+    """The one line an out-of-memory error ends the run with: the sizes that set the memory
+    and how to lower them."""
+    several = config.num_seeds > 1
+    seeds = f" and num_seeds {config.num_seeds}" if several else ""
+    fewer = " or fewer --num_seeds" if several else ""
+    return (
+        f"out of memory with dataset.batch {config.dataset.batch}{seeds} (an allocation of "
+        f"{asked} failed); use a smaller --dataset.batch{fewer}"
+    )
+
+
 def _restorable(state: TrainState) -> bool:
     """Whether `state` can still be saved: no buffer donated to a failed update, and every
     float finite."""
@@ -696,11 +708,7 @@ def _run_loop(
             _save_after_error(save_checkpoint, states, step, checkpointer)
         asked = out_of_memory(error)
         if asked is not None:
-            seeds = f" and num_seeds {config.num_seeds}" if config.num_seeds > 1 else ""
-            raise RunError(
-                f"out of memory with dataset.batch {config.dataset.batch}{seeds} (an allocation "
-                f"of {asked} failed); use a smaller --dataset.batch"
-            ) from error
+            raise RunError(out_of_memory_message(config, asked)) from error
         raise
     return loop
 

@@ -619,6 +619,19 @@ def test_out_of_memory_recognises_numpy_and_xla_messages():
     assert train_module.out_of_memory(RuntimeError("shapes do not match")) is None
 
 
+def test_out_of_memory_message_names_the_seeds_only_when_there_are_several():
+    single = make_config(["classic"], {"dataset.batch": 64})
+    assert train_module.out_of_memory_message(single, "3.00GiB") == (
+        "out of memory with dataset.batch 64 (an allocation of 3.00GiB failed); "
+        "use a smaller --dataset.batch"
+    )
+    several = single.update({"num_seeds": 8})
+    assert train_module.out_of_memory_message(several, "3.00GiB") == (
+        "out of memory with dataset.batch 64 and num_seeds 8 (an allocation of 3.00GiB "
+        "failed); use a smaller --dataset.batch or fewer --num_seeds"
+    )
+
+
 STOP_PROGRAM = """
 import hashlib
 from dreamer_jax.train import StopSignal
