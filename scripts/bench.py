@@ -1,4 +1,4 @@
-"""Benchmark the learner: compile time, train_step updates/s, peak memory, XLA FLOPs.
+"""Benchmark the learner: compile time, updates/s, host CPU time, peak memory, XLA FLOPs.
 
     python scripts/bench.py --configs atari [--precision bf16] [--updates 20] [--no-record]
     python scripts/bench.py --configs atari --num_seeds 8 --json out.json  # 8 seeds at once
@@ -111,7 +111,7 @@ def seed_batches(config, agent, batch):
 
 
 def bench_learner(config, updates: int) -> tuple[list[tuple[str, str]], dict]:
-    """Compile time, updates/s, peak memory and XLA FLOPs of the N-seed update."""
+    """Compile time, updates/s, host CPU time, peak memory and XLA FLOPs of the N-seed update."""
     agent, batch = synthetic_agent(config)
     states, batches = seed_batches(config, agent, batch)
     sharding = seed_sharding(config.num_seeds)
