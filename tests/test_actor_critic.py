@@ -50,6 +50,11 @@ def test_imagination_shapes_weights_and_first_discount():
     np.testing.assert_allclose(seq.weights, expected, rtol=1e-6)
     np.testing.assert_array_equal(seq.weights[0], 1.0)
     np.testing.assert_array_equal(seq.weights[1:, 0], 0.0)  # a terminal start ends the rollout
+    # Each imagined state's reward and discount are the heads' predictions for that state.
+    heads = lambda method: agent.world_model.apply(state.wm_params, seq.feats, method=method)
+    np.testing.assert_allclose(seq.rewards, heads(WorldModel.reward), rtol=1e-6)
+    predicted = jax.nn.sigmoid(heads(WorldModel.discount_logits))
+    np.testing.assert_allclose(seq.discounts[1:], predicted[1:], rtol=1e-6)
 
 
 def test_targets_and_critic_loss_match_numpy():

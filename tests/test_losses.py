@@ -112,6 +112,11 @@ def test_free_nats_clip_the_loss_and_stop_the_gradient():
     loss, _ = kl_balance(post, prior, balance=0.8, free=free, free_avg=False)
     np.testing.assert_allclose(loss, np.maximum(kl, free).mean(), rtol=1e-4)
     assert not np.isclose(np.maximum(kl, free).mean(), max(kl.mean(), free))
+    # free_avg=True clips the mean instead: the same free level is below the mean KL, so the
+    # loss is the unclipped mean (not the mean of the clipped values above).
+    assert free < kl.mean()
+    loss, _ = kl_balance(post, prior, balance=0.8, free=free, free_avg=True)
+    np.testing.assert_allclose(loss, kl.mean(), rtol=1e-4)
 
 
 def test_forward_kl_swaps_direction():

@@ -85,6 +85,34 @@ def test_world_model_loss_terms_finite_and_consistent():
     assert jnp.all(posterior.stoch.sum(-1) > 0.99)
 
 
+def test_heads_left_out_of_grad_heads_do_not_train_the_representation():
+    # A head not in grad_heads learns on stopped features (the official dmc setting leaves the
+    # discount head out): its loss has no gradient into the encoder or the RSSM.
+    def grads(grad_heads, loss_name):
+        agent = vector_agent(tiny_config(grad_heads=grad_heads))
+        config = agent.config
+        state = agent.init(jax.random.key(0))
+        data = preprocess(structured_batch(config.dataset.batch, config.dataset.length), config)
+
+        def loss(params):
+            _, (_, metrics) = world_model_loss(
+                params, agent.world_model, data, jax.random.key(2), config
+            )
+            return metrics[f"{loss_name}_loss"]
+
+        return jax.grad(loss)(state.wm_params)["params"]
+
+    def largest(tree):
+        return max(float(jnp.abs(leaf).max()) for leaf in jax.tree.leaves(tree))
+
+    for head in ("reward", "discount"):
+        left_out = grads(["decoder"], head)
+        assert largest(left_out["encoder"]) == 0.0 and largest(left_out["rssm"]) == 0.0
+        assert largest(left_out[f"{head}_head"]) > 0.0
+        trained = grads(["decoder", head], head)
+        assert largest(trained["encoder"]) > 0.0 and largest(trained["rssm"]) > 0.0
+
+
 def test_observed_prior_is_the_imagination_step_from_the_previous_posterior():
     # observe computes the priors after its scan; each must be the prior img_step predicts
     # from the previous posterior and the step's action (the initial state after is_first).
