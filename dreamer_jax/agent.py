@@ -170,9 +170,11 @@ class Agent:
         wm_updates, wm_opt_state = self.wm_opt.update(wm_grads, state.wm_opt_state, state.wm_params)
         wm_params = optax.apply_updates(state.wm_params, wm_updates)
 
-        # Slow critic: copied (fraction 1) every `slow_target_update` updates, first at 0.
+        # Slow critic: moved `slow_target_fraction` of the way to the critic every
+        # `slow_target_update` updates, first at 0. It starts as a copy of the critic (`init`),
+        # the copy the official code makes at its first update.
         refresh = state.updates % config.slow_target_update == 0
-        mix = jnp.where(state.updates == 0, 1.0, config.slow_target_fraction)
+        mix = config.slow_target_fraction
         slow_critic_params = jax.tree.map(
             lambda s, d: jnp.where(refresh, mix * s + (1 - mix) * d, d),
             state.critic_params,

@@ -2,6 +2,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from helpers import (
     NUM_ACTIONS,
@@ -12,7 +13,7 @@ from helpers import (
     vector_agent,
 )
 
-from dreamer_jax.agent import Agent
+from dreamer_jax.agent import Agent, make_optimizer
 from dreamer_jax.config import make_config
 from dreamer_jax.networks import get_feat, straight_through_onehot
 from dreamer_jax.seeds import select, stack
@@ -101,6 +102,44 @@ def test_slow_critic_copied_every_hundred_updates():
         # Updated at the start of updates 0, 3, 6 from the critic as it was before them.
         expected_source = critic_before[step - step % 3]
         chex.assert_trees_all_equal(slow, expected_source)
+
+
+def test_slow_critic_starts_as_the_critic_then_moves_a_fraction_towards_it():
+    # The official update_slow_target copies the critic at update 0 and mixes in
+    # `slow_target_fraction` afterwards; here `init` makes the copy.
+    agent = vector_agent(tiny_config(slow_target_update=1, slow_target_fraction=0.25))
+    config = agent.config
+    state = agent.init(jax.random.key(3))
+    chex.assert_trees_all_equal(_host(state.slow_critic_params), _host(state.critic_params))
+    batch = structured_batch(config.dataset.batch, config.dataset.length)
+    initial_critic = _host(state.critic_params)
+    state, _ = agent.train_step(state, batch)
+    chex.assert_trees_all_close(_host(state.slow_critic_params), initial_critic, rtol=1e-6)
+    critic, slow = _host(state.critic_params), _host(state.slow_critic_params)
+    state, _ = agent.train_step(state, batch)
+    expected = jax.tree.map(lambda c, s: 0.25 * c + 0.75 * s, critic, slow)
+    chex.assert_trees_all_close(_host(state.slow_critic_params), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_optimizer_clips_then_adam_then_decays_weights_apart_from_the_learning_rate():
+    # The official optimizer: global-norm clip, Adam, then w <- w - lr*adam - wd*w.
+    opt = tiny_config(
+        **{"model_opt.lr": 0.1, "model_opt.wd": 0.01, "model_opt.clip": 1.0, "model_opt.eps": 1e-5}
+    ).model_opt
+    optimizer = make_optimizer(opt)
+    w = np.array([1.0, -2.0, 0.5])
+    params = jnp.asarray(w, jnp.float32)
+    opt_state = optimizer.init(params)
+    m, v = np.zeros(3), np.zeros(3)
+    # The first gradient's norm (5) is clipped to 1, the second's is not.
+    for t, g in enumerate([np.array([3.0, -4.0, 0.0]), np.array([0.1, 0.2, -0.3])], 1):
+        updates, opt_state = optimizer.update(jnp.asarray(g, jnp.float32), opt_state, params)
+        params = optax.apply_updates(params, updates)
+        g = g * min(1.0, opt.clip / np.linalg.norm(g))
+        m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g**2
+        adam = (m / (1 - 0.9**t)) / (np.sqrt(v / (1 - 0.999**t)) + opt.eps)
+        w = w - opt.lr * adam - opt.wd * w
+        np.testing.assert_allclose(params, w, rtol=1e-5)
 
 
 def test_policy_step_modes_and_reset():
