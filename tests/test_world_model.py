@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 from helpers import structured_batch, tiny_config, vector_agent
 
-from dreamer_jax.networks import RSSMState, initial_state
+from dreamer_jax.networks import RSSMState, get_feat, initial_state
 from dreamer_jax.world_model import (
     WorldModel,
     observe,
@@ -65,21 +65,33 @@ def test_posterior_prior_shapes_and_chunk_reset():
     assert not np.allclose(post_a.logits[:, :3], post_b.logits[:, :3])
 
 
-def test_world_model_loss_terms_finite_and_consistent():
-    agent = vector_agent()
+def test_world_model_loss_terms_match_numpy():
+    # Atari's loss scales (kl 0.1, discount 5), so that each scale shows in the total.
+    agent = vector_agent(tiny_config(**{"loss_scales.kl": 0.1, "loss_scales.discount": 5.0}))
     state = agent.init(jax.random.key(0))
     config = agent.config
     data = preprocess(structured_batch(config.dataset.batch, config.dataset.length), config)
     loss, (posterior, metrics) = world_model_loss(
         state.wm_params, agent.world_model, data, jax.random.key(2), config
     )
-    scales = config.loss_scales
-    expected = (
-        scales.kl * metrics["kl_loss"]
-        + metrics["vector_loss"]
-        + scales.reward * metrics["reward_loss"]
-        + scales.discount * metrics["discount_loss"]
-    )
+    feat = get_feat(posterior)
+
+    def head(method):
+        return np.asarray(agent.world_model.apply(state.wm_params, feat, method=method), float)
+
+    def unit_normal_nll(x, mean):  # -log N(x; mean, 1), summed over the last axis if any
+        nll = 0.5 * (np.asarray(x, float) - mean) ** 2 + 0.5 * np.log(2 * np.pi)
+        return nll.sum(-1) if nll.ndim == 3 else nll
+
+    vector_nll = unit_normal_nll(data["vector"], head(WorldModel.decode)).mean()
+    np.testing.assert_allclose(metrics["vector_loss"], vector_nll, rtol=1e-5)
+    reward_nll = unit_normal_nll(data["reward"], head(WorldModel.reward)).mean()
+    np.testing.assert_allclose(metrics["reward_loss"], reward_nll, rtol=1e-5)
+    logits, target = head(WorldModel.discount_logits), np.asarray(data["discount"], float)
+    # Bernoulli with the soft label γ·(1 − is_terminal): −[d·log σ(l) + (1 − d)·log(1 − σ(l))].
+    discount_nll = target * np.log1p(np.exp(-logits)) + (1 - target) * np.log1p(np.exp(logits))
+    np.testing.assert_allclose(metrics["discount_loss"], discount_nll.mean(), rtol=1e-5)
+    expected = 0.1 * metrics["kl_loss"] + vector_nll + reward_nll + 5.0 * discount_nll.mean()
     np.testing.assert_allclose(loss, expected, rtol=1e-5)
     assert all(np.isfinite(v) for v in jax.tree.leaves(metrics))
     assert jnp.all(posterior.stoch.sum(-1) > 0.99)
