@@ -79,11 +79,11 @@ def test_world_model_loss_terms_match_numpy():
     def head(method):
         return np.asarray(agent.world_model.apply(state.wm_params, feat, method=method), float)
 
-    def unit_normal_nll(x, mean):  # -log N(x; mean, 1), summed over the last axis if any
-        nll = 0.5 * (np.asarray(x, float) - mean) ** 2 + 0.5 * np.log(2 * np.pi)
-        return nll.sum(-1) if nll.ndim == 3 else nll
+    def unit_normal_nll(x, mean):  # -log N(x; mean, 1) per element
+        return 0.5 * (np.asarray(x, float) - mean) ** 2 + 0.5 * np.log(2 * np.pi)
 
-    vector_nll = unit_normal_nll(data["vector"], head(WorldModel.decode)).mean()
+    # The observation's log-likelihood is summed over its dimensions, then averaged.
+    vector_nll = unit_normal_nll(data["vector"], head(WorldModel.decode)).sum(-1).mean()
     np.testing.assert_allclose(metrics["vector_loss"], vector_nll, rtol=1e-5)
     reward_nll = unit_normal_nll(data["reward"], head(WorldModel.reward)).mean()
     np.testing.assert_allclose(metrics["reward_loss"], reward_nll, rtol=1e-5)
