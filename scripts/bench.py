@@ -2,6 +2,7 @@
 
     python scripts/bench.py --configs atari [--precision bf16] [--updates 20] [--no-record]
     python scripts/bench.py --configs atari --num_seeds 8 --json out.json  # 8 seeds at once
+    python scripts/bench.py --configs atari --num_seeds 8 --profile /tmp/prof  # + a trace
     python scripts/bench.py --collector --configs atari --envs 8   # env steps/s alone
     python scripts/bench.py --replay --configs atari               # replay memory and waits
     python scripts/bench.py --determinism --configs atari --num_seeds 2  # bit-identical?
@@ -9,8 +10,11 @@
 
 Any config preset/override is accepted as for training. Prints one result block and appends
 it, with the exact command, machine and date, to docs/benchmarks.md (unless --no-record);
-`--json PATH` also writes the block's figures as JSON. Uses a synthetic batch with the shapes
-of the configured task (Atari: 64×64×1 uint8, 18 actions), so it needs no environment.
+`--json PATH` also writes the block's figures as JSON; `--profile DIR` traces three more
+learner updates after the timed ones with `jax.profiler` (TensorBoard's profile plugin and a
+Perfetto `perfetto_trace.json.gz` under `DIR/plugins/profile/<date>/`, which
+scripts/trace_summary.py summarizes). Uses a synthetic batch with the shapes of the configured
+task (Atari: 64×64×1 uint8, 18 actions), so it needs no environment.
 
 The learner runs `num_seeds` seeds as the training loop does: one jitted update over a
 leading seed axis (`updates_per_sec` counts those calls; `seed_updates_per_sec` is N times
@@ -110,8 +114,11 @@ def seed_batches(config, agent, batch):
     return agent.init_seeds(init_keys(config)), stack([batch] * config.num_seeds)
 
 
-def bench_learner(config, updates: int) -> tuple[list[tuple[str, str]], dict]:
-    """Compile time, updates/s, host CPU time, peak memory and XLA FLOPs of the N-seed update."""
+def bench_learner(
+    config, updates: int, profile_dir: str | None = None
+) -> tuple[list[tuple[str, str]], dict]:
+    """Compile time, updates/s, host CPU time, peak memory and XLA FLOPs of the N-seed update;
+    with `profile_dir`, a `jax.profiler` trace of three more updates (not timed)."""
     agent, batch = synthetic_agent(config)
     states, batches = seed_batches(config, agent, batch)
     sharding = seed_sharding(config.num_seeds)
@@ -137,6 +144,11 @@ def bench_learner(config, updates: int) -> tuple[list[tuple[str, str]], dict]:
     user_ms = 1000 * (after.ru_utime - usage.ru_utime) / updates
     system_ms = 1000 * (after.ru_stime - usage.ru_stime) / updates
     memory_kind, memory = peak_memory_bytes()
+    if profile_dir is not None:
+        with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+            for _ in range(3):
+                states, metrics = agent.train_seeds(states, batches)
+            jax.block_until_ready((states, metrics))
     b, t, n = config.dataset.batch, config.dataset.length, config.num_seeds
     figures = {
         "num_seeds": n,
@@ -328,7 +340,8 @@ def main(argv: list[str]) -> int:
     modes = ("--collector", "--replay", "--determinism", "--data_age")
     mode = next((m for m in modes if m in argv), "--learner")[2:]
     argv = [a for a in argv if a not in ("--no-record", *modes)]
-    options = {"--updates": 20, "--json": None, "--episode_length": 1800, "--data_steps": 400_000}
+    options = {"--updates": 20, "--json": None, "--profile": None}
+    options |= {"--episode_length": 1800, "--data_steps": 400_000}
     for name in options:
         if name in argv:
             i = argv.index(name)
@@ -353,7 +366,7 @@ def main(argv: list[str]) -> int:
     elif mode == "determinism":
         results, figures = bench_determinism(config, updates)
     else:
-        results, figures = bench_learner(config, updates)
+        results, figures = bench_learner(config, updates, options["--profile"])
     command = "python scripts/bench.py " + shlex.join(sys.argv[1:])
     rows = [
         ("date", datetime.date.today().isoformat()),

@@ -1,30 +1,32 @@
 #!/usr/bin/env bash
-# One GPU check for a lent device machine (H100/H200, about 9 minutes), with .whl/ carried
+# One GPU check for a lent device machine (H100/H200, about 9.5 minutes), with .whl/ carried
 # (built by scripts/gpu_wheels.sh):
 #
 #   bash scripts/gpu_check.sh                     # results under $OUT (default ./gpu_out)
 #   GPU_CHECK_SMOKE=1 PYTHON=/tmp/gpusim/bin/python bash scripts/gpu_check.sh   # tiny, CPU
 #
-# Runs, each under `timeout` (a failure or a timeout is recorded and the next step runs):
+# Runs, each under `timeout` (a failure or a timeout is recorded and the next step runs),
+# what the many-seed targets need first:
 #   0. nvidia-smi -L, jax version and devices, the project's imports;
-#   a. the image encoder and decoder, forward + backward at the Atari batch, bf16: the matmul
+#   a. the learner, bf16, Atari preset, scripts/bench.py --num_seeds N, 20 updates, for N = 1
+#      and 8, each with a jax.profiler trace of three more updates (profile_seeds_N.json.gz,
+#      summarized per GPU stream in log.txt by scripts/trace_summary.py) -> learner_seeds.json;
+#   b. end to end on Atari Boxing, bf16, one env per seed: 1 seed, then 8 seeds -> e2e.json
+#      (frames/s summed over seeds and updates/s of the metrics rows past the prefill);
+#   c. the learner for the other seed counts of $GPU_CHECK_SEEDS (default 1 8 4 16 2);
+#   d. the image encoder and decoder, forward + backward at the Atari batch, bf16: the matmul
 #      lowering against flax's convolutions (cuDNN there), scripts/bench_conv.py, in log.txt:
-#      whether the lowering XLA:CPU needed slows a single seed on the GPU;
-#   b. the learner over seeds, bf16, Atari preset: scripts/bench.py --num_seeds N for N in
-#      $GPU_CHECK_SEEDS (default 1 2 4 8 16), 20 updates each -> learner_seeds.json;
-#   c. end to end on Atari Boxing, bf16, one env per seed: 1 seed, then 8 seeds ->
-#      e2e.json (frames/s summed over seeds and updates/s of the metrics rows past the prefill).
-# Writes at most 4 files to $OUT: log.txt (all output), steps.tsv (each step's exit code,
-# seconds and timeout), learner_seeds.json, e2e.json; the JSON files are rewritten after each
-# step, so a cut-off run still leaves what it measured.
+#      whether the lowering XLA:CPU needed slows a single seed on the GPU.
+# Writes at most 6 files to $OUT: log.txt (all output), steps.tsv (each step's exit code,
+# seconds and timeout), learner_seeds.json, e2e.json and the two traces; the JSON files are
+# rewritten after each step, so a cut-off run still leaves what it measured.
 #
-# Time: the whole script keeps to GPU_CHECK_BUDGET seconds (default 540). Each step's timeout
-# is its own cap (conv 60 s, bench 100 s per call, e2e 150 s and 180 s), cut to what the
-# budget leaves after the time held back for the later steps (the e2e runs hold back 130 +
-# 160 s from the learner steps, so the last bench calls are the ones skipped when compiles
-# are slow); a step with under 30 s left is skipped (steps.tsv says so). One bench call is
-# mostly start-up plus the ~35 s compile of train_step. The run tool's timeout_s should be
-# about BUDGET + 60.
+# Time: the whole script keeps to GPU_CHECK_BUDGET seconds (default 560). Each step's timeout
+# is its own cap, cut to what the budget leaves after the time held back for the steps the
+# targets need after it (8 seeds' learner and both e2e runs); a step with under 30 s left is
+# skipped (steps.tsv says so), so a slow compile costs the 2/4/16-seed figures and the
+# convolution check first. One bench call is mostly start-up plus the ~35 s compile of
+# train_step. The run tool's timeout_s should be about BUDGET + 40.
 set -uo pipefail  # no -e: every step runs whatever the previous one did
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -35,12 +37,12 @@ OUT="$(cd "$OUT" && pwd)"
 LOG="$OUT/log.txt"
 STEPS="$OUT/steps.tsv"
 SMOKE="${GPU_CHECK_SMOKE:-0}"
-BUDGET="${GPU_CHECK_BUDGET:-540}"
+BUDGET="${GPU_CHECK_BUDGET:-560}"
 WORK="${GPU_CHECK_TMP:-/tmp/gpu_check}"  # bench JSONs (merged into $OUT), compile cache
 : >"$LOG"
 printf 'step\trc\tseconds\ttimeout_s\n' >"$STEPS"
-rm -rf "$WORK/bench"
-mkdir -p "$WORK/bench"
+rm -rf "$WORK/bench" "$WORK/profile"
+mkdir -p "$WORK/bench" "$WORK/profile"
 
 export PYTHONPATH="$ROOT/.whl:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 # One process at a time holds the GPU; leave room for cuDNN/cuBLAS workspaces.
@@ -99,7 +101,7 @@ if [ "$SMOKE" = 1 ]; then
     CONV=(--sizes debug --repeats 1)
 else
     PRESET=(--configs atari)
-    SEEDS="${GPU_CHECK_SEEDS:-1 2 4 8 16}"
+    SEEDS="${GPU_CHECK_SEEDS:-1 8 4 16 2}"
     UPDATES=20
     # The atari preset's prefill is 50k policy steps (pretrain 1, already the minimum); cut
     # to 5k so that these short runs reach the training phase: random Boxing episodes are
@@ -197,8 +199,12 @@ say "gpu_check: smoke=$SMOKE budget=${BUDGET}s python=$PY out=$OUT"
     du -sh "$ROOT/.whl" || echo "no .whl (scripts/gpu_wheels.sh builds it)"
 } 2>&1 | tee -a "$LOG"
 # Timeouts: each step's cap, and what the e2e runs hold back from the steps before them.
-E2E1_CAP=150 E2E8_CAP=180 E2E1_MIN=130 E2E8_MIN=160
-run_step env 60 $((E2E1_MIN + E2E8_MIN + 60)) "$PY" -c "
+E2E1_CAP=150 E2E8_CAP=180 E2E1_MIN=130 E2E8_MIN=160 E2E=$((E2E1_MIN + E2E8_MIN))
+read -r -a SEED_LIST <<<"$SEEDS"
+FIRST_SEEDS=("${SEED_LIST[@]:0:2}")  # profiled, and measured before the e2e runs
+LATER_SEEDS=("${SEED_LIST[@]:2}")
+
+run_step env 60 $((E2E + 150)) "$PY" -c "
 import sys, jax
 print('python', sys.version.split()[0], 'jax', jax.__version__, 'backend', jax.default_backend())
 print('devices', jax.devices())
@@ -207,21 +213,31 @@ print('imports ok: distrax', distrax.__version__, 'envpool', envpool.__version__
       'wandb', wandb.__version__, 'from', envpool.__file__)
 "
 
-# a) convolutions: matmul lowering vs flax/cuDNN (first: a short step, and if the bench calls
-# below run out of budget, the last of them is the one skipped).
-run_step conv 60 $((E2E1_MIN + E2E8_MIN + 100)) "$PY" scripts/bench_conv.py "${CONV[@]}" \
-    --precision bf16
-
-# b) the learner over seeds (each call one JSON, merged into learner_seeds.json).
-for n in $SEEDS; do
-    run_step "bench_seeds_$n" 100 $((E2E1_MIN + E2E8_MIN + 10)) "$PY" scripts/bench.py "${PRESET[@]}" \
+# bench N RESERVE [--profile DIR]: the N-seed learner, one JSON merged into learner_seeds.json.
+bench() {
+    local n=$1 reserve=$2
+    shift 2
+    run_step "bench_seeds_$n" 120 "$reserve" "$PY" scripts/bench.py "${PRESET[@]}" \
         --precision bf16 --num_seeds "$n" --updates "$UPDATES" --no-record \
-        --json "$WORK/bench/seeds_$n.json"
+        --json "$WORK/bench/seeds_$n.json" "$@"
     merge_bench >/dev/null 2>&1 || true
+}
+
+# a) the learner for the first two seed counts, each with a trace of three more updates.
+reserve=$((E2E + 100))
+for n in "${FIRST_SEEDS[@]}"; do
+    bench "$n" "$reserve" --profile "$WORK/profile/seeds_$n"
+    trace=$(find "$WORK/profile/seeds_$n" -name perfetto_trace.json.gz 2>/dev/null | head -1)
+    if [ -n "$trace" ]; then
+        cp "$trace" "$OUT/profile_seeds_$n.json.gz"
+        say "trace of 3 updates, $n seed(s), per timeline:"
+        "$PY" scripts/trace_summary.py "$trace" --top 15 --timelines 6 2>&1 | tee -a "$LOG"
+    fi
+    reserve=$((E2E + 10))
 done
 merge_bench 2>&1 | tee -a "$LOG"
 
-# c) end to end, one env per seed (a logdir with data would be resumed: start clean).
+# b) end to end, one env per seed (a logdir with data would be resumed: start clean).
 rm -rf /tmp/e2e1 /tmp/e2e8
 run_step e2e1 $E2E1_CAP $((E2E8_MIN + 10)) "$PY" -m dreamer_jax.train "${PRESET[@]}" --task atari_boxing \
     --precision bf16 --envs 1 --num_seeds 1 --logdir /tmp/e2e1 "${E2E1[@]}" \
@@ -231,6 +247,15 @@ run_step e2e8 $E2E8_CAP 10 "$PY" -m dreamer_jax.train "${PRESET[@]}" --task atar
     --precision bf16 --envs 1 --num_seeds "$E2E8_SEEDS" --logdir /tmp/e2e8 "${E2E8[@]}" \
     --eval_every 1000000 --wandb.mode disabled
 summarize_e2e 2>&1 | tee -a "$LOG"
+
+# c) the learner for the other seed counts, in whatever budget is left.
+for n in "${LATER_SEEDS[@]}"; do
+    bench "$n" 40
+done
+merge_bench 2>&1 | tee -a "$LOG"
+
+# d) convolutions: matmul lowering vs flax/cuDNN.
+run_step conv 60 0 "$PY" scripts/bench_conv.py "${CONV[@]}" --precision bf16
 
 # Nothing large is copied: list what came out.
 say "done; $OUT holds:"

@@ -33,12 +33,17 @@ def _bench(*args):
     )  # fmt: skip
 
 
-def test_learner_and_determinism_modes_on_cpu():
+def test_learner_and_determinism_modes_on_cpu(tmp_path):
     docs = (ROOT / "docs" / "benchmarks.md").read_bytes()
-    learner = _bench("--updates", "2")
+    learner = _bench("--updates", "2", "--profile", str(tmp_path))
     assert learner.returncode == 0, learner.stderr[-2000:]
     assert "| train_step |" in learner.stdout and "updates/s" in learner.stdout
     assert "| host CPU/update | user " in learner.stdout
+    summary = subprocess.run(
+        [sys.executable, "scripts/trace_summary.py", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert summary.returncode == 0 and "/host:CPU" in summary.stdout  # the profiled updates
     determinism = _bench("--determinism", "--updates", "2")
     assert determinism.returncode == 0, determinism.stderr[-2000:]
     assert "| bit-identical | yes |" in determinism.stdout  # CPU XLA is deterministic
