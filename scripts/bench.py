@@ -382,7 +382,8 @@ def main(argv: list[str]) -> int:
     block = f"\n{title}\n\n| what | value |\n|---|---|\n{text}\n"
     print(block)
     if json_path is not None:
-        record_figures = {"command": command, "machine": machine(), "jax": jax.__version__}
+        record_figures = {"command": command, "machine": machine(), "jax": jax.__version__,
+                          "xla_flags": os.environ.get("XLA_FLAGS", "")}  # fmt: skip
         json_path.write_text(json.dumps({**record_figures, "mode": mode, **figures}, indent=1))
         print(f"figures in {json_path}")
     if record:

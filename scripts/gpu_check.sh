@@ -6,26 +6,30 @@
 #   GPU_CHECK_SMOKE=1 PYTHON=/tmp/gpusim/bin/python bash scripts/gpu_check.sh   # tiny, CPU
 #
 # Runs, each under `timeout` (a failure or a timeout is recorded and the next step runs),
-# what the many-seed targets need first:
+# what the many-seed targets need first; GPU_CHECK_PARTS (default "learner e2e flags seeds
+# conv") picks and orders the parts after step 0:
 #   0. nvidia-smi -L, jax version and devices, the project's imports;
-#   a. the learner, bf16, Atari preset, scripts/bench.py --num_seeds N, 20 updates, for N = 1
-#      and 8, each with a jax.profiler trace of three more updates (profile_seeds_N.json.gz,
-#      summarized per GPU stream in log.txt by scripts/trace_summary.py) -> learner_seeds.json;
-#   b. end to end on Atari Boxing, bf16, one env per seed: 1 seed, then 8 seeds -> e2e.json
+#   learner: the learner, bf16, Atari preset, scripts/bench.py --num_seeds N, 20 updates, for
+#      the first two of $GPU_CHECK_SEEDS (default 1 8 2 4 16), each with a jax.profiler trace
+#      of three more updates (profile_seeds_N.json.gz, summarized per GPU stream in log.txt by
+#      scripts/trace_summary.py) -> learner_seeds.json;
+#   e2e: end to end on Atari Boxing, bf16, one env per seed: 1 seed, then 8 seeds -> e2e.json
 #      (frames/s summed over seeds and updates/s of the metrics rows past the prefill);
-#   c. the learner for the other seed counts of $GPU_CHECK_SEEDS (default 1 8 4 16 2);
-#   d. the image encoder and decoder, forward + backward at the Atari batch, bf16: the matmul
-#      lowering against flax's convolutions (cuDNN there), scripts/bench_conv.py, in log.txt:
-#      whether the lowering XLA:CPU needed slows a single seed on the GPU.
+#   flags: the $GPU_CHECK_FLAG_SEEDS-seed learner (default 8) under each XLA_FLAGS variant of
+#      $GPU_CHECK_FLAGS (";"-separated; default: while loops inside CUDA graphs, and cuBLAS
+#      instead of Triton for every dot) -> learner_seeds.json, each run with its xla_flags;
+#   seeds: the learner for the other seed counts of $GPU_CHECK_SEEDS;
+#   conv: the image encoder and decoder, forward + backward at the Atari batch, bf16: the
+#      matmul lowering against flax's convolutions (cuDNN there), scripts/bench_conv.py, in
+#      log.txt.
 # Writes at most 6 files to $OUT: log.txt (all output), steps.tsv (each step's exit code,
 # seconds and timeout), learner_seeds.json, e2e.json and the two traces; the JSON files are
 # rewritten after each step, so a cut-off run still leaves what it measured.
 #
 # Time: the whole script keeps to GPU_CHECK_BUDGET seconds (default 560). Each step's timeout
-# is its own cap, cut to what the budget leaves after the time held back for the steps the
-# targets need after it (8 seeds' learner and both e2e runs); a step with under 30 s left is
-# skipped (steps.tsv says so), so a slow compile costs the 2/4/16-seed figures and the
-# convolution check first. One bench call is mostly start-up plus the ~35 s compile of
+# is its own cap, cut to what the budget leaves after the time held back for the later
+# learner/e2e steps; a step with under 30 s left is skipped (steps.tsv says so), so a slow
+# compile costs the last parts first. One bench call is mostly start-up plus the ~35 s compile of
 # train_step. The run tool's timeout_s should be about BUDGET + 40.
 set -uo pipefail  # no -e: every step runs whatever the previous one did
 
@@ -92,6 +96,7 @@ run_step() {
 if [ "$SMOKE" = 1 ]; then
     PRESET=(--configs atari debug)
     SEEDS="${GPU_CHECK_SEEDS:-1 2}"
+    FLAG_SEEDS="${GPU_CHECK_FLAG_SEEDS:-2}"
     UPDATES=2
     # debug preset: prefill 300, 100-step episodes.
     PREFILL=300
@@ -101,7 +106,8 @@ if [ "$SMOKE" = 1 ]; then
     CONV=(--sizes debug --repeats 1)
 else
     PRESET=(--configs atari)
-    SEEDS="${GPU_CHECK_SEEDS:-1 8 4 16 2}"
+    SEEDS="${GPU_CHECK_SEEDS:-1 8 2 4 16}"
+    FLAG_SEEDS="${GPU_CHECK_FLAG_SEEDS:-8}"
     UPDATES=20
     # The atari preset's prefill is 50k policy steps (pretrain 1, already the minimum); cut
     # to 5k so that these short runs reach the training phase: random Boxing episodes are
@@ -117,6 +123,11 @@ else
     CONV=(--sizes atari --repeats 3)
 fi
 
+# XLA flag variants for the `flags` part: whole while loops (the scans) inside CUDA graphs,
+# so the host stops launching each iteration; every dot through cuBLAS instead of Triton
+# gemm fusions (which pad their operands in every scan step). Unknown flags fail that step.
+FLAGS="${GPU_CHECK_FLAGS:---xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL;--xla_gpu_enable_triton_gemm=false}"
+
 merge_bench() {
     "$PY" - "$WORK/bench" "$STEPS" "$OUT/learner_seeds.json" <<'EOF'
 import csv, json, pathlib, sys
@@ -124,20 +135,21 @@ folder, steps, out = pathlib.Path(sys.argv[1]), sys.argv[2], pathlib.Path(sys.ar
 status = {r["step"]: r for r in csv.DictReader(open(steps), delimiter="\t")}
 runs = []
 for name, row in status.items():
-    if not name.startswith("bench_seeds_"):
+    if not name.startswith("bench_"):
         continue
-    n = int(name.rsplit("_", 1)[1])
-    path = folder / f"seeds_{n}.json"
+    tag = name[len("bench_"):]
+    path = folder / f"{tag}.json"
     figures = json.loads(path.read_text()) if path.exists() else {}
-    runs.append({"num_seeds": n, "rc": row["rc"], "wall_s": int(row["seconds"]), **figures})
+    runs.append({"tag": tag, "rc": row["rc"], "wall_s": int(row["seconds"]), **figures})
 out.write_text(json.dumps({"runs": runs}, indent=1))
 for r in runs:
+    flags = f" [XLA_FLAGS {r.get('xla_flags')}]" if r["tag"].startswith("flags_") else ""
     if "updates_per_sec" in r:
         print(f"learner N={r['num_seeds']}: {r['updates_per_sec']:.2f} updates/s, "
               f"{r['seed_updates_per_sec']:.2f} seed-updates/s, compile {r['compile_s']:.1f} s, "
-              f"{r['memory_kind']} {r['memory_gib']:.2f} GiB")
+              f"{r['memory_kind']} {r['memory_gib']:.2f} GiB{flags}")
     else:
-        print(f"learner N={r['num_seeds']}: no result (rc {r['rc']})")
+        print(f"learner {r['tag']}: no result (rc {r['rc']})")
 EOF
 }
 
@@ -213,49 +225,78 @@ print('imports ok: distrax', distrax.__version__, 'envpool', envpool.__version__
       'wandb', wandb.__version__, 'from', envpool.__file__)
 "
 
-# bench N RESERVE [--profile DIR]: the N-seed learner, one JSON merged into learner_seeds.json.
+# bench TAG N RESERVE [ARGS...]: the N-seed learner, $WORK/bench/TAG.json, merged into
+# learner_seeds.json.
 bench() {
-    local n=$1 reserve=$2
-    shift 2
-    run_step "bench_seeds_$n" 120 "$reserve" "$PY" scripts/bench.py "${PRESET[@]}" \
+    local tag=$1 n=$2 reserve=$3
+    shift 3
+    run_step "bench_$tag" 120 "$reserve" "$PY" scripts/bench.py "${PRESET[@]}" \
         --precision bf16 --num_seeds "$n" --updates "$UPDATES" --no-record \
-        --json "$WORK/bench/seeds_$n.json" "$@"
+        --json "$WORK/bench/$tag.json" "$@"
     merge_bench >/dev/null 2>&1 || true
 }
 
-# a) the learner for the first two seed counts, each with a trace of three more updates.
-reserve=$((E2E + 100))
-for n in "${FIRST_SEEDS[@]}"; do
-    bench "$n" "$reserve" --profile "$WORK/profile/seeds_$n"
-    trace=$(find "$WORK/profile/seeds_$n" -name perfetto_trace.json.gz 2>/dev/null | head -1)
-    if [ -n "$trace" ]; then
-        cp "$trace" "$OUT/profile_seeds_$n.json.gz"
-        say "trace of 3 updates, $n seed(s), per timeline:"
-        "$PY" scripts/trace_summary.py "$trace" --top 15 --timelines 6 2>&1 | tee -a "$LOG"
-    fi
-    reserve=$((E2E + 10))
+# The learner for the first two seed counts, each with a trace of three more updates.
+part_learner() {
+    local reserve=$((E2E + 100)) n trace
+    for n in "${FIRST_SEEDS[@]}"; do
+        bench "seeds_$n" "$n" "$reserve" --profile "$WORK/profile/seeds_$n"
+        trace=$(find "$WORK/profile/seeds_$n" -name perfetto_trace.json.gz 2>/dev/null | head -1)
+        if [ -n "$trace" ]; then
+            cp "$trace" "$OUT/profile_seeds_$n.json.gz"
+            say "trace of 3 updates, $n seed(s), per timeline:"
+            "$PY" scripts/trace_summary.py "$trace" --top 15 --timelines 6 2>&1 | tee -a "$LOG"
+        fi
+        reserve=$((E2E + 10))
+    done
+    merge_bench 2>&1 | tee -a "$LOG"
+}
+
+# End to end, one env per seed (a logdir with data would be resumed: start clean).
+part_e2e() {
+    rm -rf /tmp/e2e1 /tmp/e2e8
+    run_step e2e1 $E2E1_CAP $((E2E8_MIN + 10)) "$PY" -m dreamer_jax.train "${PRESET[@]}" \
+        --task atari_boxing --precision bf16 --envs 1 --num_seeds 1 --logdir /tmp/e2e1 \
+        "${E2E1[@]}" --eval_every 1000000 --wandb.mode disabled
+    summarize_e2e >/dev/null 2>&1 || true
+    run_step e2e8 $E2E8_CAP 10 "$PY" -m dreamer_jax.train "${PRESET[@]}" --task atari_boxing \
+        --precision bf16 --envs 1 --num_seeds "$E2E8_SEEDS" --logdir /tmp/e2e8 "${E2E8[@]}" \
+        --eval_every 1000000 --wandb.mode disabled
+    summarize_e2e 2>&1 | tee -a "$LOG"
+}
+
+# The learner under each XLA_FLAGS variant (added to any XLA_FLAGS already set).
+part_flags() {
+    local i=0 variant variants
+    IFS=';' read -r -a variants <<<"$FLAGS"
+    for variant in "${variants[@]}"; do
+        i=$((i + 1))
+        XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }$variant" bench "flags_$i" "$FLAG_SEEDS" 40
+    done
+    merge_bench 2>&1 | tee -a "$LOG"
+}
+
+# The learner for the other seed counts.
+part_seeds() {
+    local n
+    ((${#LATER_SEEDS[@]})) || return 0
+    for n in "${LATER_SEEDS[@]}"; do
+        bench "seeds_$n" "$n" 40
+    done
+    merge_bench 2>&1 | tee -a "$LOG"
+}
+
+# Convolutions: matmul lowering vs flax/cuDNN.
+part_conv() {
+    run_step conv 60 0 "$PY" scripts/bench_conv.py "${CONV[@]}" --precision bf16
+}
+
+for part in ${GPU_CHECK_PARTS:-learner e2e flags seeds conv}; do
+    case "$part" in
+        learner | e2e | flags | seeds | conv) "part_$part" ;;
+        *) say "unknown part '$part' in GPU_CHECK_PARTS (learner e2e flags seeds conv)" ;;
+    esac
 done
-merge_bench 2>&1 | tee -a "$LOG"
-
-# b) end to end, one env per seed (a logdir with data would be resumed: start clean).
-rm -rf /tmp/e2e1 /tmp/e2e8
-run_step e2e1 $E2E1_CAP $((E2E8_MIN + 10)) "$PY" -m dreamer_jax.train "${PRESET[@]}" --task atari_boxing \
-    --precision bf16 --envs 1 --num_seeds 1 --logdir /tmp/e2e1 "${E2E1[@]}" \
-    --eval_every 1000000 --wandb.mode disabled
-summarize_e2e >/dev/null 2>&1 || true
-run_step e2e8 $E2E8_CAP 10 "$PY" -m dreamer_jax.train "${PRESET[@]}" --task atari_boxing \
-    --precision bf16 --envs 1 --num_seeds "$E2E8_SEEDS" --logdir /tmp/e2e8 "${E2E8[@]}" \
-    --eval_every 1000000 --wandb.mode disabled
-summarize_e2e 2>&1 | tee -a "$LOG"
-
-# c) the learner for the other seed counts, in whatever budget is left.
-for n in "${LATER_SEEDS[@]}"; do
-    bench "$n" 40
-done
-merge_bench 2>&1 | tee -a "$LOG"
-
-# d) convolutions: matmul lowering vs flax/cuDNN.
-run_step conv 60 0 "$PY" scripts/bench_conv.py "${CONV[@]}" --precision bf16
 
 # Nothing large is copied: list what came out.
 say "done; $OUT holds:"
