@@ -27,9 +27,11 @@
 # rewritten after each step, so a cut-off run still leaves what it measured.
 #
 # Time: the whole script keeps to GPU_CHECK_BUDGET seconds (default 560). Each step's timeout
-# is its own cap, cut to what the budget leaves after the time held back for the later
-# learner/e2e steps; a step with under 30 s left is skipped (steps.tsv says so), so a slow
-# compile costs the last parts first. One bench call is mostly start-up plus the ~35 s compile of
+# is its own cap, cut to what the budget leaves after the time held back for the e2e runs
+# still to come; a step with under 30 s left is skipped (steps.tsv says so), so a slow
+# compile costs the last parts first. On an H200 the default parts reach the first `flags`
+# variant; a second call on the still-warm machine can run the rest, e.g.
+# `GPU_CHECK_PARTS="flags seeds" GPU_CHECK_BUDGET=240 bash scripts/gpu_check.sh`. One bench call is mostly start-up plus the ~35 s compile of
 # train_step. The run tool's timeout_s should be about BUDGET + 40.
 set -uo pipefail  # no -e: every step runs whatever the previous one did
 
@@ -211,7 +213,11 @@ say "gpu_check: smoke=$SMOKE budget=${BUDGET}s python=$PY out=$OUT"
     du -sh "$ROOT/.whl" || echo "no .whl (scripts/gpu_wheels.sh builds it)"
 } 2>&1 | tee -a "$LOG"
 # Timeouts: each step's cap, and what the e2e runs hold back from the steps before them.
-E2E1_CAP=150 E2E8_CAP=180 E2E1_MIN=130 E2E8_MIN=160 E2E=$((E2E1_MIN + E2E8_MIN))
+PARTS="${GPU_CHECK_PARTS:-learner e2e flags seeds conv}"
+E2E1_CAP=150 E2E8_CAP=180 E2E1_MIN=130 E2E8_MIN=160
+# Held back for the e2e runs by every step before them (none once they ran, or if not asked).
+E2E=0
+[[ " $PARTS " == *" e2e "* ]] && E2E=$((E2E1_MIN + E2E8_MIN))
 read -r -a SEED_LIST <<<"$SEEDS"
 FIRST_SEEDS=("${SEED_LIST[@]:0:2}")  # profiled, and measured before the e2e runs
 LATER_SEEDS=("${SEED_LIST[@]:2}")
@@ -254,6 +260,7 @@ part_learner() {
 
 # End to end, one env per seed (a logdir with data would be resumed: start clean).
 part_e2e() {
+    E2E=0
     rm -rf /tmp/e2e1 /tmp/e2e8
     run_step e2e1 $E2E1_CAP $((E2E8_MIN + 10)) "$PY" -m dreamer_jax.train "${PRESET[@]}" \
         --task atari_boxing --precision bf16 --envs 1 --num_seeds 1 --logdir /tmp/e2e1 \
@@ -271,7 +278,7 @@ part_flags() {
     IFS=';' read -r -a variants <<<"$FLAGS"
     for variant in "${variants[@]}"; do
         i=$((i + 1))
-        XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }$variant" bench "flags_$i" "$FLAG_SEEDS" 40
+        XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }$variant" bench "flags_$i" "$FLAG_SEEDS" $((E2E + 10))
     done
     merge_bench 2>&1 | tee -a "$LOG"
 }
@@ -281,7 +288,7 @@ part_seeds() {
     local n
     ((${#LATER_SEEDS[@]})) || return 0
     for n in "${LATER_SEEDS[@]}"; do
-        bench "seeds_$n" "$n" 40
+        bench "seeds_$n" "$n" $((E2E + 10))
     done
     merge_bench 2>&1 | tee -a "$LOG"
 }
@@ -291,7 +298,7 @@ part_conv() {
     run_step conv 60 0 "$PY" scripts/bench_conv.py "${CONV[@]}" --precision bf16
 }
 
-for part in ${GPU_CHECK_PARTS:-learner e2e flags seeds conv}; do
+for part in $PARTS; do
     case "$part" in
         learner | e2e | flags | seeds | conv) "part_$part" ;;
         *) say "unknown part '$part' in GPU_CHECK_PARTS (learner e2e flags seeds conv)" ;;

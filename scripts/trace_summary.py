@@ -3,11 +3,18 @@ time and the ops that take most of it — enough to see, without TensorBoard, wh
 bound by kernels or by the gaps between them.
 
     python scripts/trace_summary.py DIR_OR_TRACE [--top 12] [--timelines 8]
+    python scripts/trace_summary.py TRACE --updates 3 [--loop 50]   # GPU kernels per update
 
 DIR_OR_TRACE is a `perfetto_trace.json.gz` or a folder holding one (e.g. the `--profile DIR`
 of scripts/bench.py). Per timeline, busiest first: events, busy = the union of its events'
 intervals (nested events count once), span = first start to last end, and the top ops by
 summed duration (nested ones count inside their parents too, so shares can add to over 100 %).
+
+With `--updates K` (the number of identical steps traced, 3 for bench.py's --profile) it
+prints the GPU kernels instead (events with `kernel_details`), per update: their count and
+time, how much of it is kernels under 5 µs, and kernel time by how many times a kernel runs
+per update (1: once; 50: in a 50-step loop such as the observe scan). `--loop R` also lists
+one iteration of the loop whose kernels run R times per update, in order.
 """
 
 from __future__ import annotations
@@ -71,11 +78,64 @@ def summarize(events: list[dict], top: int = 12, timelines: int = 8) -> list[dic
     return sorted(lines, key=lambda line: -line["busy_us"])[:timelines]
 
 
+def gpu_kernels(events: list[dict]) -> list[dict]:
+    """The GPU kernel events (those with `kernel_details`), in time order."""
+    kernels = [e for e in events if e.get("ph") == "X" and "kernel_details" in e.get("args", {})]
+    return sorted(kernels, key=lambda e: e["ts"])
+
+
+def kernels_by_runs(kernels: list[dict], updates: int) -> dict[int, tuple[float, float]]:
+    """`{runs per update: (kernels per update, µs per update)}` over `updates` identical
+    steps: a kernel (by name) that ran `c` times ran `c // updates` times per update."""
+    counts = collections.Counter(e["name"] for e in kernels)
+    classes = collections.defaultdict(lambda: [0, 0.0])
+    for e in kernels:
+        runs = counts[e["name"]] // updates
+        classes[runs][0] += 1
+        classes[runs][1] += e["dur"]
+    return {runs: (n / updates, t / updates) for runs, (n, t) in classes.items()}
+
+
+def loop_iteration(kernels: list[dict], updates: int, runs: int) -> list[dict]:
+    """The kernels of one iteration (the second) of the loop whose kernels run `runs` times
+    per update: from one start of its first such kernel to the next, in the first update."""
+    counts = collections.Counter(e["name"] for e in kernels)
+    first_update = kernels[: len(kernels) // updates]
+    starts = [i for i, e in enumerate(first_update) if counts[e["name"]] == runs * updates]
+    if not starts:
+        return []
+    head = first_update[starts[0]]["name"]
+    starts = [i for i, e in enumerate(first_update) if e["name"] == head]
+    return first_update[starts[1] : starts[2]] if len(starts) > 2 else []
+
+
+def print_kernels(events: list[dict], updates: int, loop: int | None) -> None:
+    kernels = gpu_kernels(events)
+    if not kernels:
+        print("no GPU kernels in the trace")
+        return
+    small = [e["dur"] for e in kernels if e["dur"] < 5]
+    total = sum(e["dur"] for e in kernels)
+    print(f"GPU kernels per update: {len(kernels) / updates:.0f}, {total / updates / 1e3:.2f} "
+          f"ms; under 5 µs: {len(small) / updates:.0f} kernels, "
+          f"{sum(small) / updates / 1e3:.2f} ms")  # fmt: skip
+    print("runs per update | kernels per update | ms per update")
+    for runs, (n, t) in sorted(kernels_by_runs(kernels, updates).items(), key=lambda x: -x[1][1]):
+        print(f"{runs:15d} | {n:18.0f} | {t / 1e3:.2f}")
+    if loop is not None:
+        iteration = loop_iteration(kernels, updates, loop)
+        total = sum(e["dur"] for e in iteration)
+        print(f"\none iteration of the loop run {loop} times per update: {len(iteration)} "
+              f"kernels, {total:.1f} µs")  # fmt: skip
+        for e in iteration:
+            print(f"  {e['dur']:7.1f} µs  {e['name'][:90]}")
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2
-    options = {"--top": 12, "--timelines": 8}
+    options = {"--top": 12, "--timelines": 8, "--updates": None, "--loop": None}
     for name in options:
         if name in argv:
             i = argv.index(name)
@@ -86,6 +146,9 @@ def main(argv: list[str]) -> int:
     except (OSError, ValueError, KeyError) as error:
         print(f"error: cannot read a trace from {argv[0]}: {error}", file=sys.stderr)
         return 1
+    if options["--updates"] is not None:
+        print_kernels(events, options["--updates"], options["--loop"])
+        return 0
     for line in summarize(events, options["--top"], options["--timelines"]):
         busy, span = line["busy_us"], line["span_us"]
         print(f"\n{line['timeline']}: {line['events']} events, busy {busy / 1e3:.1f} ms "

@@ -48,3 +48,36 @@ def test_main_reads_a_folder_and_fails_clearly(tmp_path, capsys):
     assert "busy 0.0 ms of a 0.0 ms span (48 %)" in capsys.readouterr().out
     assert trace_summary.main([str(tmp_path / "missing")]) == 1
     assert "cannot read a trace" in capsys.readouterr().err
+
+
+def _kernels(updates: int):
+    """`updates` identical steps: a once-per-step kernel `a`, then a 3-step loop of `b, c`,
+    then `d`; durations in µs."""
+    events, t = [], 0.0
+    for _ in range(updates):
+        for name, dur in [("a", 10.0), *[("b", 2.0), ("c", 3.0)] * 3, ("d", 1.0)]:
+            events.append({"ph": "X", "pid": 1, "tid": 7, "ts": t, "dur": dur, "name": name,
+                           "args": {"kernel_details": "grid:1,1,1"}})  # fmt: skip
+            t += dur + 1
+    host = {"ph": "X", "pid": 2, "tid": 3, "ts": 0, "dur": 100, "name": "dispatch", "args": {}}
+    return [*events, host]
+
+
+def test_kernels_grouped_by_runs_per_update_and_one_loop_iteration():
+    kernels = trace_summary.gpu_kernels(_kernels(2))
+    assert len(kernels) == 16  # the host event is no kernel
+    by_runs = trace_summary.kernels_by_runs(kernels, updates=2)
+    assert by_runs == {1: (2.0, 11.0), 3: (6.0, 15.0)}  # per update: a + d; 3 × (b + c)
+    iteration = trace_summary.loop_iteration(kernels, updates=2, runs=3)
+    assert [e["name"] for e in iteration] == ["b", "c"]
+    assert trace_summary.loop_iteration(kernels, updates=2, runs=5) == []
+
+
+def test_main_prints_kernels_per_update(tmp_path, capsys):
+    path = tmp_path / "perfetto_trace.json.gz"
+    with gzip.open(path, "wt") as file:
+        json.dump({"traceEvents": _kernels(3)}, file)
+    assert trace_summary.main([str(path), "--updates", "3", "--loop", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "GPU kernels per update: 8, 0.03 ms; under 5 µs: 7 kernels, 0.02 ms" in out
+    assert "one iteration of the loop run 3 times per update: 2 kernels, 5.0 µs" in out
