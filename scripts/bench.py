@@ -345,15 +345,23 @@ def main(argv: list[str]) -> int:
     for name in options:
         if name in argv:
             i = argv.index(name)
+            if i + 1 == len(argv):
+                print(f"error: {name} needs a value", file=sys.stderr)
+                return 2
             options[name] = argv[i + 1]
             argv = argv[:i] + argv[i + 2 :]
+    if not str(options["--updates"]).isdigit():
+        print(
+            f"error: --updates needs a whole number, got {options['--updates']!r}", file=sys.stderr
+        )
+        return 2
     updates = int(options["--updates"])
-    json_path = None if options["--json"] is None else pathlib.Path(options["--json"])
     try:
         config = load_config(argv)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    json_path = None if options["--json"] is None else pathlib.Path(options["--json"])
 
     figures: dict = {}
     if mode == "collector":

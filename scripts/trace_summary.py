@@ -139,8 +139,15 @@ def main(argv: list[str]) -> int:
     for name in options:
         if name in argv:
             i = argv.index(name)
-            options[name] = int(argv[i + 1])
+            value = argv[i + 1] if i + 1 < len(argv) else ""
+            if not value.isdigit() or int(value) < 1:
+                print(f"error: {name} needs a positive integer, got {value!r}", file=sys.stderr)
+                return 2
+            options[name] = int(value)
             argv = argv[:i] + argv[i + 2 :]
+    if len(argv) != 1:
+        print("error: give one trace file or folder (--help for usage)", file=sys.stderr)
+        return 2
     try:
         events = load_events(pathlib.Path(argv[0]))
     except (OSError, ValueError, KeyError) as error:

@@ -56,6 +56,17 @@ def test_unknown_config_key_exits_2():
     assert result.stderr.strip().count("\n") == 0 and "no_such_key" in result.stderr
 
 
+def test_bad_option_values_exit_2():
+    not_a_number = _bench("--updates", "x")
+    last_without_value = subprocess.run(
+        [sys.executable, "scripts/bench.py", "--configs", "classic", "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    for result, named in ((not_a_number, "--updates"), (last_without_value, "--json")):
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert result.stderr.strip().count("\n") == 0 and named in result.stderr
+
+
 def test_data_age_mode_sees_ongoing_episodes_younger(tmp_path):
     """Episodes of 500 steps in 4 envs: the paper's replay samples nothing younger than the
     last finished episode; with `replay.ongoing` the newest rows of running episodes count."""

@@ -81,3 +81,10 @@ def test_main_prints_kernels_per_update(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "GPU kernels per update: 8, 0.03 ms; under 5 µs: 7 kernels, 0.02 ms" in out
     assert "one iteration of the loop run 3 times per update: 2 kernels, 5.0 µs" in out
+
+
+def test_bad_options_are_one_line_and_exit_2(tmp_path, capsys):
+    for argv in (["x", "--updates"], ["x", "--updates", "0"], ["x", "--loop", "y"], ["a", "b"]):
+        assert trace_summary.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1
