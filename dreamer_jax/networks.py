@@ -22,7 +22,26 @@ Dtype = jnp.dtype
 # The official code uses Keras defaults, not flax's (lecun-normal kernels): glorot-uniform
 # kernels and zero biases on every Dense/Conv/ConvTranspose, LayerNorm epsilon 1e-3.
 _glorot = nn.initializers.xavier_uniform()
-Dense = functools.partial(nn.Dense, kernel_init=_glorot)
+
+
+class Dense(nn.Dense):
+    """`nn.Dense` with the official glorot-uniform kernel.
+
+    Applied with the mutable collection `"dense_inputs"`, it also records its input `x`
+    there and adds the zero `"perturbations"` variable `y` to its output, so that the
+    gradients with respect to its output are an input's gradients: `world_model.observe` uses
+    both to compute the observe scan's kernel gradients after the loop.
+    """
+
+    kernel_init: nn.initializers.Initializer = _glorot
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = super().__call__(x)
+        if self.is_mutable_collection("dense_inputs") and not self.is_initializing():
+            self.sow("dense_inputs", "x", x)
+            y = self.perturb("y", y)
+        return y
 
 
 class RSSMState(NamedTuple):

@@ -8,12 +8,14 @@ Batches are dicts of `[B, T, ...]` arrays as replay returns them: the observatio
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import distrax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from dreamer_jax.config import Config
 from dreamer_jax.losses import kl_balance
@@ -147,15 +149,90 @@ def observe(
         initial = initial_state(batch, *rssm_sizes(model.config))
     keys = jax.random.split(key, length)
     time_major = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), (action, embed, is_first))
-
-    def step(prev, inputs):
-        act, emb, first, step_key = inputs
-        post = model.apply(params, prev, act, emb, first, step_key, method=model.obs_step)
-        return post, post
-
-    _, posterior = jax.lax.scan(step, initial, (*time_major, keys))
+    posterior = posterior_scan(model, params, initial, *time_major, keys)
     posterior = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), posterior)
     return posterior, model.apply(params, posterior.deter, method=WorldModel.prior_logits)
+
+
+def posterior_scan(
+    model: WorldModel,
+    params: Params,
+    initial: RSSMState,
+    action: jax.Array,
+    embed: jax.Array,
+    is_first: jax.Array,
+    keys: jax.Array,
+) -> RSSMState:
+    """`obs_step` scanned over time-major inputs `[T, B, ...]`: posterior leaves `[T, B, ...]`.
+
+    The values and gradients of `jax.lax.scan` over `obs_step`, except that each of the
+    step's Dense kernels gets its gradient after the loop, as one matmul `Σ_t x_tᵀ·dy_t` over
+    all steps. Left to autodiff, the scan's backward loop adds every step's `[K, N]` kernel
+    gradient to a carried sum, reading and writing every kernel in each of the T steps (with
+    8 seeds on the H200 these additions took 4.8 of the 67.5 ms of an update;
+    docs/benchmarks.md). Inside the loop here the kernels are constants; each Dense records
+    its inputs `x_t`, and its output gradients `dy_t` are those of zero perturbations added
+    to its outputs (`networks.Dense`).
+    """
+
+    def apply_step(variables, prev, inputs, mutable):
+        return model.apply(variables, prev, *inputs, method=WorldModel.obs_step, mutable=mutable)
+
+    # One step traced for shapes only: the step's Dense layers and their outputs.
+    first_inputs = jax.tree.map(lambda x: x[0], (action, embed, is_first, keys))
+    _, probe = jax.eval_shape(
+        lambda: apply_step(params, initial, first_inputs, ["dense_inputs", "perturbations"])
+    )
+    layers = [path[:-1] for path in flatten_dict(probe["perturbations"])]  # (..., layer, "y")
+    kernels = {("params", *layer, "kernel"): layer for layer in layers}
+    zero_outputs = functools.partial(
+        jax.tree.map, lambda y: jnp.zeros((len(keys), *y.shape), y.dtype), probe["perturbations"]
+    )
+
+    def scan(params, perturbations, initial, action, embed, is_first, keys):
+        def step(prev, inputs):
+            *step_inputs, perturbation = inputs
+            variables = {**params, "perturbations": perturbation}
+            post, recorded = apply_step(variables, prev, step_inputs, ["dense_inputs"])
+            return post, (post, recorded["dense_inputs"])
+
+        inputs = (action, embed, is_first, keys, perturbations)
+        _, (posterior, dense_inputs) = jax.lax.scan(step, initial, inputs)
+        return posterior, dense_inputs
+
+    @jax.custom_vjp
+    def run(params, initial, action, embed, is_first, keys):
+        return scan(params, zero_outputs(), initial, action, embed, is_first, keys)[0]
+
+    def forward(params, initial, action, embed, is_first, keys):
+        def scan_with_constant_kernels(params, perturbations, initial, action, embed):
+            flat = flatten_dict(params)
+            flat |= {path: jax.lax.stop_gradient(flat[path]) for path in kernels}
+            return scan(unflatten_dict(flat), perturbations, initial, action, embed, is_first, keys)
+
+        posterior, vjp, dense_inputs = jax.vjp(
+            scan_with_constant_kernels, params, zero_outputs(), initial, action, embed,
+            has_aux=True,
+        )  # fmt: skip
+        return posterior, (vjp, dense_inputs)
+
+    def backward(residuals, posterior_grad):
+        vjp, dense_inputs = residuals
+        params_grad, output_grads, initial_grad, action_grad, embed_grad = vjp(posterior_grad)
+        params_grad, inputs, output_grads = map(
+            flatten_dict, (params_grad, dense_inputs, output_grads)
+        )
+        for path, layer in kernels.items():
+            (x,), y_grad = inputs[(*layer, "x")], output_grads[(*layer, "y")]
+            kernel_grad = jnp.einsum(
+                "...k,...n->kn", x.astype(y_grad.dtype), y_grad,
+                preferred_element_type=jnp.float32,
+            )  # fmt: skip
+            params_grad[path] = kernel_grad.astype(params_grad[path].dtype)
+        return unflatten_dict(params_grad), initial_grad, action_grad, embed_grad, None, None
+
+    run.defvjp(forward, backward)
+    return run(params, initial, action, embed, is_first, keys)
 
 
 def world_model_loss(

@@ -7,6 +7,7 @@
     python scripts/bench.py --replay --configs atari               # replay memory and waits
     python scripts/bench.py --determinism --configs atari --num_seeds 2  # bit-identical?
     python scripts/bench.py --data_age --configs atari --envs 16 [--replay.ongoing true]
+    python scripts/bench.py --observe --configs atari --num_seeds 4  # the observe scan alone
 
 Any config preset/override is accepted as for training. Prints one result block and appends
 it, with the exact command, machine and date, to docs/benchmarks.md (unless --no-record);
@@ -40,6 +41,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from dreamer_jax.agent import Agent
@@ -176,6 +178,52 @@ def bench_learner(
         ("XLA FLOPs/update", f"{flops / 1e9:.1f} GFLOP"),
     ]
     return rows, figures
+
+
+def bench_observe(config, updates: int) -> tuple[list[tuple[str, str]], dict]:
+    """The world model's observe scan alone, N seeds: forward and backward of the posterior
+    of the synthetic batch's embedding (gradients for the world model's parameters and the
+    embedding), the loop `world_model.posterior_scan` runs."""
+    from dreamer_jax.agent import over_seeds
+    from dreamer_jax.world_model import WorldModel, observe, preprocess
+
+    agent, batch = synthetic_agent(config)
+    model, states, batches = agent.world_model, *seed_batches(config, agent, batch)
+    data = preprocess(batches, config)
+    embed = jax.jit(over_seeds(lambda p, o: model.apply(p, o, method=WorldModel.encode)))(
+        states.wm_params, data[agent.obs_key]
+    )
+    keys = jax.random.split(jax.random.key(config.seed), config.num_seeds)
+
+    def grads(params, embed, action, is_first, key):
+        def loss(params, embed):
+            posterior, prior_logits = observe(model, params, embed, action, is_first, key)
+            return sum(jnp.mean(x.astype(jnp.float32) ** 2) for x in (*posterior, prior_logits))
+
+        return jax.grad(loss, argnums=(0, 1))(params, embed)
+
+    step = jax.jit(over_seeds(grads))
+    args = (states.wm_params, embed, data["action"], data["is_first"], keys)
+    start = time.perf_counter()
+    jax.block_until_ready(step(*args))
+    compile_s = time.perf_counter() - start
+    times = []
+    for _ in range(updates):  # one at a time: the best call, as this VM's speed wanders
+        start = time.perf_counter()
+        jax.block_until_ready(step(*args))
+        times.append(time.perf_counter() - start)
+    per_call = min(times)
+    b, t, n = config.dataset.batch, config.dataset.length, config.num_seeds
+    figures = {"num_seeds": n, "precision": config.precision, "batch": [b, t],
+               "compile_s": compile_s, "ms_per_call": 1000 * per_call,
+               "median_ms_per_call": 1000 * float(np.median(times))}  # fmt: skip
+    return [
+        ("precision", config.precision),
+        ("batch", f"{b}×{t}"),
+        ("seeds", str(n)),
+        ("compile and first call", f"{compile_s:.1f} s"),
+        ("observe forward + backward", f"{1000 * per_call:.1f} ms, best of {updates} calls"),
+    ], figures
 
 
 def leaf_differences(run_a: list[np.ndarray], run_b: list[np.ndarray]) -> list[float]:
@@ -337,7 +385,7 @@ def main(argv: list[str]) -> int:
         print(__doc__)
         return 0
     record = "--no-record" not in argv
-    modes = ("--collector", "--replay", "--determinism", "--data_age")
+    modes = ("--collector", "--replay", "--determinism", "--data_age", "--observe")
     mode = next((m for m in modes if m in argv), "--learner")[2:]
     argv = [a for a in argv if a not in ("--no-record", *modes)]
     options = {"--updates": 20, "--json": None, "--profile": None}
@@ -373,6 +421,8 @@ def main(argv: list[str]) -> int:
         results, figures = bench_data_age(config, length, total)
     elif mode == "determinism":
         results, figures = bench_determinism(config, updates)
+    elif mode == "observe":
+        results, figures = bench_observe(config, updates)
     else:
         results, figures = bench_learner(config, updates, options["--profile"])
     command = "python scripts/bench.py " + shlex.join(sys.argv[1:])

@@ -14,7 +14,9 @@ With `--updates K` (the number of identical steps traced, 3 for bench.py's --pro
 prints the GPU kernels instead (events with `kernel_details`), per update: their count and
 time, how much of it is kernels under 5 µs, and kernel time by how many times a kernel runs
 per update (1: once; 50: in a 50-step loop such as the observe scan). `--loop R` also lists
-one iteration of the loop whose kernels run R times per update, in order.
+one iteration of the loop whose kernels run R times per update, in order, and the `--top`
+kernels that run R times per update by their time (every loop of R steps: a scan's forward
+and backward passes).
 """
 
 from __future__ import annotations
@@ -96,6 +98,17 @@ def kernels_by_runs(kernels: list[dict], updates: int) -> dict[int, tuple[float,
     return {runs: (n / updates, t / updates) for runs, (n, t) in classes.items()}
 
 
+def costliest(kernels: list[dict], updates: int, runs: int, top: int) -> list[tuple[str, float]]:
+    """`[(name, µs per update)]` of the `top` kernels that run `runs` times per update, the
+    costliest first: in a scan and its gradient, what one step pays for most."""
+    counts = collections.Counter(e["name"] for e in kernels)
+    time = collections.Counter()
+    for e in kernels:
+        if counts[e["name"]] // updates == runs:
+            time[e["name"]] += e["dur"] / updates
+    return time.most_common(top)
+
+
 def loop_iteration(kernels: list[dict], updates: int, runs: int) -> list[dict]:
     """The kernels of one iteration (the second) of the loop whose kernels run `runs` times
     per update: from one start of its first such kernel to the next, in the first update."""
@@ -109,7 +122,7 @@ def loop_iteration(kernels: list[dict], updates: int, runs: int) -> list[dict]:
     return first_update[starts[1] : starts[2]] if len(starts) > 2 else []
 
 
-def print_kernels(events: list[dict], updates: int, loop: int | None) -> None:
+def print_kernels(events: list[dict], updates: int, loop: int | None, top: int) -> None:
     kernels = gpu_kernels(events)
     if not kernels:
         print("no GPU kernels in the trace")
@@ -129,6 +142,9 @@ def print_kernels(events: list[dict], updates: int, loop: int | None) -> None:
               f"kernels, {total:.1f} µs")  # fmt: skip
         for e in iteration:
             print(f"  {e['dur']:7.1f} µs  {e['name'][:90]}")
+        print(f"\nthe {top} costliest kernels run {loop} times per update (all such loops)")
+        for name, time in costliest(kernels, updates, loop, top):
+            print(f"  {time / 1e3:7.3f} ms per update  {name[:90]}")
 
 
 def main(argv: list[str]) -> int:
@@ -154,7 +170,7 @@ def main(argv: list[str]) -> int:
         print(f"error: cannot read a trace from {argv[0]}: {error}", file=sys.stderr)
         return 1
     if options["--updates"] is not None:
-        print_kernels(events, options["--updates"], options["--loop"])
+        print_kernels(events, options["--updates"], options["--loop"], options["--top"])
         return 0
     for line in summarize(events, options["--top"], options["--timelines"]):
         busy, span = line["busy_us"], line["span_us"]

@@ -33,7 +33,7 @@ def _bench(*args):
     )  # fmt: skip
 
 
-def test_learner_and_determinism_modes_on_cpu(tmp_path):
+def test_learner_determinism_and_observe_modes_on_cpu(tmp_path):
     docs = (ROOT / "docs" / "benchmarks.md").read_bytes()
     learner = _bench("--updates", "2", "--profile", str(tmp_path))
     assert learner.returncode == 0, learner.stderr[-2000:]
@@ -47,6 +47,13 @@ def test_learner_and_determinism_modes_on_cpu(tmp_path):
     determinism = _bench("--determinism", "--updates", "2")
     assert determinism.returncode == 0, determinism.stderr[-2000:]
     assert "| bit-identical | yes |" in determinism.stdout  # CPU XLA is deterministic
+    observe = _bench(
+        "--observe", "--updates", "2", "--num_seeds", "2", "--json", str(tmp_path / "o")
+    )
+    assert observe.returncode == 0, observe.stderr[-2000:]
+    figures = json.loads((tmp_path / "o").read_text())
+    assert figures["mode"] == "observe" and figures["num_seeds"] == 2
+    assert 0 < figures["ms_per_call"] <= figures["median_ms_per_call"]
     assert (ROOT / "docs" / "benchmarks.md").read_bytes() == docs  # --no-record
 
 

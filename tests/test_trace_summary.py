@@ -71,6 +71,8 @@ def test_kernels_grouped_by_runs_per_update_and_one_loop_iteration():
     iteration = trace_summary.loop_iteration(kernels, updates=2, runs=3)
     assert [e["name"] for e in iteration] == ["b", "c"]
     assert trace_summary.loop_iteration(kernels, updates=2, runs=5) == []
+    assert trace_summary.costliest(kernels, updates=2, runs=3, top=1) == [("c", 9.0)]
+    assert trace_summary.costliest(kernels, updates=2, runs=1, top=5) == [("a", 10.0), ("d", 1.0)]
 
 
 def test_main_prints_kernels_per_update(tmp_path, capsys):
@@ -81,6 +83,7 @@ def test_main_prints_kernels_per_update(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "GPU kernels per update: 8, 0.03 ms; under 5 µs: 7 kernels, 0.02 ms" in out
     assert "one iteration of the loop run 3 times per update: 2 kernels, 5.0 µs" in out
+    assert "  0.009 ms per update  c\n    0.006 ms per update  b\n" in out
 
 
 def test_bad_options_are_one_line_and_exit_2(tmp_path, capsys):

@@ -8,6 +8,7 @@ from dreamer_jax.networks import RSSMState, get_feat, initial_state
 from dreamer_jax.world_model import (
     WorldModel,
     observe,
+    posterior_scan,
     preprocess,
     rssm_sizes,
     world_model_loss,
@@ -156,3 +157,87 @@ def test_prior_at_t_depends_on_action_t_and_no_later_action():
     influence = np.abs(np.asarray(jacobian)).sum((0, 2, 3, 4, 6))  # [t of prior, s of action]
     assert np.all(np.diag(influence) > 0)
     np.testing.assert_array_equal(np.triu(influence, 1), 0.0)
+
+
+def _posterior_losses(model, data, embed):
+    """A scalar of every posterior output, by `posterior_scan` and by autodiff of a plain
+    `lax.scan` over `obs_step`, as functions of `(params, embed, action, initial)`
+    (time-major `[T, B, ...]`; a reset at step 4)."""
+    first = np.asarray(data["is_first"]).copy()
+    first[:, 4] = True
+    first = jnp.swapaxes(first, 0, 1)
+    keys = jax.random.split(jax.random.key(3), first.shape[0])
+
+    def scalar(posterior):
+        weights = jnp.arange(posterior.stoch.shape[-1])
+        return (
+            (posterior.deter**2).mean()
+            + (posterior.stoch * weights).mean()
+            + jax.nn.logsumexp(posterior.logits, -1).mean()
+        )
+
+    def hoisted(params, embed, action, initial):
+        return scalar(posterior_scan(model, params, initial, action, embed, first, keys))
+
+    def plain(params, embed, action, initial):
+        def step(prev, inputs):
+            post = model.apply(params, prev, *inputs, method=WorldModel.obs_step)
+            return post, post
+
+        return scalar(jax.lax.scan(step, initial, (action, embed, first, keys))[1])
+
+    return hoisted, plain
+
+
+def test_posterior_scan_matches_autodiff_of_the_plain_scan():
+    # posterior_scan computes the step's kernel gradients after the loop: values and every
+    # gradient (parameters, embedding, actions, initial state) must be those of autodiff.
+    config, model, params, data, embed = _observe_inputs()
+    initial = jax.tree.map(
+        lambda x: jax.random.normal(jax.random.key(4), x.shape) * 0.1,
+        initial_state(config.dataset.batch, *rssm_sizes(config)),
+    )
+    args = (params, *(jnp.swapaxes(x, 0, 1) for x in (embed, data["action"])), initial)
+    hoisted, plain = _posterior_losses(model, data, embed)
+    value, grads = jax.value_and_grad(hoisted, argnums=(0, 1, 2, 3))(*args)
+    expected_value, expected = jax.value_and_grad(plain, argnums=(0, 1, 2, 3))(*args)
+    np.testing.assert_allclose(value, expected_value, rtol=1e-6)
+    kernels = 0
+    for (path, leaf), want in zip(
+        jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(expected), strict=True
+    ):
+        np.testing.assert_allclose(leaf, want, rtol=1e-4, atol=1e-7, err_msg=str(path))
+        kernels += "rssm" in str(path) and "kernel" in str(path) and bool(np.any(want != 0))
+    assert kernels == 4  # img_in, the GRU's Dense, obs_out, obs_logits: all trained
+
+
+def test_posterior_scan_backward_carries_no_kernel_gradient():
+    # The point of posterior_scan: no loop of the gradient carries a kernel-sized sum, which
+    # autodiff of the plain scan does (one read and write of every kernel per step).
+    config, model, params, data, embed = _observe_inputs()
+    initial = initial_state(config.dataset.batch, *rssm_sizes(config))
+    args = (params, *(jnp.swapaxes(x, 0, 1) for x in (embed, data["action"])), initial)
+    rssm = params["params"]["rssm"]
+    kernel_shapes = {rssm[name]["kernel"].shape for name in ("img_in", "obs_out", "obs_logits")} | {
+        rssm["cell"]["Dense_0"]["kernel"].shape
+    }
+
+    def carried_shapes(fn):
+        shapes = set()
+
+        def walk(jaxpr):
+            for eqn in jaxpr.eqns:
+                if eqn.primitive.name == "scan":
+                    start = eqn.params["num_consts"]
+                    carry = eqn.invars[start : start + eqn.params["num_carry"]]
+                    shapes.update(v.aval.shape for v in carry)
+                for param in eqn.params.values():
+                    if hasattr(param, "jaxpr"):
+                        walk(param.jaxpr if hasattr(param.jaxpr, "eqns") else param.jaxpr.jaxpr)
+
+        walk(jax.make_jaxpr(jax.grad(fn))(*args).jaxpr)
+        return shapes
+
+    hoisted, plain = _posterior_losses(model, data, embed)
+    assert kernel_shapes <= carried_shapes(plain)  # the check sees the accumulation
+    assert not kernel_shapes & carried_shapes(hoisted)
