@@ -12,7 +12,8 @@
 #   learner: the learner, bf16, Atari preset, scripts/bench.py --num_seeds N, 20 updates, for
 #      the first two of $GPU_CHECK_SEEDS (default 1 8 2 4 16), each with a jax.profiler trace
 #      of three more updates (profile_seeds_N.json.gz, summarized per GPU stream in log.txt by
-#      scripts/trace_summary.py) -> learner_seeds.json;
+#      scripts/trace_summary.py, with the kernels per update and the 50-step loops' costliest)
+#      -> learner_seeds.json;
 #   e2e: end to end on Atari Boxing, bf16, one env per seed: 1 seed, then 8 seeds -> e2e.json
 #      (frames/s summed over seeds and updates/s of the metrics rows past the prefill);
 #   flags: the $GPU_CHECK_FLAG_SEEDS-seed learner (default 8) under each XLA_FLAGS variant of
@@ -252,6 +253,9 @@ part_learner() {
             cp "$trace" "$OUT/profile_seeds_$n.json.gz"
             say "trace of 3 updates, $n seed(s), per timeline:"
             "$PY" scripts/trace_summary.py "$trace" --top 15 --timelines 6 2>&1 | tee -a "$LOG"
+            say "kernels per update, and the observe scan's (50 steps) costliest:"
+            "$PY" scripts/trace_summary.py "$trace" --updates 3 --loop 50 --top 10 2>&1 |
+                grep -Ev "^ +[0-9.]+ µs  " | tee -a "$LOG"
         fi
         reserve=$((E2E + 10))
     done
