@@ -8,6 +8,7 @@
     python scripts/bench.py --determinism --configs atari --num_seeds 2  # bit-identical?
     python scripts/bench.py --data_age --configs atari --envs 16 [--replay.ongoing true]
     python scripts/bench.py --observe --configs atari --num_seeds 4  # the observe scan alone
+    python scripts/bench.py --policy --configs atari --num_seeds 8 --updates 200  # acting
 
 Any config preset/override is accepted as for training. Prints one result block and appends
 it, with the exact command, machine and date, to docs/benchmarks.md (unless --no-record);
@@ -226,6 +227,42 @@ def bench_observe(config, updates: int) -> tuple[list[tuple[str, str]], dict]:
     ], figures
 
 
+def bench_policy(config, updates: int) -> tuple[list[tuple[str, str]], dict]:
+    """The jitted policy step of N seeds (`agent.act_seeds`, one env each, train mode) as the
+    acting loop calls it: the host time of the call (dispatch) and of the call with its
+    action back in numpy, medians over `updates` calls."""
+    from dreamer_jax.seeds import policy_inputs
+
+    agent, batch = synthetic_agent(config)
+    n = config.num_seeds
+    states = jax.device_put(agent.init_seeds(init_keys(config)), seed_sharding(n))
+    carry = jax.device_put(agent.initial_carry(1, n), seed_sharding(n))
+    keys = jax.device_put(jax.random.split(jax.random.key(config.seed), n), seed_sharding(n))
+    first = batch[agent.obs_key][0, 0]  # one observation
+    obs = {agent.obs_key: np.stack([first] * n), "is_first": np.zeros(n, bool)}
+    inputs = policy_inputs(obs, agent.obs_key, n)
+    start = time.perf_counter()
+    np.asarray(agent.act_seeds(states, inputs, carry, keys, mode="train")[0])
+    compile_s = time.perf_counter() - start
+    dispatch, total = [], []
+    for _ in range(updates):
+        start = time.perf_counter()
+        action, carry, keys = agent.act_seeds(states, inputs, carry, keys, mode="train")
+        dispatch.append(time.perf_counter() - start)
+        np.asarray(action)
+        total.append(time.perf_counter() - start)
+    figures = {"num_seeds": n, "precision": config.precision, "compile_s": compile_s,
+               "dispatch_ms": 1000 * float(np.median(dispatch)),
+               "call_ms": 1000 * float(np.median(total))}  # fmt: skip
+    return [
+        ("precision", config.precision),
+        ("seeds", f"{n}, one env each"),
+        ("compile and first call", f"{compile_s:.1f} s"),
+        ("policy step", f"{figures['call_ms']:.2f} ms to the action in numpy, of which "
+         f"{figures['dispatch_ms']:.2f} ms dispatch (medians of {updates} calls)"),
+    ], figures  # fmt: skip
+
+
 def leaf_differences(run_a: list[np.ndarray], run_b: list[np.ndarray]) -> list[float]:
     """Max |a − b| of every pair of leaves that is not bit-identical (so −0.0 vs 0.0 counts,
     with difference 0)."""
@@ -385,7 +422,7 @@ def main(argv: list[str]) -> int:
         print(__doc__)
         return 0
     record = "--no-record" not in argv
-    modes = ("--collector", "--replay", "--determinism", "--data_age", "--observe")
+    modes = ("--collector", "--replay", "--determinism", "--data_age", "--observe", "--policy")
     mode = next((m for m in modes if m in argv), "--learner")[2:]
     argv = [a for a in argv if a not in ("--no-record", *modes)]
     options = {"--updates": 20, "--json": None, "--profile": None}
@@ -423,6 +460,8 @@ def main(argv: list[str]) -> int:
         results, figures = bench_determinism(config, updates)
     elif mode == "observe":
         results, figures = bench_observe(config, updates)
+    elif mode == "policy":
+        results, figures = bench_policy(config, updates)
     else:
         results, figures = bench_learner(config, updates, options["--profile"])
     command = "python scripts/bench.py " + shlex.join(sys.argv[1:])

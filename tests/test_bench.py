@@ -33,7 +33,7 @@ def _bench(*args):
     )  # fmt: skip
 
 
-def test_learner_determinism_and_observe_modes_on_cpu(tmp_path):
+def test_learner_determinism_observe_and_policy_modes_on_cpu(tmp_path):
     docs = (ROOT / "docs" / "benchmarks.md").read_bytes()
     learner = _bench("--updates", "2", "--profile", str(tmp_path))
     assert learner.returncode == 0, learner.stderr[-2000:]
@@ -54,6 +54,10 @@ def test_learner_determinism_and_observe_modes_on_cpu(tmp_path):
     figures = json.loads((tmp_path / "o").read_text())
     assert figures["mode"] == "observe" and figures["num_seeds"] == 2
     assert 0 < figures["ms_per_call"] <= figures["median_ms_per_call"]
+    policy = _bench("--policy", "--updates", "5", "--num_seeds", "2", "--json", str(tmp_path / "p"))
+    assert policy.returncode == 0, policy.stderr[-2000:]
+    figures = json.loads((tmp_path / "p").read_text())
+    assert figures["mode"] == "policy" and 0 < figures["dispatch_ms"] <= figures["call_ms"]
     assert (ROOT / "docs" / "benchmarks.md").read_bytes() == docs  # --no-record
 
 
