@@ -6,8 +6,8 @@
 #   GPU_CHECK_SMOKE=1 PYTHON=/tmp/gpusim/bin/python bash scripts/gpu_check.sh   # tiny, CPU
 #
 # Runs, each under `timeout` (a failure or a timeout is recorded and the next step runs),
-# what the many-seed targets need first; GPU_CHECK_PARTS (default "learner e2e flags seeds
-# conv") picks and orders the parts after step 0:
+# what the many-seed targets need first; GPU_CHECK_PARTS (default "learner e2e policy flags
+# seeds conv") picks and orders the parts after step 0:
 #   0. nvidia-smi -L, jax version and devices, the project's imports;
 #   learner: the learner, bf16, Atari preset, scripts/bench.py --num_seeds N, 20 updates, for
 #      the first two of $GPU_CHECK_SEEDS (default 1 8 2 4 16), each with a jax.profiler trace
@@ -16,6 +16,9 @@
 #      -> learner_seeds.json;
 #   e2e: end to end on Atari Boxing, bf16, one env per seed: 1 seed, then 8 seeds -> e2e.json
 #      (frames/s summed over seeds and updates/s of the metrics rows past the prefill);
+#   policy: the jitted policy step of the first two seed counts, one env per seed, as the
+#      acting loop calls it (scripts/bench.py --policy: dispatch and time to the action), in
+#      log.txt;
 #   flags: the $GPU_CHECK_FLAG_SEEDS-seed learner (default 8) under each XLA_FLAGS variant of
 #      $GPU_CHECK_FLAGS (";"-separated; default: while loops inside CUDA graphs, and cuBLAS
 #      instead of Triton for every dot) -> learner_seeds.json, each run with its xla_flags;
@@ -214,7 +217,7 @@ say "gpu_check: smoke=$SMOKE budget=${BUDGET}s python=$PY out=$OUT"
     du -sh "$ROOT/.whl" || echo "no .whl (scripts/gpu_wheels.sh builds it)"
 } 2>&1 | tee -a "$LOG"
 # Timeouts: each step's cap, and what the e2e runs hold back from the steps before them.
-PARTS="${GPU_CHECK_PARTS:-learner e2e flags seeds conv}"
+PARTS="${GPU_CHECK_PARTS:-learner e2e policy flags seeds conv}"
 E2E1_CAP=150 E2E8_CAP=180 E2E1_MIN=130 E2E8_MIN=160
 # Held back for the e2e runs by every step before them (none once they ran, or if not asked).
 E2E=0
@@ -298,14 +301,23 @@ part_seeds() {
 }
 
 # Convolutions: matmul lowering vs flax/cuDNN.
+# The policy step as the acting loop calls it, for the first two seed counts (in log.txt).
+part_policy() {
+    local n
+    for n in "${FIRST_SEEDS[@]}"; do
+        run_step "policy_$n" 60 0 "$PY" scripts/bench.py "${PRESET[@]}" --policy \
+            --precision bf16 --num_seeds "$n" --updates 200 --no-record
+    done
+}
+
 part_conv() {
     run_step conv 60 0 "$PY" scripts/bench_conv.py "${CONV[@]}" --precision bf16
 }
 
 for part in $PARTS; do
     case "$part" in
-        learner | e2e | flags | seeds | conv) "part_$part" ;;
-        *) say "unknown part '$part' in GPU_CHECK_PARTS (learner e2e flags seeds conv)" ;;
+        learner | e2e | policy | flags | seeds | conv) "part_$part" ;;
+        *) say "unknown part '$part' in GPU_CHECK_PARTS (learner e2e policy flags seeds conv)" ;;
     esac
 done
 
