@@ -28,9 +28,9 @@ class Dense(nn.Dense):
     """`nn.Dense` with the official glorot-uniform kernel.
 
     Applied with the mutable collection `"dense_inputs"`, it also records its input `x`
-    there and adds the zero `"perturbations"` variable `y` to its output, so that the
-    gradients with respect to its output are an input's gradients: `world_model.observe` uses
-    both to compute the observe scan's kernel gradients after the loop.
+    there and adds the zero `"perturbations"` variable `y` to its output, whose gradient is
+    then the output's: `world_model.posterior_scan` computes the observe scan's kernel
+    gradients from both after the loop.
     """
 
     kernel_init: nn.initializers.Initializer = _glorot

@@ -205,6 +205,7 @@ def bench_observe(config, updates: int) -> tuple[list[tuple[str, str]], dict]:
 
     step = jax.jit(over_seeds(grads))
     args = (states.wm_params, embed, data["action"], data["is_first"], keys)
+    args = jax.device_put(args, seed_sharding(config.num_seeds))  # as the learner's
     start = time.perf_counter()
     jax.block_until_ready(step(*args))
     compile_s = time.perf_counter() - start

@@ -42,20 +42,29 @@ def structured_batch(batch: int, length: int, seed: int = 0) -> dict[str, np.nda
     }
 
 
-def product_input_dtypes(fn, *args) -> set[jnp.dtype]:
-    """The operand dtypes of every matmul and convolution `fn` runs (nested jaxprs too)."""
-    found = set()
+def traced_eqns(fn, *args) -> list:
+    """Every equation of `fn`'s jaxpr, nested jaxprs (jit, scan, custom_vjp, ...) included."""
+    found = []
 
     def walk(jaxpr):
         for eqn in jaxpr.eqns:
-            if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
-                found.update(v.aval.dtype for v in eqn.invars)
+            found.append(eqn)
             for param in eqn.params.values():
-                if hasattr(param, "jaxpr"):  # a nested (closed) jaxpr: jit, custom_vjp, ...
+                if hasattr(param, "jaxpr"):  # a nested (closed) jaxpr
                     walk(param.jaxpr if hasattr(param.jaxpr, "eqns") else param.jaxpr.jaxpr)
 
     walk(jax.make_jaxpr(fn)(*args).jaxpr)
     return found
+
+
+def product_input_dtypes(fn, *args) -> set[jnp.dtype]:
+    """The operand dtypes of every matmul and convolution `fn` runs (nested jaxprs too)."""
+    return {
+        v.aval.dtype
+        for eqn in traced_eqns(fn, *args)
+        if eqn.primitive.name in ("dot_general", "conv_general_dilated")
+        for v in eqn.invars
+    }
 
 
 _glorot = nn.initializers.xavier_uniform()
