@@ -190,11 +190,20 @@ def posterior_scan(
     )
 
     def scan(params, perturbations, initial, action, embed, is_first, keys):
-        def step(prev, inputs):
-            *step_inputs, perturbation = inputs
+        def body(params, perturbation, prev, step_inputs):
             variables = {**params, "perturbations": perturbation}
             post, recorded = apply_step(variables, prev, step_inputs, ["dense_inputs"])
-            return post, (post, recorded["dense_inputs"])
+            return post, recorded["dense_inputs"]
+
+        # The backward loop recomputes the step's elementwise work from its matmul outputs
+        # instead of reading it back: the forward loop stores 15 arrays per step, not 38
+        # (every stored array is one more kernel per step on the GPU; docs/benchmarks.md).
+        body = jax.checkpoint(body, policy=jax.checkpoint_policies.dots_saveable)
+
+        def step(prev, inputs):
+            *step_inputs, perturbation = inputs
+            post, dense_inputs = body(params, perturbation, prev, step_inputs)
+            return post, (post, dense_inputs)
 
         inputs = (action, embed, is_first, keys, perturbations)
         _, (posterior, dense_inputs) = jax.lax.scan(step, initial, inputs)

@@ -241,3 +241,21 @@ def test_posterior_scan_backward_carries_no_kernel_gradient():
     hoisted, plain = _posterior_losses(model, data, embed)
     assert kernel_shapes <= carried_shapes(plain)  # the check sees the accumulation
     assert not kernel_shapes & carried_shapes(hoisted)
+
+
+def test_posterior_scan_forward_loop_stores_only_matmul_results_for_the_backward():
+    # The backward loop recomputes the step's elementwise work (LayerNorm, gates, sampling)
+    # from the stored matmul outputs: per step the forward loop stores the posterior (3),
+    # each Dense's input (4) and output (4) and one more array, where autodiff of the plain
+    # scan stores every intermediate (34 here), one GPU kernel each per step.
+    config, model, params, data, embed = _observe_inputs()
+    initial = initial_state(config.dataset.batch, *rssm_sizes(config))
+    args = (params, *(jnp.swapaxes(x, 0, 1) for x in (embed, data["action"])), initial)
+
+    def stored(fn):  # arrays stacked per step by the forward loops of fn's gradient
+        scans = [e for e in traced_eqns(jax.grad(fn), *args) if e.primitive.name == "scan"]
+        return sum(len(e.outvars) - e.params["num_carry"] for e in scans if not e.params["reverse"])
+
+    hoisted, plain = _posterior_losses(model, data, embed)
+    assert stored(plain) >= 30  # the check sees autodiff's residuals
+    assert stored(hoisted) <= 12
