@@ -196,8 +196,8 @@ def posterior_scan(
             return post, recorded["dense_inputs"]
 
         # The backward loop recomputes the step's elementwise work from its matmul outputs
-        # instead of reading it back: the forward loop stores 15 arrays per step, not 38
-        # (every stored array is one more kernel per step on the GPU; docs/benchmarks.md).
+        # instead of reading it back: the forward loop stores 15 arrays per step, not 38 (on
+        # the GPU the stores were 28 of the forward step's 52 kernels; docs/benchmarks.md).
         body = jax.checkpoint(body, policy=jax.checkpoint_policies.dots_saveable)
 
         def step(prev, inputs):
