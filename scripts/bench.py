@@ -9,6 +9,7 @@
     python scripts/bench.py --data_age --configs atari --envs 16 [--replay.ongoing true]
     python scripts/bench.py --observe --configs atari --num_seeds 4  # the observe scan alone
     python scripts/bench.py --policy --configs atari --num_seeds 8 --updates 200  # acting
+    python scripts/bench.py --flops --configs atari   # matmul GFLOP per update by module
 
 Any config preset/override is accepted as for training. Prints one result block and appends
 it, with the exact command, machine and date, to docs/benchmarks.md (unless --no-record);
@@ -36,6 +37,7 @@ import json
 import os
 import pathlib
 import platform
+import re
 import resource
 import shlex
 import sys
@@ -225,6 +227,62 @@ def bench_observe(config, updates: int) -> tuple[list[tuple[str, str]], dict]:
         ("seeds", str(n)),
         ("compile and first call", f"{compile_s:.1f} s"),
         ("observe forward + backward", f"{1000 * per_call:.1f} ms, best of {updates} calls"),
+    ], figures
+
+
+# `vmap(transpose(jvp(WorldModel.decode)))` -> `WorldModel.decode`
+_TRANSFORMED = re.compile(r"^(?:(?:vmap|jvp|transpose|remat|checkpoint)\()+(.*?)\)*$")
+
+
+def matmul_gflop(fn, *args) -> dict[str, float]:
+    """GFLOP of every matmul (`dot_general`) of `fn(*args)`'s jaxpr, by the name scope (flax
+    module path) that ran it, prefixed `forward: ` or `backward: ` (inside autodiff's
+    transpose). A loop body counts once per iteration (scan lengths multiplied), unlike XLA's
+    cost analysis, which counts it once."""
+    totals: dict[str, float] = {}
+
+    def walk(jaxpr, trips: int, outer: list[str]) -> None:
+        for eqn in jaxpr.eqns:
+            # A nested jaxpr's name stacks are relative to the equation that holds it.
+            scopes = [*outer, *str(eqn.source_info.name_stack).split("/")]
+            inner = trips * (eqn.params["length"] if eqn.primitive.name == "scan" else 1)
+            if eqn.primitive.name == "dot_general":
+                lhs, out = eqn.invars[0].aval, eqn.outvars[0].aval
+                (contracting, _), _ = eqn.params["dimension_numbers"]
+                size = np.prod(out.shape) * np.prod([lhs.shape[d] for d in contracting])
+                backward = any("transpose(" in scope for scope in scopes)
+                names = [_TRANSFORMED.sub(r"\1", scope) for scope in scopes]
+                skip = ("jit(", "pjit(", "while", "rematted")  # functions and loops, not modules
+                path = "/".join(n for n in names if n and not n.startswith(skip)) or "(top level)"
+                key = f"{'backward' if backward else 'forward'}: {path}"
+                totals[key] = totals.get(key, 0.0) + 2e-9 * float(size) * trips
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, tuple | list) else [param]:
+                    while not hasattr(sub, "eqns") and hasattr(sub, "jaxpr"):  # closed jaxprs
+                        sub = sub.jaxpr
+                    if hasattr(sub, "eqns"):  # a nested jaxpr: jit, scan, custom_vjp, ...
+                        walk(sub, inner, scopes)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr, 1, [])
+    return dict(sorted(totals.items(), key=lambda item: -item[1]))
+
+
+def bench_flops(config, top: int = 25) -> tuple[list[tuple[str, str]], dict]:
+    """Where the N-seed update's matmul work goes: `matmul_gflop` of `train_seeds` (traced,
+    not run), the `top` largest rows."""
+    agent, batch = synthetic_agent(config)
+    by_scope = matmul_gflop(agent.train_seeds, *seed_batches(config, agent, batch))
+    total = sum(by_scope.values())
+    b, t = config.dataset.batch, config.dataset.length
+    rows = [(f"`{scope}`", f"{gflop:.4g} GFLOP ({100 * gflop / total:.1f} %)")
+            for scope, gflop in list(by_scope.items())[:top]]  # fmt: skip
+    figures = {"num_seeds": config.num_seeds, "precision": config.precision, "batch": [b, t],
+               "total_gflop": total, "gflop_by_scope": by_scope}  # fmt: skip
+    return [
+        ("batch", f"{b}×{t}"),
+        ("seeds", str(config.num_seeds)),
+        ("matmul GFLOP per update", f"{total:.4g} (loop bodies × their lengths)"),
+        *rows,
     ], figures
 
 
@@ -424,6 +482,7 @@ def main(argv: list[str]) -> int:
         return 0
     record = "--no-record" not in argv
     modes = ("--collector", "--replay", "--determinism", "--data_age", "--observe", "--policy")
+    modes += ("--flops",)
     mode = next((m for m in modes if m in argv), "--learner")[2:]
     argv = [a for a in argv if a not in ("--no-record", *modes)]
     options = {"--updates": 20, "--json": None, "--profile": None}
@@ -463,6 +522,8 @@ def main(argv: list[str]) -> int:
         results, figures = bench_observe(config, updates)
     elif mode == "policy":
         results, figures = bench_policy(config, updates)
+    elif mode == "flops":
+        results, figures = bench_flops(config)
     else:
         results, figures = bench_learner(config, updates, options["--profile"])
     command = "python scripts/bench.py " + shlex.join(sys.argv[1:])

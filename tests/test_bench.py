@@ -7,7 +7,10 @@ import pathlib
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("bench", ROOT / "scripts" / "bench.py")
@@ -26,6 +29,23 @@ def test_leaf_differences_finds_last_bit_and_signed_zero():
     assert 0 < differences[0] < 1e-6 and differences[1] == 0.0
 
 
+def test_matmul_gflop_counts_loop_bodies_per_iteration_and_splits_the_gradient():
+    x, w = jnp.ones((3, 2, 4)), jnp.ones((4, 5))
+
+    def loss(w):
+        def step(carry, x_t):
+            with jax.named_scope("layer"):
+                return carry, x_t @ w
+
+        return jax.lax.scan(step, 0.0, x)[1].sum()
+
+    # Forward: 3 steps of [2, 4] @ [4, 5], 2·2·4·5 FLOP each; backward: dW = Σ_t x_tᵀ·dy_t,
+    # [4, 2] @ [2, 5] per step, as many.
+    expected = {"forward: layer": 3 * 80e-9, "backward: layer": 3 * 80e-9}
+    assert bench.matmul_gflop(jax.grad(loss), w) == pytest.approx(expected)
+    assert bench.matmul_gflop(loss, w) == pytest.approx({"forward: layer": 3 * 80e-9})
+
+
 def _bench(*args):
     return subprocess.run(
         [sys.executable, "scripts/bench.py", *args, "--configs", "classic", "debug", "--no-record"],
@@ -33,7 +53,7 @@ def _bench(*args):
     )  # fmt: skip
 
 
-def test_learner_determinism_observe_and_policy_modes_on_cpu(tmp_path):
+def test_learner_determinism_observe_policy_and_flops_modes_on_cpu(tmp_path):
     docs = (ROOT / "docs" / "benchmarks.md").read_bytes()
     learner = _bench("--updates", "2", "--profile", str(tmp_path))
     assert learner.returncode == 0, learner.stderr[-2000:]
@@ -58,6 +78,11 @@ def test_learner_determinism_observe_and_policy_modes_on_cpu(tmp_path):
     assert policy.returncode == 0, policy.stderr[-2000:]
     figures = json.loads((tmp_path / "p").read_text())
     assert figures["mode"] == "policy" and 0 < figures["dispatch_ms"] <= figures["call_ms"]
+    flops = _bench("--flops", "--num_seeds", "2", "--json", str(tmp_path / "f"))
+    assert flops.returncode == 0, flops.stderr[-2000:]
+    figures = json.loads((tmp_path / "f").read_text())
+    assert figures["total_gflop"] == pytest.approx(sum(figures["gflop_by_scope"].values()))
+    assert any(scope.startswith("backward: WorldModel") for scope in figures["gflop_by_scope"])
     assert (ROOT / "docs" / "benchmarks.md").read_bytes() == docs  # --no-record
 
 
