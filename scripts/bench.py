@@ -481,8 +481,10 @@ def main(argv: list[str]) -> int:
         print(__doc__)
         return 0
     record = "--no-record" not in argv
-    modes = ("--collector", "--replay", "--determinism", "--data_age", "--observe", "--policy")
-    modes += ("--flops",)
+    modes = (
+        "--collector", "--replay", "--determinism", "--data_age", "--observe", "--policy",
+        "--flops",
+    )  # fmt: skip
     mode = next((m for m in modes if m in argv), "--learner")[2:]
     argv = [a for a in argv if a not in ("--no-record", *modes)]
     options = {"--updates": 20, "--json": None, "--profile": None}
