@@ -50,8 +50,13 @@ def traced_eqns(fn, *args) -> list:
         for eqn in jaxpr.eqns:
             found.append(eqn)
             for param in eqn.params.values():
-                if hasattr(param, "jaxpr"):  # a nested (closed) jaxpr
-                    walk(param.jaxpr if hasattr(param.jaxpr, "eqns") else param.jaxpr.jaxpr)
+                # Nested jaxprs come closed (jit, scan), open (`jax.checkpoint`) or in tuples
+                # (`cond` branches).
+                for sub in param if isinstance(param, tuple | list) else [param]:
+                    while not hasattr(sub, "eqns") and hasattr(sub, "jaxpr"):
+                        sub = sub.jaxpr
+                    if hasattr(sub, "eqns"):
+                        walk(sub)
 
     walk(jax.make_jaxpr(fn)(*args).jaxpr)
     return found
