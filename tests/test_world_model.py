@@ -247,7 +247,7 @@ def test_posterior_scan_forward_loop_stores_only_matmul_results_for_the_backward
     # The backward loop recomputes the step's elementwise work (LayerNorm, gates, sampling)
     # from the stored matmul outputs: per step the forward loop stores the posterior (3),
     # each Dense's input (4) and output (4) and one more array, where autodiff of the plain
-    # scan stores every intermediate (34 here), one GPU kernel each per step.
+    # scan stores every intermediate (34 here), most of them a GPU kernel each per step.
     config, model, params, data, embed = _observe_inputs()
     initial = initial_state(config.dataset.batch, *rssm_sizes(config))
     args = (params, *(jnp.swapaxes(x, 0, 1) for x in (embed, data["action"])), initial)
