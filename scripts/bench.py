@@ -234,36 +234,45 @@ def bench_observe(config, updates: int) -> tuple[list[tuple[str, str]], dict]:
 _TRANSFORMED = re.compile(r"^(?:(?:vmap|jvp|transpose|remat|checkpoint)\()+(.*?)\)*$")
 
 
+def jaxpr_equations(fn, *args) -> list[tuple]:
+    """Every equation of `fn(*args)`'s jaxpr, nested jaxprs included (closed ones of jit and
+    scan, open ones of `jax.checkpoint`, tuples of `cond` branches), as `(eqn, trips,
+    scopes)`: the times it runs per call (scan lengths multiplied) and its whole name scope
+    (a nested jaxpr's name stacks are relative to the equation that holds it)."""
+
+    def walk(jaxpr, trips: int, outer: list[str]):
+        for eqn in jaxpr.eqns:
+            scopes = [*outer, *str(eqn.source_info.name_stack).split("/")]
+            yield eqn, trips, scopes
+            inner = trips * (eqn.params["length"] if eqn.primitive.name == "scan" else 1)
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, tuple | list) else [param]:
+                    while not hasattr(sub, "eqns") and hasattr(sub, "jaxpr"):  # closed jaxprs
+                        sub = sub.jaxpr
+                    if hasattr(sub, "eqns"):
+                        yield from walk(sub, inner, scopes)
+
+    return list(walk(jax.make_jaxpr(fn)(*args).jaxpr, 1, []))
+
+
 def matmul_gflop(fn, *args) -> dict[str, float]:
     """GFLOP of every matmul (`dot_general`) of `fn(*args)`'s jaxpr, by the name scope (flax
     module path) that ran it, prefixed `forward: ` or `backward: ` (inside autodiff's
     transpose). A loop body counts once per iteration (scan lengths multiplied), unlike XLA's
     cost analysis, which counts it once."""
     totals: dict[str, float] = {}
-
-    def walk(jaxpr, trips: int, outer: list[str]) -> None:
-        for eqn in jaxpr.eqns:
-            # A nested jaxpr's name stacks are relative to the equation that holds it.
-            scopes = [*outer, *str(eqn.source_info.name_stack).split("/")]
-            inner = trips * (eqn.params["length"] if eqn.primitive.name == "scan" else 1)
-            if eqn.primitive.name == "dot_general":
-                lhs, out = eqn.invars[0].aval, eqn.outvars[0].aval
-                (contracting, _), _ = eqn.params["dimension_numbers"]
-                size = np.prod(out.shape) * np.prod([lhs.shape[d] for d in contracting])
-                backward = any("transpose(" in scope for scope in scopes)
-                names = [_TRANSFORMED.sub(r"\1", scope) for scope in scopes]
-                skip = ("jit(", "pjit(", "while", "rematted")  # functions and loops, not modules
-                path = "/".join(n for n in names if n and not n.startswith(skip)) or "(top level)"
-                key = f"{'backward' if backward else 'forward'}: {path}"
-                totals[key] = totals.get(key, 0.0) + 2e-9 * float(size) * trips
-            for param in eqn.params.values():
-                for sub in param if isinstance(param, tuple | list) else [param]:
-                    while not hasattr(sub, "eqns") and hasattr(sub, "jaxpr"):  # closed jaxprs
-                        sub = sub.jaxpr
-                    if hasattr(sub, "eqns"):  # a nested jaxpr: jit, scan, custom_vjp, ...
-                        walk(sub, inner, scopes)
-
-    walk(jax.make_jaxpr(fn)(*args).jaxpr, 1, [])
+    for eqn, trips, scopes in jaxpr_equations(fn, *args):
+        if eqn.primitive.name != "dot_general":
+            continue
+        lhs, out = eqn.invars[0].aval, eqn.outvars[0].aval
+        (contracting, _), _ = eqn.params["dimension_numbers"]
+        size = np.prod(out.shape) * np.prod([lhs.shape[d] for d in contracting])
+        backward = any("transpose(" in scope for scope in scopes)
+        names = [_TRANSFORMED.sub(r"\1", scope) for scope in scopes]
+        skip = ("jit(", "pjit(", "while", "rematted")  # functions and loops, not modules
+        path = "/".join(n for n in names if n and not n.startswith(skip)) or "(top level)"
+        key = f"{'backward' if backward else 'forward'}: {path}"
+        totals[key] = totals.get(key, 0.0) + 2e-9 * float(size) * trips
     return dict(sorted(totals.items(), key=lambda item: -item[1]))
 
 

@@ -300,7 +300,6 @@ part_seeds() {
     merge_bench 2>&1 | tee -a "$LOG"
 }
 
-# Convolutions: matmul lowering vs flax/cuDNN.
 # The policy step as the acting loop calls it, for the first two seed counts (in log.txt).
 part_policy() {
     local n
@@ -310,6 +309,7 @@ part_policy() {
     done
 }
 
+# Convolutions: matmul lowering vs flax/cuDNN.
 part_conv() {
     run_step conv 60 0 "$PY" scripts/bench_conv.py "${CONV[@]}" --precision bf16
 }

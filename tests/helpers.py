@@ -1,10 +1,11 @@
 """Small builders shared by the learner tests (not a test module), and the flax convolution
 reference of the image encoder and decoder (tests/test_networks.py, scripts/bench_conv.py)."""
 
+import importlib.util
+import pathlib
 from collections.abc import Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -12,6 +13,12 @@ from dreamer_jax.agent import Agent
 from dreamer_jax.config import make_config
 
 VECTOR_SIZE, NUM_ACTIONS = 4, 3
+
+# scripts/bench.py, which is not a package module (its jaxpr walker serves the tests too).
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("bench", ROOT / "scripts" / "bench.py")
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
 
 
 def tiny_config(*presets, **overrides):
@@ -43,23 +50,8 @@ def structured_batch(batch: int, length: int, seed: int = 0) -> dict[str, np.nda
 
 
 def traced_eqns(fn, *args) -> list:
-    """Every equation of `fn`'s jaxpr, nested jaxprs (jit, scan, custom_vjp, ...) included."""
-    found = []
-
-    def walk(jaxpr):
-        for eqn in jaxpr.eqns:
-            found.append(eqn)
-            for param in eqn.params.values():
-                # Nested jaxprs come closed (jit, scan), open (`jax.checkpoint`) or in tuples
-                # (`cond` branches).
-                for sub in param if isinstance(param, tuple | list) else [param]:
-                    while not hasattr(sub, "eqns") and hasattr(sub, "jaxpr"):
-                        sub = sub.jaxpr
-                    if hasattr(sub, "eqns"):
-                        walk(sub)
-
-    walk(jax.make_jaxpr(fn)(*args).jaxpr)
-    return found
+    """Every equation of `fn`'s jaxpr, nested jaxprs (jit, scan, checkpoint, ...) included."""
+    return [eqn for eqn, _, _ in bench.jaxpr_equations(fn, *args)]
 
 
 def product_input_dtypes(fn, *args) -> set[jnp.dtype]:

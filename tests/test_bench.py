@@ -1,9 +1,7 @@
 """scripts/bench.py: the leaf comparison of --determinism, and each mode through the CLI on
 tiny sizes (the figures themselves go to docs/benchmarks.md, never into a test)."""
 
-import importlib.util
 import json
-import pathlib
 import subprocess
 import sys
 
@@ -11,11 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("bench", ROOT / "scripts" / "bench.py")
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+from helpers import ROOT, bench
 
 
 def test_leaf_differences_finds_last_bit_and_signed_zero():
