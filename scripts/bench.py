@@ -15,9 +15,10 @@ Any config preset/override is accepted as for training. Prints one result block 
 it, with the exact command, machine and date, to docs/benchmarks.md (unless --no-record);
 `--json PATH` also writes the block's figures as JSON; `--profile DIR` traces three more
 learner updates after the timed ones with `jax.profiler` (TensorBoard's profile plugin and a
-Perfetto `perfetto_trace.json.gz` under `DIR/plugins/profile/<date>/`, which
-scripts/trace_summary.py summarizes). Uses a synthetic batch with the shapes of the configured
-task (Atari: 64×64×1 uint8, 18 actions), so it needs no environment.
+Perfetto `perfetto_trace.json.gz` under `DIR/plugins/profile/<date>/`, and the update's
+optimized HLO text as `DIR/train_step.hlo.txt.gz`, which scripts/trace_summary.py summarizes
+together, naming each op's shape, jax scope and source line). Uses a synthetic batch with the
+shapes of the configured task (Atari: 64×64×1 uint8, 18 actions), so it needs no environment.
 
 The learner runs `num_seeds` seeds as the training loop does: one jitted update over a
 leading seed axis (`updates_per_sec` counts those calls; `seed_updates_per_sec` is N times
@@ -33,6 +34,7 @@ drawn every 100 steps until `--data_steps` (default 400k) steps.
 from __future__ import annotations
 
 import datetime
+import gzip
 import json
 import os
 import pathlib
@@ -150,6 +152,11 @@ def bench_learner(
     system_ms = 1000 * (after.ru_stime - usage.ru_stime) / updates
     memory_kind, memory = peak_memory_bytes()
     if profile_dir is not None:
+        # The optimized program beside the trace: trace_summary.py names its ops from it.
+        hlo_path = pathlib.Path(profile_dir) / "train_step.hlo.txt.gz"
+        hlo_path.parent.mkdir(parents=True, exist_ok=True)
+        with gzip.open(hlo_path, "wt") as file:
+            file.write(compiled.as_text())
         with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
             for _ in range(3):
                 states, metrics = agent.train_seeds(states, batches)

@@ -11,9 +11,10 @@
 #   0. nvidia-smi -L, jax version and devices, the project's imports;
 #   learner: the learner, bf16, Atari preset, scripts/bench.py --num_seeds N, 20 updates, for
 #      the first two of $GPU_CHECK_SEEDS (default 1 8 2 4 16), each with a jax.profiler trace
-#      of three more updates (profile_seeds_N.json.gz, summarized per GPU stream in log.txt by
-#      scripts/trace_summary.py, with the kernels per update and the 50-step loops' costliest)
-#      -> learner_seeds.json;
+#      of three more updates (profile_seeds_N.json.gz, and the update's optimized HLO
+#      hlo_seeds_N.txt.gz, summarized per GPU stream in log.txt by scripts/trace_summary.py,
+#      with the kernels per update, the costliest named by their HLO op and source line, and
+#      the 50-step loops' costliest) -> learner_seeds.json;
 #   e2e: end to end on Atari Boxing, bf16, one env per seed: 1 seed, then 8 seeds -> e2e.json
 #      (frames/s summed over seeds and updates/s of the metrics rows past the prefill);
 #   policy: the jitted policy step of the first two seed counts, one env per seed, as the
@@ -26,8 +27,9 @@
 #   conv: the image encoder and decoder, forward + backward at the Atari batch, bf16: the
 #      matmul lowering against flax's convolutions (cuDNN there), scripts/bench_conv.py, in
 #      log.txt.
-# Writes at most 6 files to $OUT: log.txt (all output), steps.tsv (each step's exit code,
-# seconds and timeout), learner_seeds.json, e2e.json and the two traces; the JSON files are
+# Writes at most 8 files to $OUT (the device tool's limit): log.txt (all output), steps.tsv
+# (each step's exit code, seconds and timeout), learner_seeds.json, e2e.json, the two traces
+# and their two HLO texts; the JSON files are
 # rewritten after each step, so a cut-off run still leaves what it measured.
 #
 # Time: the whole script keeps to GPU_CHECK_BUDGET seconds (default 560). Each step's timeout
@@ -252,12 +254,15 @@ part_learner() {
     for n in "${FIRST_SEEDS[@]}"; do
         bench "seeds_$n" "$n" "$reserve" --profile "$WORK/profile/seeds_$n"
         trace=$(find "$WORK/profile/seeds_$n" -name perfetto_trace.json.gz 2>/dev/null | head -1)
-        if [ -n "$trace" ]; then
+        hlo="$WORK/profile/seeds_$n/train_step.hlo.txt.gz"
+        if [ -n "$trace" ] && [ -f "$hlo" ]; then
             cp "$trace" "$OUT/profile_seeds_$n.json.gz"
+            cp "$hlo" "$OUT/hlo_seeds_$n.txt.gz"
             say "trace of 3 updates, $n seed(s), per timeline:"
-            "$PY" scripts/trace_summary.py "$trace" --top 15 --timelines 6 2>&1 | tee -a "$LOG"
-            say "kernels per update, and the observe scan's (50 steps) costliest:"
-            "$PY" scripts/trace_summary.py "$trace" --updates 3 --loop 50 --top 10 2>&1 |
+            "$PY" scripts/trace_summary.py "$trace" --hlo "$hlo" --top 15 --timelines 6 2>&1 |
+                tee -a "$LOG"
+            say "kernels per update, the costliest, and the observe scan's (50 steps):"
+            "$PY" scripts/trace_summary.py "$trace" --hlo "$hlo" --updates 3 --loop 50 --top 15 2>&1 |
                 grep -Ev "^ +[0-9.]+ µs  " | tee -a "$LOG"
         fi
         reserve=$((E2E + 10))

@@ -4,6 +4,7 @@ bound by kernels or by the gaps between them.
 
     python scripts/trace_summary.py DIR_OR_TRACE [--top 12] [--timelines 8]
     python scripts/trace_summary.py TRACE --updates 3 [--loop 50]   # GPU kernels per update
+    python scripts/trace_summary.py TRACE --hlo train_step.hlo.txt.gz ...  # ops named
 
 DIR_OR_TRACE is a `perfetto_trace.json.gz` or a folder holding one (e.g. the `--profile DIR`
 of scripts/bench.py). Per timeline, busiest first: events, busy = the union of its events'
@@ -12,11 +13,20 @@ summed duration (nested ones count inside their parents too, so shares can add t
 
 With `--updates K` (the number of identical steps traced, 3 for bench.py's --profile) it
 prints the GPU kernels instead (events with `kernel_details`), per update: their count and
-time, how much of it is kernels under 5 µs, and kernel time by how many times a kernel runs
-per update (1: once; 50: in a 50-step loop such as the observe scan). `--loop R` also lists
-one iteration of the loop whose kernels run R times per update, in order, and the `--top`
-kernels that run R times per update by their time (every loop of R steps: a scan's forward
-and backward passes).
+time, how much of it is kernels under 5 µs, kernel time by how many times a kernel runs
+per update (1: once; 50: in a 50-step loop such as the observe scan), and the `--top`
+costliest kernels. `--loop R` also lists one iteration of the loop whose kernels run R times
+per update, in order, and the `--top` kernels that run R times per update by their time
+(every loop of R steps: a scan's forward and backward passes).
+
+`--hlo FILE` names what each listed op or kernel computes, from the traced program's optimized
+HLO text (`compiled.as_text()`, plain or gzipped; `scripts/bench.py --profile DIR` writes
+`DIR/train_step.hlo.txt.gz`, which a DIR argument picks up by itself): its result shape and
+opcode, its jax scope (transformations and Flax modules, e.g.
+`transpose(jvp(WorldModel.decode))/decoder/ConvTranspose_3`: the decoder's backward pass) and
+the source line that emitted it. Trace events are matched by name (a GPU kernel carries its
+fusion's name with `.` written `_`) or by their `hlo_op`; cuBLAS kernels and command buffers
+mostly stay unnamed.
 """
 
 from __future__ import annotations
@@ -25,7 +35,12 @@ import collections
 import gzip
 import json
 import pathlib
+import re
 import sys
+
+HLO_FILE = "train_step.hlo.txt.gz"  # what scripts/bench.py --profile DIR writes into DIR
+# `%name = shape opcode(`, the head of an HLO instruction line (`ROOT` marks a result).
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%(\S+) = (.+?) ([a-z][\w-]*)\(")
 
 
 def load_events(path: pathlib.Path) -> list[dict]:
@@ -38,6 +53,66 @@ def load_events(path: pathlib.Path) -> list[dict]:
     with gzip.open(path, "rt") as file:
         trace = json.load(file)
     return trace["traceEvents"] if isinstance(trace, dict) else trace
+
+
+def _frame_tables(lines: list[str]) -> dict[str, dict[int, str]]:
+    """The HLO text's source tables, `{"FileNames": {id: row}, "FunctionNames": ...,
+    "FileLocations": ..., "StackFrames": ...}`: each a title line, then rows `id text`."""
+    tables, current = {}, None
+    for line in lines:
+        if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+            current = tables.setdefault(line, {})
+        elif current is not None and (row := re.match(r"(\d+) (.*)", line)):
+            current[int(row.group(1))] = row.group(2)
+        else:
+            current = None
+    return tables
+
+
+def _source_line(frame_id: int, tables: dict[str, dict[int, str]]) -> str | None:
+    """`file:line function` of a stack frame: the innermost source line of an instruction."""
+    try:
+        location_id = re.search(r"file_location_id=(\d+)", tables["StackFrames"][frame_id])
+        location = tables["FileLocations"][int(location_id.group(1))]
+        fields = dict(re.findall(r"(\w+)=(\d+)", location))
+        file = tables["FileNames"][int(fields["file_name_id"])].strip('"')
+        function = tables["FunctionNames"][int(fields["function_name_id"])].strip('"')
+    except (KeyError, AttributeError):
+        return None
+    return f"{pathlib.PurePath(file).name}:{fields.get('line', '?')} {function}"
+
+
+def load_hlo(path: pathlib.Path) -> dict[str, str]:
+    """`{instruction name: "shape opcode · scope · file:line function"}` from an HLO text dump,
+    each also under the kernel name XLA:GPU gives it (`.` written `_`)."""
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rt") as file:
+        lines = file.read().splitlines()
+    tables = _frame_tables(lines)
+    described = {}
+    for line in lines:
+        head = _INSTRUCTION.match(line)
+        if head is None:
+            continue
+        name, shape, opcode = head.groups()
+        shape = re.sub(r"{[^}]*}", "", shape)  # layouts
+        if shape.startswith("("):  # a loop's or call's whole state: its size says enough
+            shape = f"({shape.count('[')} arrays)"
+        parts = [f"{shape} {opcode}"]
+        if op_name := re.search(r'op_name="([^"]*)"', line):
+            # The outermost `jit(...)/` is the traced function itself; `;` joins fused ops.
+            parts.append(op_name.group(1).split(";")[0].split("/", 1)[-1])
+        if (frame := re.search(r"stack_frame_id=(\d+)", line)) and (
+            source := _source_line(int(frame.group(1)), tables)
+        ):
+            parts.append(source)
+        described[name] = " · ".join(parts)
+        described.setdefault(name.replace(".", "_"), described[name])
+    return described
+
+
+def describe(event: dict, hlo: dict[str, str]) -> str:
+    """What the HLO says of a trace event's op, `""` if it names none."""
+    return hlo.get(event["name"]) or hlo.get(event.get("args", {}).get("hlo_op", ""), "")
 
 
 def busy_time(intervals: list[tuple[float, float]]) -> float:
@@ -98,13 +173,16 @@ def kernels_by_runs(kernels: list[dict], updates: int) -> dict[int, tuple[float,
     return {runs: (n / updates, t / updates) for runs, (n, t) in classes.items()}
 
 
-def costliest(kernels: list[dict], updates: int, runs: int, top: int) -> list[tuple[str, float]]:
-    """`[(name, µs per update)]` of the `top` kernels that run `runs` times per update, the
-    costliest first: in a scan and its gradient, what one step pays for most."""
+def costliest(
+    kernels: list[dict], updates: int, runs: int | None, top: int
+) -> list[tuple[str, float]]:
+    """`[(name, µs per update)]` of the `top` kernels that run `runs` times per update (any
+    number if None), the costliest first: in a scan and its gradient, what one step pays for
+    most."""
     counts = collections.Counter(e["name"] for e in kernels)
     time = collections.Counter()
     for e in kernels:
-        if counts[e["name"]] // updates == runs:
+        if runs is None or counts[e["name"]] // updates == runs:
             time[e["name"]] += e["dur"] / updates
     return time.most_common(top)
 
@@ -122,35 +200,50 @@ def loop_iteration(kernels: list[dict], updates: int, runs: int) -> list[dict]:
     return first_update[starts[1] : starts[2]] if len(starts) > 2 else []
 
 
-def print_kernels(events: list[dict], updates: int, loop: int | None, top: int) -> None:
+def print_kernels(
+    events: list[dict], updates: int, loop: int | None, top: int, hlo: dict[str, str]
+) -> None:
     kernels = gpu_kernels(events)
     if not kernels:
         print("no GPU kernels in the trace")
         return
     small = [e["dur"] for e in kernels if e["dur"] < 5]
     total = sum(e["dur"] for e in kernels)
+    counts = collections.Counter(e["name"] for e in kernels)
+    # "  what the HLO says of it" per kernel name, or nothing.
+    named = {e["name"]: f"  {d}" if (d := describe(e, hlo)) else "" for e in kernels}
     print(f"GPU kernels per update: {len(kernels) / updates:.0f}, {total / updates / 1e3:.2f} "
           f"ms; under 5 µs: {len(small) / updates:.0f} kernels, "
           f"{sum(small) / updates / 1e3:.2f} ms")  # fmt: skip
     print("runs per update | kernels per update | ms per update")
     for runs, (n, t) in sorted(kernels_by_runs(kernels, updates).items(), key=lambda x: -x[1][1]):
         print(f"{runs:15d} | {n:18.0f} | {t / 1e3:.2f}")
+    print(f"\nthe {top} costliest kernels per update (runs per update)")
+    for name, time in costliest(kernels, updates, None, top):
+        print(f"  {time / 1e3:7.3f} ms {counts[name] // updates:4d}x  {name[:60]}{named[name]}")
     if loop is not None:
         iteration = loop_iteration(kernels, updates, loop)
         total = sum(e["dur"] for e in iteration)
         print(f"\none iteration of the loop run {loop} times per update: {len(iteration)} "
               f"kernels, {total:.1f} µs")  # fmt: skip
         for e in iteration:
-            print(f"  {e['dur']:7.1f} µs  {e['name'][:90]}")
+            print(f"  {e['dur']:7.1f} µs  {e['name'][:60]}{named[e['name']]}")
         print(f"\nthe {top} costliest kernels run {loop} times per update (all such loops)")
         for name, time in costliest(kernels, updates, loop, top):
-            print(f"  {time / 1e3:7.3f} ms per update  {name[:90]}")
+            print(f"  {time / 1e3:7.3f} ms per update  {name[:60]}{named[name]}")
 
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2
+    hlo_path = None
+    if "--hlo" in argv:
+        i = argv.index("--hlo")
+        if i + 1 == len(argv):
+            print("error: --hlo needs an HLO text file", file=sys.stderr)
+            return 2
+        hlo_path, argv = pathlib.Path(argv[i + 1]), argv[:i] + argv[i + 2 :]
     options = {"--top": 12, "--timelines": 8, "--updates": None, "--loop": None}
     for name in options:
         if name in argv:
@@ -169,8 +262,15 @@ def main(argv: list[str]) -> int:
     except (OSError, ValueError, KeyError) as error:
         print(f"error: cannot read a trace from {argv[0]}: {error}", file=sys.stderr)
         return 1
+    if hlo_path is None and (pathlib.Path(argv[0]) / HLO_FILE).is_file():
+        hlo_path = pathlib.Path(argv[0]) / HLO_FILE
+    try:
+        hlo = load_hlo(hlo_path) if hlo_path is not None else {}
+    except (OSError, UnicodeDecodeError, EOFError) as error:
+        print(f"error: cannot read HLO text from {hlo_path}: {error}", file=sys.stderr)
+        return 1
     if options["--updates"] is not None:
-        print_kernels(events, options["--updates"], options["--loop"], options["--top"])
+        print_kernels(events, options["--updates"], options["--loop"], options["--top"], hlo)
         return 0
     for line in summarize(events, options["--top"], options["--timelines"]):
         busy, span = line["busy_us"], line["span_us"]
@@ -178,7 +278,8 @@ def main(argv: list[str]) -> int:
               f"of a {span / 1e3:.1f} ms span ({100 * busy / max(span, 1e-9):.0f} %)")  # fmt: skip
         for op, count, total in line["ops"]:
             share = 100 * total / max(busy, 1e-9)
-            print(f"  {total / 1e3:9.2f} ms {share:5.1f} % {count:6d}x  {op[:110]}")
+            described = f"  {hlo[op]}" if op in hlo else ""
+            print(f"  {total / 1e3:9.2f} ms {share:5.1f} % {count:6d}x  {op[:110]}{described}")
     return 0
 
 

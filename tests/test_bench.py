@@ -58,6 +58,9 @@ def test_learner_determinism_observe_policy_and_flops_modes_on_cpu(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert summary.returncode == 0 and "/host:CPU" in summary.stdout  # the profiled updates
+    # The update's HLO beside the trace names its ops: the observe scan's loop, for one.
+    assert (tmp_path / "train_step.hlo.txt.gz").is_file()
+    assert " while · " in summary.stdout and "world_model.py:" in summary.stdout
     determinism = _bench("--determinism", "--updates", "2")
     assert determinism.returncode == 0, determinism.stderr[-2000:]
     assert "| bit-identical | yes |" in determinism.stdout  # CPU XLA is deterministic

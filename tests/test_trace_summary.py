@@ -91,3 +91,86 @@ def test_bad_options_are_one_line_and_exit_2(tmp_path, capsys):
         assert trace_summary.main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1
+
+
+# Two instructions in the format of `compiled.as_text()` (jax 0.10): source tables first.
+_HLO = """HloModule jit_f, is_scheduled=true
+
+FileNames
+1 "/src/dreamer_jax/networks.py"
+
+FunctionNames
+1 "_stride2_taps"
+
+FileLocations
+1 {file_name_id=1 function_name_id=1 line=215 end_line=215 column=4 end_column=9}
+
+StackFrames
+1 {file_location_id=1 parent_frame_id=1}
+
+ENTRY %main (p: bf16[8,64,64,1]) -> bf16[8,30,30,36] {
+  %while.3 = (s32[], f32[4,32]{1,0}) while(%tuple.1), condition=%cond, body=%body
+  ROOT %loop_concatenate_fusion.1 = bf16[8,30,30,36]{3,2,1,0} fusion(%p), kind=kLoop, METADATA
+}
+""".replace(
+    "METADATA",
+    'metadata={op_name="jit(f)/transpose(jvp(WorldModel.decode))/decoder/concatenate"'
+    " stack_frame_id=1}",
+)
+
+
+def test_hlo_names_shape_scope_and_source_line_under_the_gpu_kernel_name_too(tmp_path):
+    path = tmp_path / "f.hlo.txt.gz"
+    with gzip.open(path, "wt") as file:
+        file.write(_HLO)
+    hlo = trace_summary.load_hlo(path)
+    expected = (
+        "bf16[8,30,30,36] fusion · transpose(jvp(WorldModel.decode))/decoder/concatenate"
+        " · networks.py:215 _stride2_taps"
+    )
+    assert hlo["loop_concatenate_fusion.1"] == hlo["loop_concatenate_fusion_1"] == expected
+    assert hlo["while.3"] == "(2 arrays) while"  # no metadata: shape and opcode alone
+    kernel = {"name": "nvjet_gemm", "args": {"hlo_op": "while.3"}}
+    assert trace_summary.describe(kernel, hlo) == "(2 arrays) while"
+    assert trace_summary.describe({"name": "other", "args": {}}, hlo) == ""
+
+
+def test_hlo_of_a_real_compiled_function_names_its_scope_and_this_line(tmp_path):
+    import jax
+    import jax.numpy as jnp
+
+    def f(x, w):
+        with jax.named_scope("layer"):
+            return jnp.tanh(x @ w)  # the line the dot's description names
+
+    line = f.__code__.co_firstlineno + 2
+    x = jnp.ones((8, 16))
+    path = tmp_path / "f.hlo.txt"
+    path.write_text(jax.jit(f).lower(x, x.T).compile().as_text())
+    dots = [d for d in trace_summary.load_hlo(path).values() if " dot" in d or "fusion" in d]
+    assert any(
+        "f32[8,8]" in d and "layer/" in d and f"test_trace_summary.py:{line} " in d for d in dots
+    ), dots
+
+
+def test_main_names_kernels_from_an_hlo_file_or_fails_clearly(tmp_path, capsys):
+    events = _kernels(3)
+    for e in events:
+        e["name"] = {"a": "loop_concatenate_fusion_1"}.get(e["name"], e["name"])
+    trace = tmp_path / "perfetto_trace.json.gz"
+    with gzip.open(trace, "wt") as file:
+        json.dump({"traceEvents": events}, file)
+    (tmp_path / "f.hlo.txt").write_text(_HLO)
+    assert (
+        trace_summary.main([str(trace), "--updates", "3", "--hlo", str(tmp_path / "f.hlo.txt")])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "the 12 costliest kernels per update (runs per update)\n" in out
+    assert "  0.010 ms    1x  loop_concatenate_fusion_1  bf16[8,30,30,36] fusion · " in out
+    assert "    0.009 ms    3x  c\n" in out  # a kernel the HLO does not name
+    (tmp_path / "bad.gz").write_bytes(b"not gzip")
+    assert trace_summary.main([str(trace), "--hlo", str(tmp_path / "bad.gz")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot read HLO text from ") and err.count("\n") == 1
+    assert trace_summary.main([str(trace), "--hlo"]) == 2
