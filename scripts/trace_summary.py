@@ -24,7 +24,8 @@ HLO text (`compiled.as_text()`, plain or gzipped; `scripts/bench.py --profile DI
 `DIR/train_step.hlo.txt.gz`, which a DIR argument picks up by itself): its result shape and
 opcode, its jax scope (transformations and Flax modules, e.g.
 `transpose(jvp(WorldModel.decode))/decoder/ConvTranspose_3`: the decoder's backward pass) and
-the source line that emitted it. Trace events are matched by name (a GPU kernel carries its
+the source line that emitted it; the kernels' time per update is also summed by scope.
+Trace events are matched by name (a GPU kernel carries its
 fusion's name with `.` written `_`) or by their `hlo_op`; cuBLAS kernels and command buffers
 mostly stay unnamed.
 """
@@ -37,6 +38,7 @@ import json
 import pathlib
 import re
 import sys
+from typing import NamedTuple
 
 HLO_FILE = "train_step.hlo.txt.gz"  # what scripts/bench.py --profile DIR writes into DIR
 # `%name = shape opcode(`, the head of an HLO instruction line (`ROOT` marks a result).
@@ -82,13 +84,25 @@ def _source_line(frame_id: int, tables: dict[str, dict[int, str]]) -> str | None
     return f"{pathlib.PurePath(file).name}:{fields.get('line', '?')} {function}"
 
 
-def load_hlo(path: pathlib.Path) -> dict[str, str]:
-    """`{instruction name: "shape opcode · scope · file:line function"}` from an HLO text dump,
-    each also under the kernel name XLA:GPU gives it (`.` written `_`)."""
+class HloOp(NamedTuple):
+    """What an HLO instruction computes and where it comes from."""
+
+    shape: str  # result shape without layouts, e.g. `bf16[6400,30,30,36]`
+    opcode: str
+    scope: str  # jax's op_name below the traced function: transformations, modules, primitive
+    source: str  # `file:line function` of the innermost frame, or ""
+
+    def __str__(self) -> str:
+        return " · ".join(p for p in (f"{self.shape} {self.opcode}", self.scope, self.source) if p)
+
+
+def load_hlo(path: pathlib.Path) -> dict[str, HloOp]:
+    """`{instruction name: HloOp}` from an HLO text dump, each also under the kernel name
+    XLA:GPU gives it (`.` written `_`)."""
     with (gzip.open if path.suffix == ".gz" else open)(path, "rt") as file:
         lines = file.read().splitlines()
     tables = _frame_tables(lines)
-    described = {}
+    ops = {}
     for line in lines:
         head = _INSTRUCTION.match(line)
         if head is None:
@@ -97,22 +111,36 @@ def load_hlo(path: pathlib.Path) -> dict[str, str]:
         shape = re.sub(r"{[^}]*}", "", shape)  # layouts
         if shape.startswith("("):  # a loop's or call's whole state: its size says enough
             shape = f"({shape.count('[')} arrays)"
-        parts = [f"{shape} {opcode}"]
-        if op_name := re.search(r'op_name="([^"]*)"', line):
-            # The outermost `jit(...)/` is the traced function itself; `;` joins fused ops.
-            parts.append(op_name.group(1).split(";")[0].split("/", 1)[-1])
-        if (frame := re.search(r"stack_frame_id=(\d+)", line)) and (
-            source := _source_line(int(frame.group(1)), tables)
-        ):
-            parts.append(source)
-        described[name] = " · ".join(parts)
-        described.setdefault(name.replace(".", "_"), described[name])
-    return described
+        op_name = re.search(r'op_name="([^"]*)"', line)
+        # The outermost `jit(...)/` is the traced function itself; `;` joins fused ops.
+        scope = op_name.group(1).split(";")[0].split("/", 1)[-1] if op_name else ""
+        frame = re.search(r"stack_frame_id=(\d+)", line)
+        source = _source_line(int(frame.group(1)), tables) if frame else None
+        ops[name] = HloOp(shape, opcode, scope, source or "")
+        ops.setdefault(name.replace(".", "_"), ops[name])
+    return ops
 
 
-def describe(event: dict, hlo: dict[str, str]) -> str:
-    """What the HLO says of a trace event's op, `""` if it names none."""
-    return hlo.get(event["name"]) or hlo.get(event.get("args", {}).get("hlo_op", ""), "")
+def describe(event: dict, hlo: dict[str, HloOp]) -> HloOp | None:
+    """The HLO op of a trace event, if the HLO names it."""
+    return hlo.get(event["name"]) or hlo.get(event.get("args", {}).get("hlo_op", ""))
+
+
+def time_by_scope(
+    kernels: list[dict], updates: int, hlo: dict[str, HloOp]
+) -> list[tuple[str, float, float]]:
+    """`[(scope, kernels per update, µs per update)]`, the costliest first: kernel time summed
+    by the jax scope of each kernel's op without its primitive (e.g.
+    `transpose(jvp(WorldModel.decode))/decoder/ConvTranspose_3`), "(no jax scope)" for the
+    kernels the HLO does not name or names without one."""
+    totals = collections.defaultdict(lambda: [0, 0.0])
+    for e in kernels:
+        op = describe(e, hlo)
+        scope = op.scope.rsplit("/", 1)[0] if op and op.scope else "(no jax scope)"
+        totals[scope][0] += 1
+        totals[scope][1] += e["dur"]
+    ranked = sorted(totals.items(), key=lambda item: -item[1][1])
+    return [(scope, n / updates, t / updates) for scope, (n, t) in ranked]
 
 
 def busy_time(intervals: list[tuple[float, float]]) -> float:
@@ -201,7 +229,7 @@ def loop_iteration(kernels: list[dict], updates: int, runs: int) -> list[dict]:
 
 
 def print_kernels(
-    events: list[dict], updates: int, loop: int | None, top: int, hlo: dict[str, str]
+    events: list[dict], updates: int, loop: int | None, top: int, hlo: dict[str, HloOp]
 ) -> None:
     kernels = gpu_kernels(events)
     if not kernels:
@@ -211,7 +239,7 @@ def print_kernels(
     total = sum(e["dur"] for e in kernels)
     counts = collections.Counter(e["name"] for e in kernels)
     # "  what the HLO says of it" per kernel name, or nothing.
-    named = {e["name"]: f"  {d}" if (d := describe(e, hlo)) else "" for e in kernels}
+    named = {e["name"]: f"  {op}" if (op := describe(e, hlo)) else "" for e in kernels}
     print(f"GPU kernels per update: {len(kernels) / updates:.0f}, {total / updates / 1e3:.2f} "
           f"ms; under 5 µs: {len(small) / updates:.0f} kernels, "
           f"{sum(small) / updates / 1e3:.2f} ms")  # fmt: skip
@@ -221,6 +249,10 @@ def print_kernels(
     print(f"\nthe {top} costliest kernels per update (runs per update)")
     for name, time in costliest(kernels, updates, None, top):
         print(f"  {time / 1e3:7.3f} ms {counts[name] // updates:4d}x  {name[:60]}{named[name]}")
+    if hlo:
+        print(f"\nkernel time per update by jax scope (the {top} costliest)")
+        for scope, n, t in time_by_scope(kernels, updates, hlo)[:top]:
+            print(f"  {t / 1e3:7.3f} ms {n:6.0f} kernels  {scope}")
     if loop is not None:
         iteration = loop_iteration(kernels, updates, loop)
         total = sum(e["dur"] for e in iteration)

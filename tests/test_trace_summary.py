@@ -124,15 +124,35 @@ def test_hlo_names_shape_scope_and_source_line_under_the_gpu_kernel_name_too(tmp
     with gzip.open(path, "wt") as file:
         file.write(_HLO)
     hlo = trace_summary.load_hlo(path)
-    expected = (
+    concatenate = hlo["loop_concatenate_fusion.1"]
+    assert (
+        hlo["loop_concatenate_fusion_1"]
+        == concatenate
+        == trace_summary.HloOp(
+            "bf16[8,30,30,36]",
+            "fusion",
+            "transpose(jvp(WorldModel.decode))/decoder/concatenate",
+            "networks.py:215 _stride2_taps",
+        )
+    )
+    assert str(concatenate) == (
         "bf16[8,30,30,36] fusion · transpose(jvp(WorldModel.decode))/decoder/concatenate"
         " · networks.py:215 _stride2_taps"
     )
-    assert hlo["loop_concatenate_fusion.1"] == hlo["loop_concatenate_fusion_1"] == expected
-    assert hlo["while.3"] == "(2 arrays) while"  # no metadata: shape and opcode alone
+    assert str(hlo["while.3"]) == "(2 arrays) while"  # no metadata: shape and opcode alone
     kernel = {"name": "nvjet_gemm", "args": {"hlo_op": "while.3"}}
-    assert trace_summary.describe(kernel, hlo) == "(2 arrays) while"
-    assert trace_summary.describe({"name": "other", "args": {}}, hlo) == ""
+    assert trace_summary.describe(kernel, hlo) == hlo["while.3"]
+    assert trace_summary.describe({"name": "other", "args": {}}, hlo) is None
+    kernels = [
+        {"name": "loop_concatenate_fusion_1", "dur": 6.0},
+        {"name": "loop_concatenate_fusion_1", "dur": 4.0},
+        {"name": "other", "dur": 3.0},
+        {"name": "nvjet_gemm", "dur": 1.0, "args": {"hlo_op": "while.3"}},
+    ]
+    assert trace_summary.time_by_scope(kernels, 2, hlo) == [
+        ("transpose(jvp(WorldModel.decode))/decoder", 1.0, 5.0),
+        ("(no jax scope)", 1.0, 2.0),  # unnamed, and named but without a scope
+    ]
 
 
 def test_hlo_of_a_real_compiled_function_names_its_scope_and_this_line(tmp_path):
@@ -147,10 +167,13 @@ def test_hlo_of_a_real_compiled_function_names_its_scope_and_this_line(tmp_path)
     x = jnp.ones((8, 16))
     path = tmp_path / "f.hlo.txt"
     path.write_text(jax.jit(f).lower(x, x.T).compile().as_text())
-    dots = [d for d in trace_summary.load_hlo(path).values() if " dot" in d or "fusion" in d]
+    ops = list(trace_summary.load_hlo(path).values())
     assert any(
-        "f32[8,8]" in d and "layer/" in d and f"test_trace_summary.py:{line} " in d for d in dots
-    ), dots
+        op.shape == "f32[8,8]"
+        and op.scope.startswith("layer/")
+        and op.source.startswith(f"test_trace_summary.py:{line} ")
+        for op in ops
+    ), ops
 
 
 def test_main_names_kernels_from_an_hlo_file_or_fails_clearly(tmp_path, capsys):
@@ -169,6 +192,7 @@ def test_main_names_kernels_from_an_hlo_file_or_fails_clearly(tmp_path, capsys):
     assert "the 12 costliest kernels per update (runs per update)\n" in out
     assert "  0.010 ms    1x  loop_concatenate_fusion_1  bf16[8,30,30,36] fusion · " in out
     assert "    0.009 ms    3x  c\n" in out  # a kernel the HLO does not name
+    assert "    0.010 ms      1 kernels  transpose(jvp(WorldModel.decode))/decoder\n" in out
     (tmp_path / "bad.gz").write_bytes(b"not gzip")
     assert trace_summary.main([str(trace), "--hlo", str(tmp_path / "bad.gz")]) == 1
     err = capsys.readouterr().err
