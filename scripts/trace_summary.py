@@ -12,7 +12,8 @@ intervals (nested events count once), span = first start to last end, and the to
 summed duration (nested ones count inside their parents too, so shares can add to over 100 %).
 
 With `--updates K` (the number of identical steps traced, 3 for bench.py's --profile) it
-prints the GPU kernels instead (events with `kernel_details`), per update: their count and
+prints the GPU kernels instead (events with `kernel_details`; in a CPU trace, with `--hlo`,
+XLA:CPU's ops, loops left out), per update: their count and
 time, how much of it is kernels under 5 µs, kernel time by how many times a kernel runs
 per update (1: once; 50: in a 50-step loop such as the observe scan), and the `--top`
 costliest kernels. `--loop R` also lists one iteration of the loop whose kernels run R times
@@ -189,6 +190,19 @@ def gpu_kernels(events: list[dict]) -> list[dict]:
     return sorted(kernels, key=lambda e: e["ts"])
 
 
+def cpu_ops(events: list[dict], hlo: dict[str, HloOp]) -> list[dict]:
+    """XLA:CPU's op events, those the HLO names, in time order: the CPU's counterpart of
+    `gpu_kernels`. Loops and calls are left out: their time is that of the ops they run."""
+    ops = [
+        e
+        for e in events
+        if e.get("ph") == "X"
+        and (op := hlo.get(e["name"]))
+        and op.opcode not in ("while", "call", "conditional")
+    ]
+    return sorted(ops, key=lambda e: e["ts"])
+
+
 def kernels_by_runs(kernels: list[dict], updates: int) -> dict[int, tuple[float, float]]:
     """`{runs per update: (kernels per update, µs per update)}` over `updates` identical
     steps: a kernel (by name) that ran `c` times ran `c // updates` times per update."""
@@ -231,26 +245,28 @@ def loop_iteration(kernels: list[dict], updates: int, runs: int) -> list[dict]:
 def print_kernels(
     events: list[dict], updates: int, loop: int | None, top: int, hlo: dict[str, HloOp]
 ) -> None:
-    kernels = gpu_kernels(events)
+    kernels, what = gpu_kernels(events), "GPU kernels"
+    if not kernels and hlo:
+        kernels, what = cpu_ops(events, hlo), "XLA:CPU ops"
     if not kernels:
-        print("no GPU kernels in the trace")
+        print("no GPU kernels in the trace" + ("" if hlo else " (--hlo names XLA:CPU's ops)"))
         return
     small = [e["dur"] for e in kernels if e["dur"] < 5]
     total = sum(e["dur"] for e in kernels)
     counts = collections.Counter(e["name"] for e in kernels)
     # "  what the HLO says of it" per kernel name, or nothing.
     named = {e["name"]: f"  {op}" if (op := describe(e, hlo)) else "" for e in kernels}
-    print(f"GPU kernels per update: {len(kernels) / updates:.0f}, {total / updates / 1e3:.2f} "
+    print(f"{what} per update: {len(kernels) / updates:.0f}, {total / updates / 1e3:.2f} "
           f"ms; under 5 µs: {len(small) / updates:.0f} kernels, "
           f"{sum(small) / updates / 1e3:.2f} ms")  # fmt: skip
     print("runs per update | kernels per update | ms per update")
     for runs, (n, t) in sorted(kernels_by_runs(kernels, updates).items(), key=lambda x: -x[1][1]):
         print(f"{runs:15d} | {n:18.0f} | {t / 1e3:.2f}")
-    print(f"\nthe {top} costliest kernels per update (runs per update)")
+    print(f"\nthe {top} costliest {what} per update (runs per update)")
     for name, time in costliest(kernels, updates, None, top):
         print(f"  {time / 1e3:7.3f} ms {counts[name] // updates:4d}x  {name[:60]}{named[name]}")
     if hlo:
-        print(f"\nkernel time per update by jax scope (the {top} costliest)")
+        print(f"\n{what}' time per update by jax scope (the {top} costliest)")
         for scope, n, t in time_by_scope(kernels, updates, hlo)[:top]:
             print(f"  {t / 1e3:7.3f} ms {n:6.0f} kernels  {scope}")
     if loop is not None:

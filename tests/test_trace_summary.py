@@ -189,7 +189,7 @@ def test_main_names_kernels_from_an_hlo_file_or_fails_clearly(tmp_path, capsys):
         == 0
     )
     out = capsys.readouterr().out
-    assert "the 12 costliest kernels per update (runs per update)\n" in out
+    assert "the 12 costliest GPU kernels per update (runs per update)\n" in out
     assert "  0.010 ms    1x  loop_concatenate_fusion_1  bf16[8,30,30,36] fusion · " in out
     assert "    0.009 ms    3x  c\n" in out  # a kernel the HLO does not name
     assert "    0.010 ms      1 kernels  transpose(jvp(WorldModel.decode))/decoder\n" in out
@@ -198,3 +198,23 @@ def test_main_names_kernels_from_an_hlo_file_or_fails_clearly(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: cannot read HLO text from ") and err.count("\n") == 1
     assert trace_summary.main([str(trace), "--hlo"]) == 2
+
+
+def test_without_gpu_kernels_the_hlo_named_xla_cpu_ops_stand_in_loops_left_out(tmp_path, capsys):
+    hlo_path = tmp_path / "f.hlo.txt"
+    hlo_path.write_text(_HLO)
+    hlo = trace_summary.load_hlo(hlo_path)
+    events = [  # one update: the loop holds the fusion twice; a host event the HLO never names
+        {"ph": "X", "pid": 1, "tid": 2, "ts": 0, "dur": 10, "name": "while.3"},
+        {"ph": "X", "pid": 1, "tid": 2, "ts": 1, "dur": 3, "name": "loop_concatenate_fusion.1"},
+        {"ph": "X", "pid": 1, "tid": 2, "ts": 5, "dur": 4, "name": "loop_concatenate_fusion.1"},
+        {"ph": "X", "pid": 1, "tid": 3, "ts": 0, "dur": 20, "name": "PjitFunction(f)"},
+    ]
+    ops = trace_summary.cpu_ops(events, hlo)
+    assert [e["ts"] for e in ops] == [1, 5]
+    trace_summary.print_kernels(events, updates=1, loop=None, top=3, hlo=hlo)
+    out = capsys.readouterr().out
+    assert out.startswith("XLA:CPU ops per update: 2, 0.01 ms; under 5 µs: 2 kernels")
+    assert "    0.007 ms    2x  loop_concatenate_fusion.1  bf16[8,30,30,36] fusion · " in out
+    trace_summary.print_kernels(events, updates=1, loop=None, top=3, hlo={})
+    assert capsys.readouterr().out == "no GPU kernels in the trace (--hlo names XLA:CPU's ops)\n"
