@@ -17,7 +17,7 @@ from dreamer_jax.agent import Agent, TrainState
 from dreamer_jax.checkpoint import Checkpointer, CheckpointError
 from dreamer_jax.config import Config, load_run_config
 from dreamer_jax.envs import VectorEnv
-from dreamer_jax.seeds import init_keys, run_seeds, select
+from dreamer_jax.seeds import enclosing_run, init_keys, run_seeds, select
 
 
 class LoadedRun(NamedTuple):
@@ -47,11 +47,10 @@ def _locate(logdir: pathlib.Path) -> tuple[pathlib.Path, Config, int, Config]:
         first, *_, last = run_seeds(config)
         example = logdir / f"seed_{first}"
         raise CheckpointError(f"{logdir} holds seeds {first}..{last}; load one, e.g. {example}")
-    parent = logdir.parent
-    if not (logdir / "checkpoints").is_dir() and (parent / "config.yaml").is_file():
-        run_config = load_run_config(parent / "config.yaml")
-        if config.seed in run_seeds(run_config) and run_config.num_seeds > 1:
-            return parent, run_config, config.seed - run_config.seed, config
+    run = enclosing_run(logdir)
+    if run is not None:
+        run_dir, run_config = run
+        return run_dir, run_config, config.seed - run_config.seed, config
     return logdir, config, 0, config
 
 

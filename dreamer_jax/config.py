@@ -309,7 +309,7 @@ _RULES: dict[str, _Rule] = {
     "logdir": _TYPED,  # train.py requires it
     # jax.random.key keeps only 32 bits without x64, and eval seeds envs with seed + 2e6.
     "seed": _int(0, 2**31 - 1),
-    "num_seeds": _SIZE,
+    "num_seeds": _int(1, 1024),  # each seed holds a whole agent; far more cannot fit a GPU
     "task": _TYPED,  # checked against the available tasks by envs.VectorEnv
     "envs": _SIZE,
     "eval_envs": _SIZE,

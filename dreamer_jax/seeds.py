@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dreamer_jax.config import Config
+from dreamer_jax.config import Config, load_run_config
 
 SEED_AXIS = "seed"
 
@@ -43,6 +43,18 @@ def seed_logdir(logdir: pathlib.Path, config: Config, seed: int) -> pathlib.Path
     """Where seed `seed` keeps what a single run keeps (config, metrics, events, replay):
     the logdir itself for a single run, `<logdir>/seed_<s>` with several seeds."""
     return logdir if config.num_seeds == 1 else logdir / f"seed_{seed}"
+
+
+def enclosing_run(folder: pathlib.Path) -> tuple[pathlib.Path, Config] | None:
+    """`(run folder, run config)` of the many-seed run whose seed folder `folder` is (a
+    `<run>/seed_<s>` of one of its seeds, with the checkpoints in `<run>`), else None."""
+    parent = folder.parent
+    if (folder / "checkpoints").is_dir() or not (parent / "config.yaml").is_file():
+        return None
+    config = load_run_config(parent / "config.yaml")
+    if config.num_seeds > 1 and folder.name in [f"seed_{s}" for s in run_seeds(config)]:
+        return parent, config
+    return None
 
 
 def seed_config(config: Config, seed: int, logdir: pathlib.Path) -> Config:

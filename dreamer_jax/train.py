@@ -62,6 +62,7 @@ from dreamer_jax.provenance import provenance, record_start
 from dreamer_jax.replay import Replay, bytes_per_step
 from dreamer_jax.report import open_loop_video
 from dreamer_jax.seeds import (
+    enclosing_run,
     init_keys,
     policy_inputs,
     run_seeds,
@@ -274,15 +275,33 @@ def _physical_memory() -> int:
 def check_inputs(config: Config, logdir: pathlib.Path) -> Agent:
     """Every check that needs no write: the saved config (if any) matches, the task exists.
     Returns the agent of this config."""
+    run = enclosing_run(logdir)
+    if run is not None:
+        raise RunError(
+            f"{logdir} is a seed folder of the {run[1].num_seeds}-seed run in {run[0]}: resume "
+            f"that run (--logdir {run[0]}), or evaluate this seed (dreamer-eval --logdir {logdir})"
+        )
     config_path = logdir / "config.yaml"
     if config_path.exists():
-        changed = changed_keys(load_run_config(config_path), config)
+        saved = load_run_config(config_path)
+        if (saved.seed, saved.num_seeds) != (config.seed, config.num_seeds):
+            # Other seeds are another experiment, and the checkpoint's seed axis fixes N.
+            raise RunError(
+                f"{logdir} holds seed(s) {_seed_range(saved)}, not {_seed_range(config)}: a "
+                "run's seeds cannot change; train those in a new --logdir"
+            )
+        changed = changed_keys(saved, config)
         if changed and not config.resume.allow_config_change:
             raise RunError(
                 f"config differs from the saved run in {logdir} at {', '.join(changed)}; "
                 "pass --resume.allow_config_change true to resume anyway"
             )
     return make_agent(config)
+
+
+def _seed_range(config: Config) -> str:
+    first, *_, last = run_seeds(config)
+    return f"{first}..{last}" if config.num_seeds > 1 else str(first)
 
 
 def _holds_run_data(seed_dirs: Sequence[pathlib.Path]) -> bool:

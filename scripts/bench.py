@@ -185,7 +185,7 @@ def bench_learner(
         ("seed-updates/s", f"{n * updates / elapsed:.2f}"),
         ("host CPU/update", f"user {user_ms:.0f} ms, system {system_ms:.0f} ms"),
         (memory_kind, f"{memory / 2**30:.2f} GiB"),
-        ("XLA FLOPs/update", f"{flops / 1e9:.1f} GFLOP"),
+        ("XLA FLOPs/update", f"{flops / 1e9:.4g} GFLOP"),
     ]
     return rows, figures
 

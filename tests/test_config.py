@@ -122,6 +122,7 @@ def test_every_key_has_a_range_rule():
         ("seed", 99999999999999999999),
         ("seed", 2**31),
         ("num_seeds", 0),
+        ("num_seeds", 1025),
         ("log_every", 0),
         ("eval_every", 0),
         ("checkpoint_every", 0),

@@ -775,6 +775,26 @@ def test_each_seed_evaluates_from_its_folder(two_seed_run):
     assert whole.returncode == 2 and "holds seeds 1..2; load one" in whole.stderr
 
 
+def test_a_many_seed_run_keeps_its_seeds_and_its_seed_folders_are_not_runs(two_seed_run):
+    """Training in a seed folder, or resuming with other seeds (even with config changes
+    allowed: the checkpoint's seed axis holds 2), is one line and exit 2, nothing touched."""
+    logdir = two_seed_run / "both"
+    snapshot = {p: p.read_bytes() for p in logdir.rglob("*") if p.is_file()}
+    folder = run_cli(*SEEDS, "--logdir", str(logdir / "seed_2"), "--seed", "2")
+    assert folder.returncode == 2
+    assert folder.stderr == (
+        f"error: {logdir / 'seed_2'} is a seed folder of the 2-seed run in {logdir}: resume "
+        f"that run (--logdir {logdir}), or evaluate this seed (dreamer-eval --logdir "
+        f"{logdir / 'seed_2'})\n"
+    )
+    allow = ["--resume.allow_config_change", "true"]
+    for seeds in (["--num_seeds", "3", "--seed", "1"], ["--num_seeds", "2", "--seed", "0"]):
+        other = run_cli(*SEEDS, "--logdir", str(logdir), *seeds, *allow)
+        assert other.returncode == 2 and other.stderr.startswith(f"error: {logdir} holds seed(s)")
+        assert "1..2, not " in other.stderr and "a run's seeds cannot change" in other.stderr
+    assert {p: p.read_bytes() for p in logdir.rglob("*") if p.is_file()} == snapshot
+
+
 @pytest.mark.slow
 def test_a_resumed_many_seed_run_is_each_single_run_resumed(tmp_path):
     """Stopped at 400 and resumed to 800, seed 2 of the two-seed run is the single run of
