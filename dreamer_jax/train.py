@@ -719,6 +719,9 @@ def _run_loop(
                 save_checkpoint()
         if stop.signum is not None:
             print(f"stopping on signal {stop.signum} at step {step}", flush=True)
+        elif step > logging.clock_step and learning.updates > 0:
+            # A finished run's last row is its last step, whatever `log_every` says.
+            logging.write(step, acting, learning, replays)
         if step not in checkpointer.steps():  # the periodic save may have just written it
             save_checkpoint()
         print(f"checkpoint saved at step {step} in {checkpointer.directory}", flush=True)
