@@ -710,7 +710,8 @@ def _run_loop(
             if step >= loop["next_eval"] and learning.updates > 0:
                 loop["next_eval"] = (step // config.eval_every + 1) * config.eval_every
                 evaluating.run(states, replays, loggers, step)
-            if step >= loop["next_log"] and learning.updates > 0:
+            # A finished run's last row is its last step, whatever `log_every` says.
+            if (step >= loop["next_log"] or step >= config.steps) and learning.updates > 0:
                 loop["next_log"] = (step // config.log_every + 1) * config.log_every
                 logging.write(step, acting, learning, replays)
             if step >= loop["next_checkpoint"]:
@@ -719,9 +720,6 @@ def _run_loop(
                 save_checkpoint()
         if stop.signum is not None:
             print(f"stopping on signal {stop.signum} at step {step}", flush=True)
-        elif step > logging.clock_step and learning.updates > 0:
-            # A finished run's last row is its last step, whatever `log_every` says.
-            logging.write(step, acting, learning, replays)
         if step not in checkpointer.steps():  # the periodic save may have just written it
             save_checkpoint()
         print(f"checkpoint saved at step {step} in {checkpointer.directory}", flush=True)
