@@ -24,6 +24,7 @@ import fnmatch
 import gzip
 import json
 import math
+import os
 import pathlib
 import sys
 import warnings
@@ -75,7 +76,7 @@ def load_runs(runs_dir: str | pathlib.Path, only: str | None = None) -> list[Run
     runs_dir = pathlib.Path(runs_dir)
     if not runs_dir.is_dir():
         raise AnalysisError(f"{runs_dir} is not a directory")
-    folders = [metrics.parent for metrics in sorted(runs_dir.rglob(METRICS_FILE))]
+    folders = _metrics_folders(runs_dir)
     if only is not None:
         folders = [f for f in folders if fnmatch.fnmatchcase(str(f.relative_to(runs_dir)), only)]
     found = [_load_run(folder) for folder in folders]
@@ -91,10 +92,34 @@ def load_runs(runs_dir: str | pathlib.Path, only: str | None = None) -> list[Run
         other = first.setdefault((run.task, run.seed), run)
         if other is not run:
             raise AnalysisError(
-                f"{other.path} and {run.path} are both {run.task} seed {run.seed}: "
-                "select one variant with --only (e.g. --only '*/<variant>/*')"
+                f"{other.path} and {run.path} are both {run.task} seed {run.seed}: keep one "
+                f"with --only (e.g. --only {_only_example(other.path, run.path, runs_dir)!r})"
             )
     return runs
+
+
+def _metrics_folders(runs_dir: pathlib.Path) -> list[pathlib.Path]:
+    """The folders under `runs_dir` that hold a metrics file, sorted, following links to
+    folders (run folders gathered from several places) but entering each folder once."""
+    folders, seen = [], set()
+    for root, dirs, files in os.walk(runs_dir, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a link back into the tree, or two links to one folder
+            dirs.clear()
+            continue
+        seen.add(real)
+        if METRICS_FILE in files:
+            folders.append(pathlib.Path(root))
+    return sorted(folders)
+
+
+def _only_example(first: pathlib.Path, second: pathlib.Path, runs_dir: pathlib.Path) -> str:
+    """An `--only` pattern that keeps `first` and not `second`: their first differing folder."""
+    a, b = first.relative_to(runs_dir).parts, second.relative_to(runs_dir).parts
+    differ = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
+    if differ is None:  # one run inside the other
+        return str(first.relative_to(runs_dir))
+    return f"{a[0]}/*" if differ == 0 else f"*/{a[differ]}/*"
 
 
 def _load_run(path: pathlib.Path) -> Run | None:

@@ -239,10 +239,29 @@ def test_a_run_that_stopped_learning_is_kept_with_a_warning(tmp_path):
 def test_two_runs_of_one_task_and_seed_are_an_error(tmp_path):
     write_run(tmp_path, "atari_pong", 0, eval_rows([(10, 1.0)]), name="kl_0.5/seed_0")
     write_run(tmp_path, "atari_pong", 0, eval_rows([(10, 2.0)]), name="kl_0.8/seed_0")
-    with pytest.raises(analyze.AnalysisError, match="one variant"):
+    with pytest.raises(analyze.AnalysisError, match=r"keep one with --only \(e\.g\. --only "
+                       r"'kl_0\.5/\*'\)$"):  # fmt: skip
         analyze.load_runs(tmp_path)
     (run,) = analyze.load_runs(tmp_path, only="*0.8/*")
     assert run.returns[0] == 2.0
+    # Deeper: two sweeps with a variant of one name; the hint names the first difference.
+    write_run(tmp_path, "atari_boxing", 0, eval_rows([(10, 1.0)]), name="a/boxing/base/seed_0")
+    write_run(tmp_path, "atari_boxing", 0, eval_rows([(10, 1.0)]), name="a/boxing/kl/seed_0")
+    with pytest.raises(analyze.AnalysisError, match=r"--only '\*/base/\*'\)$"):
+        analyze.load_runs(tmp_path, only="a/*")
+
+
+def test_run_folders_behind_links_are_read_once(tmp_path):
+    store = tmp_path / "store"
+    write_run(store, "atari_pong", 0, eval_rows([(10, 1.0)]), name="pong0")
+    write_run(store, "atari_pong", 1, eval_rows([(10, 2.0)]), name="pong1")
+    gathered = tmp_path / "gathered"
+    gathered.mkdir()
+    (gathered / "a").symlink_to(store / "pong0")
+    (gathered / "b").symlink_to(store / "pong1")
+    (gathered / "b" / "loop").symlink_to(gathered)  # a cycle is entered once
+    runs = analyze.load_runs(gathered)
+    assert [(run.seed, run.path.name) for run in runs] == [(0, "a"), (1, "b")]
     with pytest.raises(analyze.AnalysisError, match="matching 'kl_0.9/'"):
         analyze.load_runs(tmp_path, only="kl_0.9/")
 
