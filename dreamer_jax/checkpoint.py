@@ -31,6 +31,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from dreamer_jax.agent import TrainState
+from dreamer_jax.paths import ensure_writable
 
 # orbax's temporary directory of an unfinished save of step N: "N.orbax-checkpoint-tmp...".
 _TMP_MARK = ".orbax-checkpoint-tmp"
@@ -157,6 +158,8 @@ class Checkpointer:
         self.unreadable_directory = self.directory.with_name(self.directory.name + "_unreadable")
         self.read_only = read_only
         _silence_orbax_debris()
+        if not read_only:  # found now, not at the first save after a stretch of training
+            ensure_writable(self.directory, "checkpoint directory", CheckpointError)
         try:
             self._manager = ocp.CheckpointManager(
                 self.directory,

@@ -144,6 +144,8 @@ def main(argv=None) -> int:
         for name in ("episodes", "envs"):
             if getattr(args, name) < 1:
                 raise EvalError(f"--{name} must be >= 1, got {getattr(args, name)}")
+        if args.seed is not None and not 0 <= args.seed <= 2**31 - 1:  # as train's --seed
+            raise EvalError(f"--seed must be in [0, {2**31 - 1}], got {args.seed}")
         config, env, agent, step, state, seed = _restore(logdir, args.envs, args.seed)
     except (ConfigError, CheckpointError, OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -126,6 +126,13 @@ class Logger:
         self._tb_video = importlib.util.find_spec("moviepy") is not None
 
         _truncate_metrics(self.metrics_path, resume_step)
+        try:  # the directory may take files while this one refuses appends (immutable, ...)
+            if self.metrics_path.exists():
+                self.metrics_path.open("a").close()
+        except OSError as error:
+            raise LogdirError(
+                f"metrics file {self.metrics_path} is not writable: {error.strerror or error}"
+            ) from error
         # wandb first: an online init that raises then leaves no TensorBoard writer open.
         self._wandb = None
         if wandb_mode != "disabled":

@@ -22,7 +22,7 @@ class DirectoryBusyError(DirectoryError):
 
 
 def ensure_writable(
-    directory: pathlib.Path, what: str, error: type[DirectoryError] = DirectoryError
+    directory: pathlib.Path, what: str, error: type[OSError] = DirectoryError
 ) -> None:
     """Creates `directory` and proves it writable with a `PROBE_BYTES` probe file (written,
     fsynced, removed), else raises `error` with one line naming `what` and the directory."""

@@ -707,13 +707,15 @@ def _run_loop(
             step += config.envs
             learning.owe(step)
             states = learning.train(states, step)
+            # Each is marked done once done: a checkpoint saved on an error inside it keeps it
+            # owed, and the resumed run does it at its first step.
             if step >= loop["next_eval"] and learning.updates > 0:
-                loop["next_eval"] = (step // config.eval_every + 1) * config.eval_every
                 evaluating.run(states, replays, loggers, step)
+                loop["next_eval"] = (step // config.eval_every + 1) * config.eval_every
             # A finished run's last row is its last step, whatever `log_every` says.
             if (step >= loop["next_log"] or step >= config.steps) and learning.updates > 0:
-                loop["next_log"] = (step // config.log_every + 1) * config.log_every
                 logging.write(step, acting, learning, replays)
+                loop["next_log"] = (step // config.log_every + 1) * config.log_every
             if step >= loop["next_checkpoint"]:
                 every = config.checkpoint_every
                 loop["next_checkpoint"] = (step // every + 1) * every
@@ -781,7 +783,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ) as error:  # fmt: skip
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except NonFiniteError as error:
+    except (NonFiniteError, OSError) as error:  # OSError: e.g. a full disk mid-run
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 128 + stop.signum if stop.signum is not None else 0

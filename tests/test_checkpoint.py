@@ -220,3 +220,28 @@ def test_a_failed_save_is_one_line_and_the_next_save_works(tmp_path):
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["1", "3"]
     template = vector_agent().init(jax.random.key(1))
     assert Checkpointer(tmp_path / "ckpt").restore_latest(template)[0] == 3
+
+
+def test_a_directory_that_refuses_writes_is_found_when_opened(tmp_path):
+    """Not at the first save after a stretch of training; a reader (evaluation) never writes."""
+    script = textwrap.dedent(
+        f"""
+        import resource, signal
+        from dreamer_jax.checkpoint import Checkpointer, CheckpointError
+        Checkpointer({str(tmp_path / "ro")!r}, read_only=True)  # nothing written: no error
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # then writes fail as on a full disk
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16, resource.RLIM_INFINITY))
+        try:
+            Checkpointer({str(tmp_path / "ckpt")!r})
+        except CheckpointError as error:
+            print(error)
+        """
+    )
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (
+        result.stdout
+        == f"checkpoint directory {tmp_path / 'ckpt'} is not writable: File too large\n"
+    )
+    assert not (tmp_path / "ro").exists() and os.listdir(tmp_path / "ckpt") == []

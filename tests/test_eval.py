@@ -173,6 +173,11 @@ def test_cli_needs_at_least_one_episode_and_env(tmp_path, flag):
     assert_one_line_error(run_eval("--logdir", str(tmp_path), flag, "0"), flag, ">= 1")
 
 
+@pytest.mark.parametrize("seed", ["-1", "2147483648", "99999999999999999999999"])
+def test_cli_seed_is_one_the_run_could_have(tmp_path, seed):
+    assert_one_line_error(run_eval("--logdir", str(tmp_path), "--seed", seed), "--seed", seed)
+
+
 @pytest.mark.parametrize("text", ["task: [classic_cartpole\n", "just a string\n"])
 def test_cli_bad_config_file(tmp_path, text):
     (tmp_path / "config.yaml").write_text(text)

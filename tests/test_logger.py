@@ -371,3 +371,22 @@ def test_wandb_online_without_a_server_is_one_line(tmp_path):
     assert out.count("\n") == 1 and "wandb online init failed" in out, (out, err)
     assert "--wandb.mode offline" in out
     assert "Traceback" not in err
+
+
+def test_a_metrics_file_that_refuses_appends_is_one_line_at_start(tmp_path, monkeypatch):
+    """An immutable or read-only metrics.jsonl in a writable folder (the folder's probe passes):
+    found when the logger opens, not at its first row after a stretch of training."""
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "frames": 1}\n')
+    real_open = pathlib.Path.open
+
+    def refusing(path, mode="r", *args, **kwargs):
+        if path.name == "metrics.jsonl" and "a" in mode:
+            raise PermissionError(1, "Operation not permitted")
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "open", refusing)
+    with pytest.raises(LogdirError) as error:
+        _logger(tmp_path, wandb_mode="disabled", progress=False)
+    path = tmp_path / "metrics.jsonl"
+    assert str(error.value) == f"metrics file {path} is not writable: Operation not permitted"
+    assert path.read_text() == '{"step": 1, "frames": 1}\n'
