@@ -30,7 +30,8 @@ Every finished episode is written to `<directory>/{index:08d}-{length}.npz` (com
 where `index` continues from the largest index already in the directory, so lexicographic
 order is chronological order across restarts. Files are written to a hidden temp name and
 renamed atomically. The replay never deletes or modifies a file it did not just write, so
-two replays must not share a directory.
+two replays must not share a directory. `set_aside_after` moves (never deletes) the files of
+episodes that finished after a checkpoint, for a run resumed from it.
 """
 
 from __future__ import annotations
@@ -62,6 +63,29 @@ def bytes_per_step(spec: StepSpec) -> int:
     return sum(
         int(np.prod(shape, dtype=int)) * np.dtype(dtype).itemsize for shape, dtype in spec.values()
     )
+
+
+def set_aside_after(directory: pathlib.Path, next_index: int, aside: pathlib.Path) -> int:
+    """Moves the episode files of `directory` numbered `next_index` or above (the episodes that
+    finished after a checkpoint taken when `next_index` was the replay's next index) into a new
+    folder `aside` (`aside.1`, `aside.2`, ... if it exists). Returns how many it moved."""
+    names = [
+        path.name
+        for path in (directory.iterdir() if directory.is_dir() else [])
+        if (match := _FILENAME.match(path.name))
+        and not path.name.startswith(".")
+        and int(match.group(1)) >= next_index
+    ]
+    if not names:
+        return 0
+    folder, copy = aside, 0
+    while folder.exists():
+        copy += 1
+        folder = aside.with_name(f"{aside.name}.{copy}")
+    folder.mkdir(parents=True)
+    for name in sorted(names):
+        os.replace(directory / name, folder / name)
+    return len(names)
 
 
 class ReplayDirectoryError(DirectoryError):
@@ -386,6 +410,11 @@ class Replay:
         """The stored episodes, oldest first (read-only arrays, shared with storage)."""
         with self._lock:
             return list(self._episodes)
+
+    @property
+    def next_index(self) -> int:
+        """The index the next episode file this replay saves gets."""
+        return self._next_index
 
     @property
     def stats(self) -> dict[str, int]:

@@ -59,7 +59,7 @@ from dreamer_jax.logger import (
 )
 from dreamer_jax.paths import DirectoryError, ensure_writable, lock_directory
 from dreamer_jax.provenance import provenance, record_start
-from dreamer_jax.replay import Replay, bytes_per_step
+from dreamer_jax.replay import Replay, bytes_per_step, set_aside_after
 from dreamer_jax.report import open_loop_video
 from dreamer_jax.seeds import (
     enclosing_run,
@@ -299,6 +299,23 @@ def check_inputs(config: Config, logdir: pathlib.Path) -> Agent:
     return make_agent(config)
 
 
+def _set_aside_replay(folder: pathlib.Path, next_index: int | None, step: int) -> None:
+    """Before the replay loads: the episodes that finished after the checkpoint of `step`
+    (a kill since) go to `<folder>/replay_after_checkpoint/<step>`. The run collects those
+    steps again, and keeping both would give the learner more data than its step count says.
+    Checkpoints from before this was recorded (`next_index` None) keep every file."""
+    if next_index is None:
+        return
+    aside = folder / "replay_after_checkpoint" / str(step)
+    moved = set_aside_after(folder / "replay", next_index, aside)
+    if moved:
+        print(
+            f"replay: {moved} episode file(s) of {folder} finished after the checkpoint at step "
+            f"{step}; set aside in {aside.parent} (their steps are collected again)",
+            flush=True,
+        )
+
+
 def _seed_range(config: Config) -> str:
     first, *_, last = run_seeds(config)
     return f"{first}..{last}" if config.num_seeds > 1 else str(first)
@@ -535,6 +552,7 @@ def _fresh_loop(config: Config) -> dict:
                 "eval_key": _key_data(eval_key),
                 "random_rng": np.random.default_rng(seed).bit_generator.state,
                 "replay_rng": None,
+                "replay_next_index": 0,
                 "report_rng": np.random.default_rng([seed, 1]).bit_generator.state,
             }
         )
@@ -616,6 +634,8 @@ def _train(
     try:
         for i, folder in enumerate(seed_dirs):
             loggers.append(_make_logger(config, logdir, run_info, step, resumed, i))
+            if resumed:
+                _set_aside_replay(folder, loop["seeds"][i].get("replay_next_index"), step)
             replays.append(
                 Replay(
                     folder / "replay",
@@ -691,7 +711,8 @@ def _run_loop(
             updates_owed=learning.owed,
             seeds=[
                 {**act, **ev, "replay_rng": replay.get_rng_state(),
-                 "replay_episodes": replay.stats["num_episodes"]}
+                 "replay_episodes": replay.stats["num_episodes"],
+                 "replay_next_index": replay.next_index}
                 for act, ev, replay in parts
             ],
         )  # fmt: skip

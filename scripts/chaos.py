@@ -7,7 +7,9 @@ random moment K times, restarts it each time, then lets it finish. Checks, every
 - it resumes (after the first checkpoint exists) and its step never goes back past the
   last checkpoint seen before the kill;
 - every episode file finished before a kill is still there, loads (allow_pickle=False),
-  and is in the replay after the restart (none skipped as corrupt);
+  and is in the replay after the restart (none skipped as corrupt), or, if it finished after
+  the checkpoint the run resumes from, is kept in `replay_after_checkpoint/` (those steps
+  are collected again);
 - the final run exits 0 and metrics.jsonl has strictly increasing, unique steps.
 With `--num_seeds N` the run trains seeds 0..N-1 in one program and every seed's folder is
 checked. `--seed` seeds the kill moments.
@@ -64,6 +66,15 @@ def episode_files(folders: list[pathlib.Path]) -> dict[pathlib.Path, int]:
     return files
 
 
+def set_aside(folders: list[pathlib.Path]) -> set[tuple[pathlib.Path, str]]:
+    """`(replay folder, file name)` of the episode files a restart has set aside."""
+    return {
+        (folder / "replay", path.name)
+        for folder in folders
+        for path in (folder / "replay_after_checkpoint").glob("*/*.npz")
+    }
+
+
 def checkpoint_steps(logdir: pathlib.Path) -> list[int]:
     directory = logdir / "checkpoints"
     if not directory.is_dir():
@@ -98,8 +109,9 @@ def wait_for(log: pathlib.Path, pattern: str, process: subprocess.Popen, timeout
     return None
 
 
-def verify_restart(log, process, files_before, last_checkpoint, minimum_length):
-    """After a restart: resumed from >= the last checkpoint, replay complete and clean."""
+def verify_restart(log, process, files_before, last_checkpoint, minimum_length, folders):
+    """After a restart: resumed from >= the last checkpoint, replay complete and clean (every
+    file it kept loaded; none lost, the ones it set aside kept aside)."""
     started = wait_for(log, r"replay: (\d+) episodes, \d+ steps, (\d+) files skipped", process, 300)
     check(started is not None, f"restart did not start: {log.read_text()[-2000:]}")
     resumed = re.search(r"resuming from checkpoint at step (\d+)", log.read_text())
@@ -111,7 +123,9 @@ def verify_restart(log, process, files_before, last_checkpoint, minimum_length):
         )
     episodes, skipped = int(started.group(1)), int(started.group(2))
     check(skipped == 0, f"{skipped} corrupt replay files after a kill")
-    expected = sum(1 for length in files_before.values() if length >= minimum_length)
+    aside = set_aside(folders)
+    kept = {p: n for p, n in files_before.items() if (p.parent, p.name) not in aside}
+    expected = sum(1 for length in kept.values() if length >= minimum_length)
     check(episodes >= expected, f"replay holds {episodes} episodes, {expected} finished before")
     return int(resumed.group(1)) if resumed else 0
 
@@ -150,12 +164,19 @@ def run(kills: int, seed: int, logdir: pathlib.Path, extra: list[str], num_seeds
         last_checkpoint = steps_before[-1] if steps_before else None
         killed += 1
         process, log = start(logdir, steps, extra)
-        resumed = verify_restart(log, process, files_before, last_checkpoint, minimum_length)
-        missing = set(files_before) - set(episode_files(folders))
+        resumed = verify_restart(
+            log, process, files_before, last_checkpoint, minimum_length, folders
+        )
+        aside = set_aside(folders)
+        missing = {
+            p
+            for p in set(files_before) - set(episode_files(folders))
+            if (p.parent, p.name) not in aside
+        }
         check(not missing, f"episode files vanished: {sorted(missing)[:5]}")
         print(
             f"kill {kill + 1}: checkpoint before kill {last_checkpoint}, resumed at {resumed}, "
-            f"{len(files_before)} episode files intact",
+            f"{len(files_before)} episode files intact ({len(aside)} set aside in all)",
             flush=True,
         )
     check(process.wait(timeout=1800) == 0, f"final run failed: {log.read_text()[-2000:]}")

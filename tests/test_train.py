@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import types
@@ -520,6 +521,29 @@ def test_unreadable_latest_checkpoint_is_moved_aside_and_the_run_continues(finis
     assert list((logdir / "checkpoints_unreadable").iterdir())  # kept, not deleted
     steps = [row["step"] for row in read_metrics(logdir / "metrics.jsonl")]
     assert steps == sorted(set(steps)) and steps[-1] == 1200
+
+
+def test_episodes_finished_after_the_restored_checkpoint_are_set_aside(finished_run, tmp_path):
+    """As after a kill: two episodes finished after the checkpoint at 800 (copies of the last
+    two, with the next indices). The resumed run collects those steps again, so the replay it
+    loads is the checkpoint's, and the two files are kept in replay_after_checkpoint/800."""
+    logdir = _copy_run(finished_run, tmp_path)
+    replay = logdir / "replay"
+    files = sorted(p.name for p in replay.glob("*.npz"))
+    last = int(files[-1].split("-")[0])
+    late = [f"{last + 1 + i:08d}-{name.split('-')[1]}" for i, name in enumerate(files[-2:])]
+    for source, name in zip(files[-2:], late, strict=True):
+        (replay / name).write_bytes((replay / source).read_bytes())
+    result = run_cli(*CLASSIC, "--logdir", str(logdir), "--steps", "1200")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (
+        f"replay: 2 episode file(s) of {logdir} finished after the checkpoint at step 800; set "
+        f"aside in {logdir / 'replay_after_checkpoint'}" in result.stdout
+    )
+    assert sorted(p.name for p in (logdir / "replay_after_checkpoint" / "800").iterdir()) == late
+    loaded = re.search(r"\(replay: (\d+) episodes", result.stdout)
+    sampleable = sum(1 for name in files if int(name.split("-")[1][:-4]) >= 10)
+    assert loaded and int(loaded.group(1)) == sampleable  # the checkpoint's replay only
 
 
 def test_shape_changing_config_change_is_one_line(finished_run, tmp_path):
