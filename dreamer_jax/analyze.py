@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from dreamer_jax.config import ConfigError, load_run_config, program_name
+from dreamer_jax.config import ConfigError, load_run_config, program_name, warn_in_one_line
 from dreamer_jax.logger import METRICS_FILE, WANDB_INIT_TIMEOUT_S, read_metrics
 from dreamer_jax.paths import DirectoryError, ensure_writable, write_atomic
 
@@ -563,14 +563,10 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _warn_one_line(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"warning: {message}", file=sys.stderr)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     with warnings.catch_warnings():
-        warnings.showwarning = _warn_one_line  # a skipped run is one line, not a source dump
+        warnings.showwarning = warn_in_one_line  # a skipped run is one line, not a source dump
         try:
             analyze(args)
         except (AnalysisError, DirectoryError) as error:

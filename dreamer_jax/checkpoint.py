@@ -64,7 +64,10 @@ def _reason(error: BaseException) -> str:
         if code:
             return os.strerror(int(code.group(1)))
     text = str(chain[-1]).strip()
-    return text.splitlines()[0][:200] if text else type(chain[-1]).__name__
+    if not text:
+        return type(chain[-1]).__name__
+    line = text.splitlines()[0]
+    return line if len(line) <= 200 else line[:200].rsplit(" ", 1)[0] + " ..."
 
 
 def _is_orbax_debris(error: BaseException | None) -> bool:

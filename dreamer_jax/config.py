@@ -472,6 +472,12 @@ def program_name(module: str) -> str:
     return script if script.startswith("dreamer-") else f"python -m {module}"
 
 
+def warn_in_one_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """`warnings.showwarning` for the commands: `warning: <message>`, without the file, line
+    and source line Python adds."""
+    print(f"warning: {message}", file=sys.stderr if file is None else file)
+
+
 def parse_cli(argv: Sequence[str], program: str, description: str) -> Config | str:
     """The config `argv` asks for, or the text to print before exiting 0: the usage for
     `-h`/`--help` (anywhere in `argv`), the resolved config as YAML for `--print_config`.

@@ -19,6 +19,7 @@ import argparse
 import json
 import pathlib
 import sys
+import warnings
 from typing import NamedTuple
 
 import jax
@@ -26,7 +27,7 @@ import numpy as np
 
 from dreamer_jax.api import load
 from dreamer_jax.checkpoint import CheckpointError
-from dreamer_jax.config import ConfigError, program_name
+from dreamer_jax.config import ConfigError, program_name, warn_in_one_line
 from dreamer_jax.envs import VectorEnv
 from dreamer_jax.logger import save_gif
 from dreamer_jax.seeds import policy_inputs, stack
@@ -122,6 +123,12 @@ def _restore(logdir: pathlib.Path, envs: int, seed: int | None):
 
 
 def main(argv=None) -> int:
+    with warnings.catch_warnings():
+        warnings.showwarning = warn_in_one_line  # e.g. a checkpoint skipped: one line
+        return _main(argv)
+
+
+def _main(argv) -> int:
     parser = argparse.ArgumentParser(
         prog=program_name("dreamer_jax.eval"),
         description=__doc__,

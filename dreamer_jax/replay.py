@@ -251,8 +251,13 @@ class Replay:
         for path in reversed([p for p in paths if not p.name.startswith(".")]):
             try:
                 # Our own handle: np.load leaks its own when the zip is corrupt.
-                with open(path, "rb") as f, np.load(f, allow_pickle=False) as data:
-                    episode = {key: data[key] for key in data.files}
+                with open(path, "rb") as f:
+                    # Else np.load takes any other bytes for a pickle and says how to load it.
+                    if f.read(4) != b"PK\x03\x04":
+                        raise ValueError("not an .npz (zip) archive")
+                    f.seek(0)
+                    with np.load(f, allow_pickle=False) as data:
+                        episode = {key: data[key] for key in data.files}
                 length = _validate(episode, self._spec)
             except Exception as error:  # whatever np.load raises: skip the file, never fatal
                 reason = " ".join(str(error).split()) or type(error).__name__

@@ -37,6 +37,7 @@ import socket
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -46,7 +47,14 @@ import numpy as np
 from dreamer_jax.agent import Agent, TrainState, over_seeds
 from dreamer_jax.api import make_agent
 from dreamer_jax.checkpoint import Checkpointer, CheckpointError
-from dreamer_jax.config import Config, ConfigError, load_run_config, parse_cli, program_name
+from dreamer_jax.config import (
+    Config,
+    ConfigError,
+    load_run_config,
+    parse_cli,
+    program_name,
+    warn_in_one_line,
+)
 from dreamer_jax.envs import UnknownTaskError, VectorEnv
 from dreamer_jax.eval import evaluate
 from dreamer_jax.logger import (
@@ -701,7 +709,7 @@ def _run_loop(
     learning = Learning(agent, config, replays, sharding, loop)
     evaluating = Evaluating(agent, config, eval_env, loop["seeds"], sharding)
     logging = Logging(config, loggers, loop["step"], loop["updates"])
-    step = loop["step"]
+    step = start = loop["step"]
 
     def save_checkpoint():
         parts = zip(acting.seed_loops(), evaluating.seed_loops(), replays, strict=True)
@@ -745,7 +753,14 @@ def _run_loop(
             print(f"stopping on signal {stop.signum} at step {step}", flush=True)
         if step not in checkpointer.steps():  # the periodic save may have just written it
             save_checkpoint()
-        print(f"checkpoint saved at step {step} in {checkpointer.directory}", flush=True)
+        if step == start and stop.signum is None:
+            print(
+                f"the run is at step {step} (--steps {config.steps}): nothing to train; a "
+                "larger --steps continues it",
+                flush=True,
+            )
+        else:
+            print(f"checkpoint saved at step {step} in {checkpointer.directory}", flush=True)
         for seed, logger in zip(run_seeds(config), loggers, strict=True):
             print(latest_returns(seed, logger.metrics_path), flush=True)
     except Exception as error:
@@ -786,6 +801,12 @@ def _save_after_error(save_checkpoint, state: TrainState, step: int, checkpointe
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    with warnings.catch_warnings():
+        warnings.showwarning = warn_in_one_line  # e.g. a skipped replay file: one line
+        return _main(argv)
+
+
+def _main(argv: list[str]) -> int:
     try:
         config = parse_cli(argv, program_name("dreamer_jax.train"), __doc__)
         if isinstance(config, str):  # --help or --print_config: print and run nothing

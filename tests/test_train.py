@@ -162,6 +162,10 @@ def test_config_change_on_resume_is_refused_and_nothing_is_touched(tmp_path):
     # Run length is not part of the experiment's identity.
     longer = run_cli(*CLASSIC, "--logdir", str(logdir), "--steps", "600")
     assert longer.returncode == 0, longer.stderr[-3000:]
+    again = run_cli(*CLASSIC, "--logdir", str(logdir), "--steps", "600")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "the run is at step 600 (--steps 600): nothing to train" in again.stdout
+    assert "checkpoint saved" not in again.stdout
 
 
 @pytest.mark.slow
@@ -534,15 +538,20 @@ def test_episodes_finished_after_the_restored_checkpoint_are_set_aside(finished_
     late = [f"{last + 1 + i:08d}-{name.split('-')[1]}" for i, name in enumerate(files[-2:])]
     for source, name in zip(files[-2:], late, strict=True):
         (replay / name).write_bytes((replay / source).read_bytes())
+    (replay / files[0]).write_bytes(b"garbage\n")  # skipped, in one warning line
     result = run_cli(*CLASSIC, "--logdir", str(logdir), "--steps", "1200")
     assert result.returncode == 0, result.stderr[-3000:]
+    warned = [line for line in result.stderr.splitlines() if "warning" in line.lower()]
+    assert warned == [
+        f"warning: replay: skipping episode file {replay / files[0]}: not an .npz (zip) archive"
+    ]
     assert (
         f"replay: 2 episode file(s) of {logdir} finished after the checkpoint at step 800; set "
         f"aside in {logdir / 'replay_after_checkpoint'}" in result.stdout
     )
     assert sorted(p.name for p in (logdir / "replay_after_checkpoint" / "800").iterdir()) == late
     loaded = re.search(r"\(replay: (\d+) episodes", result.stdout)
-    sampleable = sum(1 for name in files if int(name.split("-")[1][:-4]) >= 10)
+    sampleable = sum(1 for name in files[1:] if int(name.split("-")[1][:-4]) >= 10)
     assert loaded and int(loaded.group(1)) == sampleable  # the checkpoint's replay only
 
 
