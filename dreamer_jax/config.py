@@ -127,9 +127,21 @@ def _type_name(value: Any) -> str:
     return type(value).__name__
 
 
+class _NoValue:
+    """A command-line key given without a value: true for a bool key, an error otherwise."""
+
+    def __repr__(self) -> str:
+        return "no value"
+
+
+NO_VALUE = _NoValue()
+
+
 def _coerce(key: str, value: Any, default: Any) -> Any:
     """`value` converted to the type of `default`, or ConfigError."""
     expected = _type_name(default)
+    if value is NO_VALUE and isinstance(default, bool):
+        return True
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value
@@ -437,7 +449,7 @@ def parse_args(argv: Sequence[str]) -> tuple[list[str], dict[str, Any]]:
         if key == "configs":
             presets.extend(values)
         elif not values:
-            overrides[key] = True
+            overrides[key] = NO_VALUE
         elif len(values) == 1:
             overrides[key] = _parse_scalar(values[0])
         else:

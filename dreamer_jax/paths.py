@@ -26,6 +26,8 @@ def ensure_writable(
 ) -> None:
     """Creates `directory` and proves it writable with a `PROBE_BYTES` probe file (written,
     fsynced, removed), else raises `error` with one line naming `what` and the directory."""
+    if directory.exists() and not directory.is_dir():
+        raise error(f"{what} {directory} is a file, not a directory")
     probe = directory / f".write-probe-{os.getpid()}"
     try:
         directory.mkdir(parents=True, exist_ok=True)

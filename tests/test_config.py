@@ -99,7 +99,11 @@ def test_parse_args_splits_presets_and_overrides():
         ["--configs", "a", "b", "--x.y", "1", "--flag", "--l", "1", "2"]
     )
     assert presets == ["a", "b"]
-    assert overrides == {"x.y": 1, "flag": True, "l": [1, 2]}
+    assert overrides == {"x.y": 1, "flag": config_module.NO_VALUE, "l": [1, 2]}
+    # A key given alone is true for a bool key and no value for any other.
+    assert load_config(["--jit"]).jit is True
+    with pytest.raises(ConfigError, match=r"^config key 'steps' expects int, got no value$"):
+        load_config(["--steps"])
 
 
 def test_every_key_has_a_range_rule():

@@ -109,6 +109,10 @@ def test_unwritable_logdir_exits_2(tmp_path):
     result = run_cli("--configs", "classic", "debug", "--logdir", str(blocker / "run"), timeout=120)
     assert result.returncode == 2 and "not writable" in result.stderr
     assert blocker.read_text() == "not a directory"
+    result = run_cli("--configs", "classic", "debug", "--logdir", str(blocker), timeout=120)
+    assert result.returncode == 2
+    assert result.stderr == f"error: log directory {blocker} is a file, not a directory\n"
+    assert blocker.read_text() == "not a directory"
 
 
 CLASSIC = ["--configs", "classic", "debug", "--task", "classic_cartpole"]
