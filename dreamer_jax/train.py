@@ -698,8 +698,9 @@ def _run_loop(
     """Acts, learns, evaluates, logs and checkpoints until `config.steps` or a stop signal."""
     stats = [replay.stats for replay in replays]
     print(
-        f"dreamer-jax: {config.task} on {jax.default_backend()}, seeds "
-        f"{', '.join(map(str, run_seeds(config)))} on {sharding.mesh.size} device(s), logs in "
+        f"dreamer-jax: {config.task} on {jax.default_backend()}, "
+        f"seed{'s' if config.num_seeds > 1 else ''} {', '.join(map(str, run_seeds(config)))} "
+        f"on {sharding.mesh.size} device(s), logs in "
         f"{config.logdir} (replay: {sum(s['num_episodes'] for s in stats)} episodes, "
         f"{sum(s['num_steps'] for s in stats)} steps, "
         f"{sum(s['skipped_files'] for s in stats)} files skipped)",
