@@ -49,7 +49,11 @@ def enclosing_run(folder: pathlib.Path) -> tuple[pathlib.Path, Config] | None:
     """`(run folder, run config)` of the many-seed run whose seed folder `folder` is (a
     `<run>/seed_<s>` of one of its seeds, with the checkpoints in `<run>`), else None."""
     parent = folder.parent
-    if (folder / "checkpoints").is_dir() or not (parent / "config.yaml").is_file():
+    if (
+        not folder.name.startswith("seed_")
+        or (folder / "checkpoints").is_dir()
+        or not (parent / "config.yaml").is_file()
+    ):
         return None
     config = load_run_config(parent / "config.yaml")
     if config.num_seeds > 1 and folder.name in [f"seed_{s}" for s in run_seeds(config)]:
