@@ -78,10 +78,10 @@ def set_aside_after(directory: pathlib.Path, next_index: int, aside: pathlib.Pat
     ]
     if not names:
         return 0
-    folder, copy = aside, 0
+    folder, tries = aside, 0
     while folder.exists():
-        copy += 1
-        folder = aside.with_name(f"{aside.name}.{copy}")
+        tries += 1
+        folder = aside.with_name(f"{aside.name}.{tries}")
     folder.mkdir(parents=True)
     for name in sorted(names):
         os.replace(directory / name, folder / name)
