@@ -349,7 +349,10 @@ def plot_task(
     edges = frame_edges(runs, bins)
     x, mean, low, high = curve_band([(run.frames, run.returns) for run in runs], edges)
     (line,) = ax.plot(x, mean, marker=_marker(x), label=f"dreamer-jax ({len(runs)} seeds)")
-    ax.fill_between(x, low, high, color=line.get_color(), alpha=0.25, linewidth=0)
+    if len(x) == 1:  # a band one point wide would not show: the seeds' min-max as a bar
+        ax.errorbar(x, mean, yerr=[mean - low, high - mean], color=line.get_color(), capsize=4)
+    else:
+        ax.fill_between(x, low, high, color=line.get_color(), alpha=0.25, linewidth=0)
     if reference:
         ref_x, ref_mean, _, _ = curve_band(reference, edges)
         label = f"DreamerV2 official ({len(reference)} seeds)"

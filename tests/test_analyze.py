@@ -310,6 +310,13 @@ def test_plot_task_draws_reference_and_baselines_only_when_given(tmp_path):
     ax = Figure().add_subplot()
     analyze.plot_task(ax, "classic_cartpole", runs, bins=2)
     assert [line.get_label() for line in ax.get_lines()] == ["dreamer-jax (2 seeds)"]
+    ax = Figure().add_subplot()  # one evaluation each: the seeds' spread as a bar, not lost
+    one = [run._replace(frames=run.frames[:1], returns=run.returns[:1]) for run in runs]
+    analyze.plot_task(ax, "classic_cartpole", one, bins=2)
+    (errorbar,) = ax.containers
+    _, _, (bars,) = errorbar
+    low, high = sorted(run.returns[0] for run in one)
+    np.testing.assert_array_equal(bars.get_segments()[0][:, 1], [low, high])
     ax = Figure().add_subplot()  # a reference that starts past the runs' frames is not drawn
     analyze.plot_task(ax, "atari_pong", runs, bins=2, reference=[(np.array([1e6]), np.ones(1))])
     assert [line.get_label() for line in ax.get_lines()] == ["dreamer-jax (2 seeds)"]
