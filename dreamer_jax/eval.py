@@ -169,6 +169,8 @@ def _main(argv) -> int:
         path = logdir / f"eval_{step}.gif"
         save_gif(path, np.stack(result.frames))
         print(f"video: {path}")
+    elif args.video:
+        print(f"video: none, {config.task} has no image observations")
     print(json.dumps({"step": step, "episodes": len(returns), "mean": mean, "std": std,
                       "returns": returns, "lengths": result.lengths}))  # fmt: skip
     return 0

@@ -205,8 +205,9 @@ def trained_run(tmp_path_factory):
 
 def test_cli_evaluates_a_run_read_only(trained_run):
     snapshot = {p: p.read_bytes() for p in trained_run.rglob("*") if p.is_file()}
-    result = run_eval("--logdir", str(trained_run), "--envs", "2", "--episodes", "3")
+    result = run_eval("--logdir", str(trained_run), "--envs", "2", "--episodes", "3", "--video")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "video: none, classic_cartpole has no image observations\n" in result.stdout
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["step"] == 400 and summary["episodes"] == 3
     assert len(summary["returns"]) == 3 and len(summary["lengths"]) == 3
