@@ -269,6 +269,31 @@ class NonFiniteRewards:
         return self._poisoned(self.env.step(action, active))
 
 
+def test_a_log_row_that_fails_stays_owed_after_the_error_checkpoint(tmp_path, monkeypatch):
+    """A full disk at the log of step 500: the run saves a checkpoint there and stops; the
+    resumed run still owes that row and writes it at its first step (501), then its last."""
+    config = make_config(
+        ["classic", "debug"],
+        {"task": "classic_cartpole", "logdir": str(tmp_path), "steps": 600, "prefill": 300,
+         "log_every": 250, "eval_every": 100000, "wandb.mode": "disabled"},
+    )  # fmt: skip
+    write = train_module.Logging.write
+
+    def full_disk_at_500(self, step, *args):
+        if step == 500:
+            raise OSError(28, "No space left on device")
+        return write(self, step, *args)
+
+    monkeypatch.setattr(train_module.Logging, "write", full_disk_at_500)
+    with pytest.raises(OSError, match="No space left"):
+        train_module.train(config, types.SimpleNamespace(signum=None))
+    assert (tmp_path / "checkpoints" / "500").is_dir()  # the error checkpoint
+    monkeypatch.setattr(train_module.Logging, "write", write)
+    train_module.train(config, types.SimpleNamespace(signum=None))
+    # 300: the first step with an update (the prefill ends there).
+    assert [row["step"] for row in read_metrics(tmp_path / "metrics.jsonl")] == [300, 501, 600]
+
+
 def test_one_diverged_seed_is_reported_and_the_others_train_on(tmp_path, monkeypatch, capsys):
     config = make_config(
         ["classic", "debug"],
