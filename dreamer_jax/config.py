@@ -302,6 +302,11 @@ _POSITIVE = _number(0.0, low_open=True)
 _NONNEGATIVE = _number(0.0)
 
 
+# The largest seed of a run (and of dreamer-eval): jax.random.key keeps only 32 bits without
+# x64, and eval seeds envs with seed + 2e6.
+MAX_SEED = 2**31 - 1
+
+
 def _group(name: str, rules: Mapping[str, _Rule]) -> dict[str, _Rule]:
     return {f"{name}.{key}": rule for key, rule in rules.items()}
 
@@ -319,8 +324,7 @@ _CODER = {"cnn_depth": _SIZE, "cnn_kernels": _SIZES, "mlp_layers": _SIZES}
 # that no key is missing.
 _RULES: dict[str, _Rule] = {
     "logdir": _TYPED,  # train.py requires it
-    # jax.random.key keeps only 32 bits without x64, and eval seeds envs with seed + 2e6.
-    "seed": _int(0, 2**31 - 1),
+    "seed": _int(0, MAX_SEED),
     "num_seeds": _int(1, 1024),  # each seed holds a whole agent; far more cannot fit a GPU
     "task": _TYPED,  # checked against the available tasks by envs.VectorEnv
     "envs": _SIZE,
@@ -401,10 +405,10 @@ def _validate(config: Config) -> None:
             raise ConfigError(
                 f"config key '{key}' expects {rule.expects}, got {_to_plain(value)!r}"
             )
-    if config.seed + config.num_seeds - 1 > 2**31 - 1:
+    if config.seed + config.num_seeds - 1 > MAX_SEED:
         raise ConfigError(
             f"config keys 'seed' + 'num_seeds' - 1 ({config.seed + config.num_seeds - 1}) "
-            f"must be at most {2**31 - 1}"
+            f"must be at most {MAX_SEED}"
         )
     # Episodes shorter than this are never stored: the run would collect and never train.
     sample = max(config.replay.minlen, config.dataset.length)

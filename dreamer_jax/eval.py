@@ -27,7 +27,7 @@ import numpy as np
 
 from dreamer_jax.api import load
 from dreamer_jax.checkpoint import CheckpointError
-from dreamer_jax.config import ConfigError, program_name, warn_in_one_line
+from dreamer_jax.config import MAX_SEED, ConfigError, program_name, warn_in_one_line
 from dreamer_jax.envs import VectorEnv
 from dreamer_jax.logger import save_gif
 from dreamer_jax.seeds import policy_inputs, stack
@@ -151,8 +151,8 @@ def _main(argv) -> int:
         for name in ("episodes", "envs"):
             if getattr(args, name) < 1:
                 raise EvalError(f"--{name} must be >= 1, got {getattr(args, name)}")
-        if args.seed is not None and not 0 <= args.seed <= 2**31 - 1:  # as train's --seed
-            raise EvalError(f"--seed must be in [0, {2**31 - 1}], got {args.seed}")
+        if args.seed is not None and not 0 <= args.seed <= MAX_SEED:  # as train's --seed
+            raise EvalError(f"--seed must be in [0, {MAX_SEED}], got {args.seed}")
         config, env, agent, step, state, seed = _restore(logdir, args.envs, args.seed)
     except (ConfigError, CheckpointError, OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
