@@ -473,7 +473,7 @@ class Evaluating:
 
     def run(self, states: TrainState, replays: list[Replay], loggers: list[Logger], step: int):
         keys = jax.vmap(lambda key: jax.random.split(key, 3))(self.eval_keys)
-        self.eval_keys, episodes_keys, openl_keys = keys[:, 0], keys[:, 1], keys[:, 2]
+        eval_keys, episodes_keys, openl_keys = keys[:, 0], keys[:, 1], keys[:, 2]
         results = evaluate(
             self.agent, self.env, states, self.config.eval_eps, episodes_keys,
             record_video=self.config.eval_video_frames > 0,
@@ -484,11 +484,15 @@ class Evaluating:
             logger.scalar("eval_length", float(np.mean(result.lengths)))
             if result.frames:
                 logger.video("eval_policy", np.stack(result.frames), step=step)
-        samples = zip(replays, self.report_rngs, strict=True)
+        report_rngs = [_generator(rng.bit_generator.state) for rng in self.report_rngs]
+        samples = zip(replays, report_rngs, strict=True)
         batches = [replay.sample(rng) for replay, rng in samples]
         videos = open_loop_frames(self.agent, states, batches, openl_keys, self.sharding)
         for logger, frames in zip(loggers, videos, strict=True):
             logger.video("openl", frames, step=step)
+        # The streams move on only once the eval is done: an eval that failed (and was
+        # checkpointed as owed) is redone with the same draws.
+        self.eval_keys, self.report_rngs = eval_keys, report_rngs
 
     def seed_loops(self) -> list[dict]:
         return [
@@ -617,6 +621,17 @@ def _train(
         _, states, saved_loop = restored
         loop.update(saved_loop)
         print(f"resuming from checkpoint at step {loop['step']}", flush=True)
+        if loop["step"] >= config.steps:
+            # Before any env, logger or run.json entry: a finished run stays as it was.
+            print(
+                f"the run is at step {loop['step']} (--steps {config.steps}): nothing to "
+                "train; a larger --steps continues it",
+                flush=True,
+            )
+            for seed, folder in zip(seeds, seed_dirs, strict=True):
+                print(latest_returns(seed, folder / METRICS_FILE), flush=True)
+            checkpointer.close()
+            return loop
     elif _holds_run_data(seed_dirs):
         aside = checkpointer.unreadable_directory
         moved = f"; unreadable ones are in {aside}" if aside.exists() else ""
@@ -660,6 +675,15 @@ def _train(
             )
             if loop["seeds"][i]["replay_rng"] is not None:
                 replays[i].set_rng_state(loop["seeds"][i]["replay_rng"])
+            saved = loop["seeds"][i].get("replay_episodes") if resumed else None
+            loaded = replays[i].stats["num_episodes"]
+            if saved is not None and loaded != saved:
+                warnings.warn(
+                    f"seed {seeds[i]}: the replay holds {loaded} episodes where its checkpoint "
+                    f"at step {step} had {saved} (files missing or unreadable): the run goes "
+                    "on, but no longer as an uninterrupted one would",
+                    stacklevel=1,
+                )
         _save_configs(config, logdir, seed_dirs)
         return _run_loop(
             config, agent, states, loop, env, eval_env, replays, loggers, checkpointer,
@@ -710,7 +734,7 @@ def _run_loop(
     learning = Learning(agent, config, replays, sharding, loop)
     evaluating = Evaluating(agent, config, eval_env, loop["seeds"], sharding)
     logging = Logging(config, loggers, loop["step"], loop["updates"])
-    step = start = loop["step"]
+    step = loop["step"]
 
     def save_checkpoint():
         parts = zip(acting.seed_loops(), evaluating.seed_loops(), replays, strict=True)
@@ -754,14 +778,7 @@ def _run_loop(
             print(f"stopping on signal {stop.signum} at step {step}", flush=True)
         if step not in checkpointer.steps():  # the periodic save may have just written it
             save_checkpoint()
-        if step == start and stop.signum is None:
-            print(
-                f"the run is at step {step} (--steps {config.steps}): nothing to train; a "
-                "larger --steps continues it",
-                flush=True,
-            )
-        else:
-            print(f"checkpoint saved at step {step} in {checkpointer.directory}", flush=True)
+        print(f"checkpoint saved at step {step} in {checkpointer.directory}", flush=True)
         for seed, logger in zip(run_seeds(config), loggers, strict=True):
             print(latest_returns(seed, logger.metrics_path), flush=True)
     except Exception as error:

@@ -166,10 +166,18 @@ def test_config_change_on_resume_is_refused_and_nothing_is_touched(tmp_path):
     # Run length is not part of the experiment's identity.
     longer = run_cli(*CLASSIC, "--logdir", str(logdir), "--steps", "600")
     assert longer.returncode == 0, longer.stderr[-3000:]
-    again = run_cli(*CLASSIC, "--logdir", str(logdir), "--steps", "600")
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "the run is at step 600 (--steps 600): nothing to train" in again.stdout
-    assert "checkpoint saved" not in again.stdout
+
+    def files():  # but the lock, which holds the pid of its last holder
+        return {p: p.read_bytes() for p in logdir.rglob("*") if p.is_file() and p.name != ".lock"}
+
+    finished = files()
+    for steps in ("600", "500"):  # a finished run, and a shorter --steps than it ran
+        again = run_cli(*CLASSIC, "--logdir", str(logdir), "--steps", steps)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert f"the run is at step 600 (--steps {steps}): nothing to train" in again.stdout
+        assert "checkpoint saved" not in again.stdout and "seed 0: " in again.stdout
+        # No new events file, run.json start, config or checkpoint: nothing is touched.
+        assert files() == finished
 
 
 @pytest.mark.slow
@@ -292,6 +300,44 @@ def test_a_log_row_that_fails_stays_owed_after_the_error_checkpoint(tmp_path, mo
     train_module.train(config, types.SimpleNamespace(signum=None))
     # 300: the first step with an update (the prefill ends there).
     assert [row["step"] for row in read_metrics(tmp_path / "metrics.jsonl")] == [300, 501, 600]
+
+
+def test_an_eval_that_fails_is_redone_with_the_same_draws_after_the_error_checkpoint(
+    tmp_path, monkeypatch
+):
+    """An error inside the eval of step 500 (after its episodes, in the open-loop report):
+    the run saves a checkpoint there and stops; the resumed run still owes that eval and runs
+    it at its first step (501) with the keys and replay draws the failed one had."""
+    config = make_config(
+        ["classic", "debug"],
+        {"task": "classic_cartpole", "logdir": str(tmp_path), "steps": 600, "prefill": 300,
+         "log_every": 250, "eval_every": 250, "wandb.mode": "disabled"},
+    )  # fmt: skip
+    evaluate, open_loop_frames = train_module.evaluate, train_module.open_loop_frames
+    calls = []
+
+    def recorded_evaluate(agent, env, states, episodes, keys, **kwargs):
+        calls.append(np.asarray(jax.random.key_data(keys)))
+        return evaluate(agent, env, states, episodes, keys, **kwargs)
+
+    def failing_at_500(agent, states, batches, keys, sharding):
+        calls.append(batches[0]["action"])
+        if len(calls) == 4:  # the eval of step 500: the first at 300 made two calls
+            raise OSError(28, "No space left on device")
+        return open_loop_frames(agent, states, batches, keys, sharding)
+
+    monkeypatch.setattr(train_module, "evaluate", recorded_evaluate)
+    monkeypatch.setattr(train_module, "open_loop_frames", failing_at_500)
+    with pytest.raises(OSError, match="No space left"):
+        train_module.train(config, types.SimpleNamespace(signum=None))
+    assert (tmp_path / "checkpoints" / "500").is_dir()  # the error checkpoint
+    train_module.train(config, types.SimpleNamespace(signum=None))
+    assert len(calls) == 6
+    np.testing.assert_array_equal(calls[4], calls[2])  # the same episodes' keys,
+    np.testing.assert_array_equal(calls[5], calls[3])  # the same report chunks
+    assert not np.array_equal(calls[2], calls[0])
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [row["step"] for row in rows if "eval_return" in row] == [300, 501]
 
 
 def test_one_diverged_seed_is_reported_and_the_others_train_on(tmp_path, monkeypatch, capsys):
@@ -571,8 +617,12 @@ def test_episodes_finished_after_the_restored_checkpoint_are_set_aside(finished_
     result = run_cli(*CLASSIC, "--logdir", str(logdir), "--steps", "1200")
     assert result.returncode == 0, result.stderr[-3000:]
     warned = [line for line in result.stderr.splitlines() if "warning" in line.lower()]
+    sampleable = sum(1 for name in files[1:] if int(name.split("-")[1][:-4]) >= 10)
     assert warned == [
-        f"warning: replay: skipping episode file {replay / files[0]}: not an .npz (zip) archive"
+        f"warning: replay: skipping episode file {replay / files[0]}: not an .npz (zip) archive",
+        f"warning: seed 0: the replay holds {sampleable} episodes where its checkpoint at step "
+        f"800 had {sampleable + 1} (files missing or unreadable): the run goes on, but no longer "
+        "as an uninterrupted one would",
     ]
     assert (
         f"replay: 2 episode file(s) of {logdir} finished after the checkpoint at step 800; set "
@@ -580,7 +630,6 @@ def test_episodes_finished_after_the_restored_checkpoint_are_set_aside(finished_
     )
     assert sorted(p.name for p in (logdir / "replay_after_checkpoint" / "800").iterdir()) == late
     loaded = re.search(r"\(replay: (\d+) episodes", result.stdout)
-    sampleable = sum(1 for name in files[1:] if int(name.split("-")[1][:-4]) >= 10)
     assert loaded and int(loaded.group(1)) == sampleable  # the checkpoint's replay only
 
 
