@@ -78,12 +78,30 @@ class PolicyParams(NamedTuple):
         return cls(state.wm_params, state.actor_params)
 
 
+def scale_by_keras_adam(eps: float) -> optax.GradientTransformation:
+    """`optax.scale_by_adam` with TensorFlow's (Keras') epsilon, which the official code's
+    `tf.optimizers.Adam` uses: `√(1 − β₂ᵗ)/(1 − β₁ᵗ) · m/(√v + eps)`, i.e. `m̂/(√v̂ + eps′)`
+    with `eps′ = eps/√(1 − β₂ᵗ)` (about 32× `eps` at the first update, within 1.1× of it
+    after 2,000). The state is optax's, so checkpoints keep their layout."""
+    adam = optax.scale_by_adam(eps=eps)
+    b1, b2 = 0.9, 0.999  # optax's and Keras' defaults
+
+    def update(updates, state, params=None):
+        _, state = adam.update(updates, state, params)  # optax's moments and count
+        t = state.count.astype(jnp.float32)
+        step = jnp.sqrt(1 - b2**t) / (1 - b1**t)
+        updates = jax.tree.map(lambda m, v: step * m / (jnp.sqrt(v) + eps), state.mu, state.nu)
+        return updates, state
+
+    return optax.GradientTransformation(adam.init, update)
+
+
 def make_optimizer(opt: Config) -> optax.GradientTransformation:
-    """Global-norm clip, Adam, then decoupled weight decay `w ← (1 − wd)·w` (not scaled by
-    the learning rate, as the official code)."""
+    """Global-norm clip, Adam (Keras' epsilon), then decoupled weight decay
+    `w ← (1 − wd)·w` (not scaled by the learning rate), as the official code."""
     return optax.chain(
         optax.clip_by_global_norm(opt.clip),
-        optax.scale_by_adam(eps=opt.eps),
+        scale_by_keras_adam(opt.eps),
         optax.scale(-opt.lr),
         optax.add_decayed_weights(-opt.wd),
     )
@@ -193,17 +211,6 @@ class Agent:
         wm_updates, wm_opt_state = self.wm_opt.update(wm_grads, state.wm_opt_state, state.wm_params)
         wm_params = optax.apply_updates(state.wm_params, wm_updates)
 
-        # Slow critic: moved `slow_target_fraction` of the way to the critic every
-        # `slow_target_update` updates, first at 0. It starts as a copy of the critic (`init`),
-        # the copy the official code makes at its first update.
-        refresh = state.updates % config.slow_target_update == 0
-        mix = config.slow_target_fraction
-        slow_critic_params = jax.tree.map(
-            lambda s, d: jnp.where(refresh, mix * s + (1 - mix) * d, d),
-            state.critic_params,
-            state.slow_critic_params,
-        )
-
         # Actor, through imagination from every posterior state of the batch.
         start, start_is_terminal = imagination_start(posterior, batch["is_terminal"])
 
@@ -221,7 +228,7 @@ class Agent:
                 imag_key,
                 config,
             )
-            slow_values = critic_value(self.critic, slow_critic_params, seq.feats)
+            slow_values = critic_value(self.critic, state.slow_critic_params, seq.feats)
             returns = imagination_targets(seq, slow_values, config.discount_lambda)
             loss, actor_metrics = actor_loss(
                 self.actor, actor_params, seq, returns, slow_values, ent_key,
@@ -245,6 +252,17 @@ class Agent:
             critic_grads, state.critic_opt_state, state.critic_params
         )
         critic_params = optax.apply_updates(state.critic_params, critic_updates)
+        # Slow critic, as the official `update_slow_target` after the critic's step: every
+        # `slow_target_update` updates from update 0, moved `slow_target_fraction` of the way
+        # to the updated critic (all the way at update 0). DEVIATION: update 0 reads `init`'s
+        # copy of the critic (the official code's reads a target initialized apart).
+        refresh = state.updates % config.slow_target_update == 0
+        mix = jnp.where(state.updates == 0, 1.0, config.slow_target_fraction)
+        slow_critic_params = jax.tree.map(
+            lambda s, d: jnp.where(refresh, mix * s + (1 - mix) * d, d),
+            critic_params,
+            state.slow_critic_params,
+        )
 
         metrics.update(actor_metrics)
         metrics.update(critic_metrics)

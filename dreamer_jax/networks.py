@@ -500,7 +500,8 @@ def actor_mode(dist: distrax.Distribution) -> jax.Array:
     """The greedy action: arg-max one-hot, or tanh of the Normal's mean.
 
     DEVIATION: the official code estimates the tanh-Normal mode from 100 samples; tanh(mean)
-    is its deterministic limit.
+    is its deterministic limit (and its continuous default is a truncated Normal; SPEC.md's
+    tanh-Normal is used here).
     """
     if isinstance(dist, distrax.OneHotCategorical):
         return jax.nn.one_hot(jnp.argmax(dist.logits, -1), dist.logits.shape[-1])

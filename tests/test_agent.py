@@ -90,54 +90,55 @@ def test_nonfinite_update_is_skipped_and_counted():
 
 
 def test_slow_critic_copied_every_hundred_updates():
+    # As the official update_slow_target: after the critic's step of updates 0, 3, 6, ...
+    # (every `slow_target_update`), so updates 1-3 read the critic of after update 0.
     agent = vector_agent(tiny_config(slow_target_update=3))
     config = agent.config
     state = agent.init(jax.random.key(3))
     batch = structured_batch(config.dataset.batch, config.dataset.length)
-    critic_before = {}
+    critic_after = {}
     for step in range(7):
-        critic_before[step] = _host(state.critic_params)
         state, _ = agent.train_step(state, batch)
-        slow = _host(state.slow_critic_params)
-        # Updated at the start of updates 0, 3, 6 from the critic as it was before them.
-        expected_source = critic_before[step - step % 3]
-        chex.assert_trees_all_equal(slow, expected_source)
+        critic_after[step] = _host(state.critic_params)
+        chex.assert_trees_all_equal(_host(state.slow_critic_params), critic_after[step // 3 * 3])
 
 
 def test_slow_critic_starts_as_the_critic_then_moves_a_fraction_towards_it():
-    # The official update_slow_target copies the critic at update 0 and mixes in
-    # `slow_target_fraction` afterwards; here `init` makes the copy.
+    # The official update_slow_target copies the critic after update 0 and mixes in
+    # `slow_target_fraction` afterwards; update 0 reads `init`'s copy.
     agent = vector_agent(tiny_config(slow_target_update=1, slow_target_fraction=0.25))
     config = agent.config
     state = agent.init(jax.random.key(3))
     chex.assert_trees_all_equal(_host(state.slow_critic_params), _host(state.critic_params))
     batch = structured_batch(config.dataset.batch, config.dataset.length)
-    initial_critic = _host(state.critic_params)
     state, _ = agent.train_step(state, batch)
-    chex.assert_trees_all_close(_host(state.slow_critic_params), initial_critic, rtol=1e-6)
-    critic, slow = _host(state.critic_params), _host(state.slow_critic_params)
+    chex.assert_trees_all_equal(_host(state.slow_critic_params), _host(state.critic_params))
+    slow = _host(state.slow_critic_params)
     state, _ = agent.train_step(state, batch)
-    expected = jax.tree.map(lambda c, s: 0.25 * c + 0.75 * s, critic, slow)
+    expected = jax.tree.map(lambda c, s: 0.25 * c + 0.75 * s, _host(state.critic_params), slow)
     chex.assert_trees_all_close(_host(state.slow_critic_params), expected, rtol=1e-6, atol=1e-7)
 
 
 def test_optimizer_clips_then_adam_then_decays_weights_apart_from_the_learning_rate():
-    # The official optimizer: global-norm clip, Adam, then w <- w - lr*adam - wd*w.
+    # The official optimizer: global-norm clip, Adam with Keras' epsilon (added to √v before
+    # the bias correction), then w <- w - lr*adam - wd*w.
     opt = tiny_config(
         **{"model_opt.lr": 0.1, "model_opt.wd": 0.01, "model_opt.clip": 1.0, "model_opt.eps": 1e-5}
     ).model_opt
     optimizer = make_optimizer(opt)
-    w = np.array([1.0, -2.0, 0.5])
+    w = np.array([1.0, -2.0, 0.5, 0.25])
     params = jnp.asarray(w, jnp.float32)
     opt_state = optimizer.init(params)
-    m, v = np.zeros(3), np.zeros(3)
-    # The first gradient's norm (5) is clipped to 1, the second's is not.
-    for t, g in enumerate([np.array([3.0, -4.0, 0.0]), np.array([0.1, 0.2, -0.3])], 1):
+    m, v = np.zeros(4), np.zeros(4)
+    # The first gradient's norm (5) is clipped to 1, the second's is not. The last entry is
+    # small enough for where epsilon goes to matter (optax's placement: 27x the first step).
+    grads = [np.array([3.0, -4.0, 0.0, 1e-5]), np.array([0.1, 0.2, -0.3, 2e-6])]
+    for t, g in enumerate(grads, 1):
         updates, opt_state = optimizer.update(jnp.asarray(g, jnp.float32), opt_state, params)
         params = optax.apply_updates(params, updates)
         g = g * min(1.0, opt.clip / np.linalg.norm(g))
         m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g**2
-        adam = (m / (1 - 0.9**t)) / (np.sqrt(v / (1 - 0.999**t)) + opt.eps)
+        adam = np.sqrt(1 - 0.999**t) / (1 - 0.9**t) * m / (np.sqrt(v) + opt.eps)
         w = w - opt.lr * adam - opt.wd * w
         np.testing.assert_allclose(params, w, rtol=1e-5)
 
