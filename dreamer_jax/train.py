@@ -28,6 +28,7 @@ if __name__ == "__main__":  # a program: set up XLA:CPU's speed before jax is im
 
     prepare()
 
+import contextlib
 import functools
 import os
 import pathlib
@@ -606,11 +607,59 @@ def _train(
 ) -> dict:
     seeds = run_seeds(config)
     seed_dirs = [seed_logdir(logdir, config, seed) for seed in seeds]
-    sharding = seed_sharding(config.num_seeds)
-    checkpointer = Checkpointer(logdir / "checkpoints", keep=config.checkpoint_keep)
+    with contextlib.ExitStack() as opened:  # each closed on the way out, last opened first
+        checkpointer = Checkpointer(logdir / "checkpoints", keep=config.checkpoint_keep)
+        opened.callback(checkpointer.close)
+        states, loop, resumed = _restore(config, agent, logdir, checkpointer, seed_dirs)
+        step = loop["step"]
+        if resumed and step >= config.steps:
+            # Before any env, logger or run.json entry: a finished run stays as it was.
+            print(
+                f"the run is at step {step} (--steps {config.steps}): nothing to train; a "
+                "larger --steps continues it",
+                flush=True,
+            )
+            for seed, folder in zip(seeds, seed_dirs, strict=True):
+                print(latest_returns(seed, folder / METRICS_FILE), flush=True)
+            return loop
+        sharding = seed_sharding(config.num_seeds)
+        states = jax.device_put(states, sharding)
+        env = make_env(config, config.envs, [env_seed(s, step, resumed) for s in seeds])
+        opened.callback(env.close)
+        eval_seeds = [env_seed(s, step, resumed, EVAL_SEED_OFFSET) for s in seeds]
+        eval_env = make_env(config, config.eval_envs, eval_seeds)
+        opened.callback(eval_env.close)
+        warning = replay_memory_warning(config, env.step_spec, _physical_memory())
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
+        run_info = record_start(logdir, provenance(argv), step)
+        run_info = {k: v for k, v in run_info.items() if k != "starts"}
+        loggers: list[Logger] = []
+        replays: list[Replay] = []
+        for i, folder in enumerate(seed_dirs):
+            loggers.append(_make_logger(config, logdir, run_info, step, resumed, i))
+            opened.callback(loggers[i].close)
+            seed_loop = loop["seeds"][i] if resumed else None
+            replays.append(_open_replay(config, folder, env.step_spec, seeds[i], seed_loop, step))
+            opened.callback(replays[i].close)
+        _save_configs(config, logdir, seed_dirs)
+        return _run_loop(
+            config, agent, states, loop, env, eval_env, replays, loggers, checkpointer,
+            sharding, stop, resumed,
+        )  # fmt: skip
+
+
+def _restore(
+    config: Config,
+    agent: Agent,
+    logdir: pathlib.Path,
+    checkpointer: Checkpointer,
+    seed_dirs: list[pathlib.Path],
+) -> tuple[TrainState, dict, bool]:
+    """The run's states `[N, ...]` and loop state, from its latest good checkpoint or fresh,
+    and whether they were restored. Refuses to start over in a logdir that holds a run."""
     states = agent.init_seeds(init_keys(config))
     loop = _fresh_loop(config)
-    restored = None
     if checkpointer.steps():
         restored = checkpointer.restore_latest(states)
         if restored is None:
@@ -621,82 +670,55 @@ def _train(
         _, states, saved_loop = restored
         loop.update(saved_loop)
         print(f"resuming from checkpoint at step {loop['step']}", flush=True)
-        if loop["step"] >= config.steps:
-            # Before any env, logger or run.json entry: a finished run stays as it was.
-            print(
-                f"the run is at step {loop['step']} (--steps {config.steps}): nothing to "
-                "train; a larger --steps continues it",
-                flush=True,
-            )
-            for seed, folder in zip(seeds, seed_dirs, strict=True):
-                print(latest_returns(seed, folder / METRICS_FILE), flush=True)
-            checkpointer.close()
-            return loop
-    elif _holds_run_data(seed_dirs):
+        return states, loop, True
+    if _holds_run_data(seed_dirs):
         aside = checkpointer.unreadable_directory
         moved = f"; unreadable ones are in {aside}" if aside.exists() else ""
         raise RunError(
             f"{logdir} holds a run's metrics or replay but no checkpoint{moved}; refusing to "
             "start over in it (use a new --logdir)"
         )
-    resumed = restored is not None
-    states = jax.device_put(states, sharding)
-    step = loop["step"]
+    return states, loop, False
 
-    env = make_env(config, config.envs, [env_seed(s, step, resumed) for s in seeds])
-    eval_env = make_env(
-        config, config.eval_envs, [env_seed(s, step, resumed, EVAL_SEED_OFFSET) for s in seeds]
+
+def _open_replay(
+    config: Config,
+    folder: pathlib.Path,
+    spec: dict,
+    seed: int,
+    seed_loop: dict | None,
+    step: int,
+) -> Replay:
+    """A seed's replay from `<folder>/replay`. Resumed (`seed_loop` is the seed's part of the
+    checkpoint's loop state): the episodes finished after the checkpoint set aside first, the
+    sampler's generator restored, and a warning if it loads other episodes than were saved."""
+    if seed_loop is not None:
+        _set_aside_replay(folder, seed_loop.get("replay_next_index"), step)
+    replay = Replay(
+        folder / "replay",
+        spec=spec,
+        capacity=config.replay.capacity,
+        minlen=config.replay.minlen,
+        length=config.dataset.length,
+        batch=config.dataset.batch,
+        prioritize_ends=config.replay.prioritize_ends,
+        seed=seed,
+        prefetch=config.replay.prefetch,
+        ongoing=config.replay.ongoing,
     )
-    warning = replay_memory_warning(config, env.step_spec, _physical_memory())
-    if warning:
-        print(warning, file=sys.stderr, flush=True)
-    run_info = record_start(logdir, provenance(argv), step)
-    run_info = {k: v for k, v in run_info.items() if k != "starts"}
-    loggers: list[Logger] = []
-    replays: list[Replay] = []
-    try:
-        for i, folder in enumerate(seed_dirs):
-            loggers.append(_make_logger(config, logdir, run_info, step, resumed, i))
-            if resumed:
-                _set_aside_replay(folder, loop["seeds"][i].get("replay_next_index"), step)
-            replays.append(
-                Replay(
-                    folder / "replay",
-                    spec=env.step_spec,
-                    capacity=config.replay.capacity,
-                    minlen=config.replay.minlen,
-                    length=config.dataset.length,
-                    batch=config.dataset.batch,
-                    prioritize_ends=config.replay.prioritize_ends,
-                    seed=seeds[i],
-                    prefetch=config.replay.prefetch,
-                    ongoing=config.replay.ongoing,
-                )
-            )
-            if loop["seeds"][i]["replay_rng"] is not None:
-                replays[i].set_rng_state(loop["seeds"][i]["replay_rng"])
-            saved = loop["seeds"][i].get("replay_episodes") if resumed else None
-            loaded = replays[i].stats["num_episodes"]
-            if saved is not None and loaded != saved:
-                warnings.warn(
-                    f"seed {seeds[i]}: the replay holds {loaded} episodes where its checkpoint "
-                    f"at step {step} had {saved} (files missing or unreadable): the run goes "
-                    "on, but no longer as an uninterrupted one would",
-                    stacklevel=1,
-                )
-        _save_configs(config, logdir, seed_dirs)
-        return _run_loop(
-            config, agent, states, loop, env, eval_env, replays, loggers, checkpointer,
-            sharding, stop, resumed,
-        )  # fmt: skip
-    finally:
-        for replay in replays:
-            replay.close()
-        for logger in loggers:
-            logger.close()
-        env.close()
-        eval_env.close()
-        checkpointer.close()
+    if seed_loop is None:
+        return replay
+    if seed_loop["replay_rng"] is not None:
+        replay.set_rng_state(seed_loop["replay_rng"])
+    saved, loaded = seed_loop.get("replay_episodes"), replay.stats["num_episodes"]
+    if saved is not None and loaded != saved:
+        warnings.warn(
+            f"seed {seed}: the replay holds {loaded} episodes where its checkpoint at step "
+            f"{step} had {saved} (files missing or unreadable): the run goes on, but no longer "
+            "as an uninterrupted one would",
+            stacklevel=1,
+        )
+    return replay
 
 
 def _save_configs(config: Config, logdir: pathlib.Path, seed_dirs: list[pathlib.Path]) -> None:
