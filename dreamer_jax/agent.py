@@ -256,12 +256,12 @@ class Agent:
         # `slow_target_update` updates from update 0, moved `slow_target_fraction` of the way
         # to the updated critic (all the way at update 0). DEVIATION: update 0 reads `init`'s
         # copy of the critic (the official code's reads a target initialized apart).
-        refresh = state.updates % config.slow_target_update == 0
         mix = jnp.where(state.updates == 0, 1.0, config.slow_target_fraction)
-        slow_critic_params = jax.tree.map(
-            lambda s, d: jnp.where(refresh, mix * s + (1 - mix) * d, d),
-            critic_params,
+        slow_critic_params = optax.periodic_update(
+            optax.incremental_update(critic_params, state.slow_critic_params, mix),
             state.slow_critic_params,
+            state.updates,
+            config.slow_target_update,
         )
 
         metrics.update(actor_metrics)
