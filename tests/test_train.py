@@ -229,8 +229,9 @@ def test_cartpole_learns_beyond_random(tmp_path):
     All six pass (the weakest best is 174.0; 166.0 before that change, 77.4 with flax's
     lecun-normal init before issue 10). This command itself (seed 0 alone, same day) gave
     9.0, 121.0, 177.8, 250.2: a seed of a many-seed run matches its single run only to float
-    rounding, which grows apart over 1,200 updates. CPU XLA is deterministic, but another CPU model can fuse differently, so CI may see a
-    different seed's luck, not these exact numbers.
+    rounding, which grows apart over 1,200 updates. CPU XLA is deterministic, but another
+    CPU model can fuse differently, so CI may see a different seed's luck, not these exact
+    numbers.
     """
     logdir = tmp_path / "run"
     result = run_cli(
