@@ -48,6 +48,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from trace_summary import HLO_FILE
 
 from dreamer_jax.agent import Agent
 from dreamer_jax.config import ConfigError, load_config
@@ -153,7 +154,7 @@ def bench_learner(
     memory_kind, memory = peak_memory_bytes()
     if profile_dir is not None:
         # The optimized program beside the trace: trace_summary.py names its ops from it.
-        hlo_path = pathlib.Path(profile_dir) / "train_step.hlo.txt.gz"
+        hlo_path = pathlib.Path(profile_dir) / HLO_FILE
         hlo_path.parent.mkdir(parents=True, exist_ok=True)
         with gzip.open(hlo_path, "wt") as file:
             file.write(compiled.as_text())

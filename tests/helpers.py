@@ -1,10 +1,11 @@
 """Small builders shared by the learner tests (not a test module), and the flax convolution
 reference of the image encoder and decoder (tests/test_networks.py, scripts/bench_conv.py)."""
 
-import importlib.util
 import pathlib
 from collections.abc import Sequence
 
+# scripts/bench.py (on pytest's pythonpath): its jaxpr walker serves the tests too.
+import bench
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
@@ -14,11 +15,7 @@ from dreamer_jax.config import make_config
 
 VECTOR_SIZE, NUM_ACTIONS = 4, 3
 
-# scripts/bench.py, which is not a package module (its jaxpr walker serves the tests too).
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("bench", ROOT / "scripts" / "bench.py")
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
 
 
 def tiny_config(*presets, **overrides):

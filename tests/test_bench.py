@@ -5,11 +5,12 @@ import json
 import subprocess
 import sys
 
+import bench
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import ROOT, bench
+from helpers import ROOT
 
 
 def test_leaf_differences_finds_last_bit_and_signed_zero():

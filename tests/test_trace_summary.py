@@ -2,15 +2,9 @@
 small hand-checked traces (a real jax.profiler trace is read in tests/test_bench.py)."""
 
 import gzip
-import importlib.util
 import json
-import pathlib
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-_path = ROOT / "scripts" / "trace_summary.py"
-_spec = importlib.util.spec_from_file_location("trace_summary", _path)
-trace_summary = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(trace_summary)
+import trace_summary
 
 
 def test_busy_time_is_the_union_of_intervals():
