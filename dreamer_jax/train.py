@@ -326,8 +326,8 @@ def _set_aside_replay(folder: pathlib.Path, next_index: int | None, step: int) -
 
 
 def _seed_range(config: Config) -> str:
-    first, *_, last = run_seeds(config)
-    return f"{first}..{last}" if config.num_seeds > 1 else str(first)
+    seeds = run_seeds(config)
+    return f"{seeds[0]}..{seeds[-1]}" if len(seeds) > 1 else str(seeds[0])
 
 
 def _holds_run_data(seed_dirs: Sequence[pathlib.Path]) -> bool:

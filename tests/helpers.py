@@ -4,8 +4,6 @@ reference of the image encoder and decoder (tests/test_networks.py, scripts/benc
 import pathlib
 from collections.abc import Sequence
 
-# scripts/bench.py (on pytest's pythonpath): its jaxpr walker serves the tests too.
-import bench
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
@@ -48,6 +46,10 @@ def structured_batch(batch: int, length: int, seed: int = 0) -> dict[str, np.nda
 
 def traced_eqns(fn, *args) -> list:
     """Every equation of `fn`'s jaxpr, nested jaxprs (jit, scan, checkpoint, ...) included."""
+    # scripts/bench.py (on pytest's pythonpath) owns the jaxpr walker. Imported here, not at
+    # the top, so that subprocesses that put only tests/ on sys.path can import this module.
+    import bench  # noqa: PLC0415
+
     return [eqn for eqn, _, _ in bench.jaxpr_equations(fn, *args)]
 
 

@@ -903,7 +903,13 @@ def test_a_many_seed_run_keeps_its_seeds_and_its_seed_folders_are_not_runs(two_s
         f"{logdir / 'seed_2'})\n"
     )
     allow = ["--resume.allow_config_change", "true"]
-    for seeds in (["--num_seeds", "3", "--seed", "1"], ["--num_seeds", "2", "--seed", "0"]):
+    # One seed on either side too: resuming a many-seed run without --num_seeds.
+    changes = (
+        ["--num_seeds", "3", "--seed", "1"],
+        ["--num_seeds", "2", "--seed", "0"],
+        ["--seed", "1"],
+    )
+    for seeds in changes:
         other = run_cli(*SEEDS, "--logdir", str(logdir), *seeds, *allow)
         assert other.returncode == 2 and other.stderr.startswith(f"error: {logdir} holds seed(s)")
         assert "1..2, not " in other.stderr and "a run's seeds cannot change" in other.stderr
