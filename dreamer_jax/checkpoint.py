@@ -6,7 +6,9 @@
 
 orbax writes each checkpoint to a temporary directory and renames it when complete, so a
 crash mid-save never leaves a checkpoint that is taken for good; a failed save's temporary
-directory is removed. A checkpoint that fails to restore is moved aside to
+directory is removed. Each checkpoint carries a CRC-32 of every array and of the loop state,
+checked on restore: a flipped bit or an edited file restores otherwise (as NaNs or as another
+run's counters). A checkpoint that fails to restore or to match its checksums is moved aside to
 `<directory>_unreadable/<step>` (kept for inspection, never deleted) in favour of the one
 before it, so the run can save that step again. A checkpoint whose shapes differ from the
 current networks is a config problem, not damage: `CheckpointError`, and nothing is moved.
@@ -16,6 +18,7 @@ Nothing is deleted except by orbax's keep-the-last-k policy after a successful s
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import pathlib
@@ -24,6 +27,8 @@ import shutil
 import sys
 import time
 import warnings
+import zlib
+from collections.abc import Collection
 from typing import Any
 
 import jax
@@ -134,6 +139,32 @@ def _leaf_specs(tree: Any) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     }
 
 
+def _checksums(state: TrainState, loop_state: dict[str, Any]) -> dict[str, Any] | None:
+    """`{"state": {leaf path: CRC-32 of its bytes}, "loop": CRC-32 of the loop state's JSON}`
+    of a state as stored (`_to_disk`); None if an array is not all on this host (multi-host
+    runs are not checked)."""
+    leaves = jax.tree_util.tree_leaves_with_path(state)
+    if any(isinstance(x, jax.Array) and not x.is_fully_addressable for _, x in leaves):
+        return None
+    paths = _leaf_specs(state)  # the same path names, in the same order
+    return {
+        "state": {
+            path: zlib.crc32(np.ascontiguousarray(leaf))
+            for path, (_, leaf) in zip(paths, leaves, strict=True)
+        },
+        "loop": zlib.crc32(json.dumps(loop_state, sort_keys=True).encode()),
+    }
+
+
+def _checksum_mismatch(saved: dict[str, Any], now: dict[str, Any] | None) -> str | None:
+    """The first part of a restored checkpoint that differs from its saved checksums."""
+    if now is None:
+        return None
+    if saved.get("loop") != now["loop"]:
+        return "the loop state"
+    return next((p for p, crc in now["state"].items() if saved["state"].get(p) != crc), None)
+
+
 def _first_mismatch(old: dict[str, tuple], new: dict[str, tuple]) -> str | None:
     """'path: saved (32, 96) vs now (64, 192)' for the first leaf whose shape or dtype (or
     presence) differs between two `_leaf_specs`; None if they agree."""
@@ -178,6 +209,7 @@ class Checkpointer:
                 item_handlers={
                     "state": ocp.StandardCheckpointHandler(),
                     "loop": ocp.JsonCheckpointHandler(),
+                    "checksums": ocp.JsonCheckpointHandler(),
                 },
             )
         except OSError as error:
@@ -192,14 +224,15 @@ class Checkpointer:
         """Blocks until the checkpoint is complete on disk. On failure (e.g. a full disk)
         removes the partial save and raises a one-line CheckpointError."""
         try:
-            self._manager.save(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(_to_disk(state)),
-                    loop=ocp.args.JsonSave(loop_state),
-                ),
-                force=True,
-            )
+            stored = _to_disk(state)
+            items = {
+                "state": ocp.args.StandardSave(stored),
+                "loop": ocp.args.JsonSave(loop_state),
+            }
+            checksums = _checksums(stored, loop_state)
+            if checksums is not None:
+                items["checksums"] = ocp.args.JsonSave(checksums)
+            self._manager.save(step, args=ocp.args.Composite(**items), force=True)
             self._manager.wait_until_finished()
         except Exception as error:  # orbax wraps OS errors in several types
             self._remove_partial(step)
@@ -223,11 +256,18 @@ class Checkpointer:
                 shutil.rmtree(partial, ignore_errors=True)
             time.sleep(0.1)
 
-    def restore_latest(self, template: TrainState) -> tuple[int, TrainState, dict] | None:
+    def restore_latest(
+        self, template: TrainState, loop_keys: Collection[str] = ()
+    ) -> tuple[int, TrainState, dict] | None:
         """The newest checkpoint that restores, as `(step, state, loop_state)`; None if there
-        is none. Unreadable ones are skipped with a warning and moved aside (see the module
-        docstring). Raises CheckpointError if a checkpoint's shapes or dtypes differ from
-        `template`'s: a config change that alters the networks cannot resume."""
+        is none. Unreadable ones (that includes a loop state without all of `loop_keys`, and a
+        file where a step's directory belongs) are skipped with a warning and moved aside (see
+        the module docstring). Raises CheckpointError if a checkpoint's shapes or dtypes differ
+        from `template`'s: a config change that alters the networks cannot resume."""
+        if self.directory.is_dir():
+            for entry in sorted(self.directory.iterdir()):
+                if entry.name.isdigit() and not entry.is_dir():
+                    self._set_aside(int(entry.name), NotADirectoryError("a file, not a directory"))
         self._manager.reload()
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _to_disk(template))
         for step in reversed(self.steps()):
@@ -246,13 +286,20 @@ class Checkpointer:
                     f"sizes than this config ({mismatch}); a config change that alters "
                     "shapes cannot resume"
                 )
+            items = {"state": ocp.args.StandardRestore(abstract), "loop": ocp.args.JsonRestore()}
+            # Checkpoints from before checksums were saved restore unchecked.
+            if (self.directory / str(step) / "checksums").is_dir():
+                items["checksums"] = ocp.args.JsonRestore()
             try:
-                restored = self._manager.restore(
-                    step,
-                    args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(abstract), loop=ocp.args.JsonRestore()
-                    ),
-                )
+                restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+                missing = sorted(set(loop_keys) - set(restored["loop"]))
+                if missing:
+                    raise ValueError(f"its loop state lacks {', '.join(missing)}")
+                if "checksums" in items:
+                    now = _checksums(restored["state"], restored["loop"])
+                    damaged = _checksum_mismatch(restored["checksums"], now)
+                    if damaged:
+                        raise ValueError(f"{damaged} differs from the checksum saved with it")
             except Exception as error:
                 self._set_aside(step, error)
                 continue

@@ -137,9 +137,22 @@ class _NoValue:
 NO_VALUE = _NoValue()
 
 
+class CliText(str):
+    """A value as typed on the command line, read by the type of the key it sets."""
+
+
+def _is_text_list(default: Any) -> bool:
+    return isinstance(default, list | tuple) and (not default or isinstance(default[0], str))
+
+
 def _coerce(key: str, value: Any, default: Any) -> Any:
     """`value` converted to the type of `default`, or ConfigError."""
     expected = _type_name(default)
+    if isinstance(value, CliText):
+        parsed = _parse_scalar(value)
+        # A text key keeps what was typed: YAML reads '001' as 1, '0755' as 493, '12:30' as 750.
+        text = isinstance(default, str) or (_is_text_list(default) and not isinstance(parsed, list))
+        value = str(value) if text else parsed
     if value is NO_VALUE and isinstance(default, bool):
         return True
     if isinstance(default, bool):
@@ -177,7 +190,7 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
             value = [v for v in value.split(",") if v] if value else []
         if isinstance(value, list | tuple):
             if not default:
-                return list(value)
+                return [str(v) if isinstance(v, CliText) else v for v in value]
             return [_coerce(f"{key}[{i}]", v, default[0]) for i, v in enumerate(value)]
     raise ConfigError(f"config key '{key}' expects {expected}, got {value!r}")
 
@@ -428,8 +441,9 @@ def _validate(config: Config) -> None:
 def parse_args(argv: Sequence[str]) -> tuple[list[str], dict[str, Any]]:
     """Split `--configs a b --x.y 1 --flag` into presets and raw override strings.
 
-    Values are parsed as YAML scalars/lists (`[1,2]`, `true`, `1e-4`), then coerced to the
-    declared type by `make_config`. A key given without a value means `true`.
+    Values stay text (`CliText`) until `make_config` reads them by the declared type: as
+    YAML (`[1,2]`, `true`, `1e-4`) for numbers, bools and lists, verbatim for strings. A key
+    given without a value means `true`.
     """
     presets: list[str] = []
     overrides: dict[str, Any] = {}
@@ -455,9 +469,9 @@ def parse_args(argv: Sequence[str]) -> tuple[list[str], dict[str, Any]]:
         elif not values:
             overrides[key] = NO_VALUE
         elif len(values) == 1:
-            overrides[key] = _parse_scalar(values[0])
+            overrides[key] = CliText(values[0])
         else:
-            overrides[key] = [_parse_scalar(v) for v in values]
+            overrides[key] = [CliText(v) for v in values]
     return presets, overrides
 
 

@@ -661,7 +661,7 @@ def _restore(
     states = agent.init_seeds(init_keys(config))
     loop = _fresh_loop(config)
     if checkpointer.steps():
-        restored = checkpointer.restore_latest(states)
+        restored = checkpointer.restore_latest(states, loop_keys=loop)
         if restored is None:
             raise RunError(
                 f"no checkpoint in {checkpointer.directory} could be restored; "

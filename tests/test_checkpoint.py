@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -59,12 +60,27 @@ def _damage_metadata(checkpoint):
     (checkpoint / "state" / "_METADATA").unlink()
 
 
+def _flip_a_bit(checkpoint):
+    """One flipped bit in the largest array data file: it still decodes, to other numbers."""
+    data = max((p for p in (checkpoint / "state").rglob("d/*") if p.is_file()), key=os.path.getsize)
+    content = bytearray(data.read_bytes())
+    content[len(content) // 2] ^= 0x40
+    data.write_bytes(bytes(content))
+
+
+def _edit_the_loop_state(checkpoint):
+    """Valid JSON that is not what was saved: another run's counters."""
+    (checkpoint / "loop" / "metadata").write_text('{"step": 7}')
+
+
 def test_keeps_last_k(tmp_path):
     _, checkpointer = _save_steps(tmp_path / "ckpt", vector_agent(), (1, 2, 3), keep=2)
     assert checkpointer.steps() == [2, 3]
 
 
-@pytest.mark.parametrize("damage", [_damage_data, _damage_metadata])
+@pytest.mark.parametrize(
+    "damage", [_damage_data, _damage_metadata, _flip_a_bit, _edit_the_loop_state]
+)
 def test_unreadable_latest_is_moved_aside_and_its_step_can_be_saved_again(tmp_path, damage):
     agent = vector_agent()
     state, _ = _save_steps(tmp_path / "ckpt", agent, (1, 2))
@@ -88,6 +104,27 @@ def test_unreadable_latest_is_moved_aside_and_its_step_can_be_saved_again(tmp_pa
     checkpointer.save(2, state.replace(updates=state.updates + 20), {"step": 2})
     step, restored, _ = Checkpointer(tmp_path / "ckpt").restore_latest(state)
     assert step == 2 and int(restored.updates) == 20
+
+
+def test_a_loop_state_without_the_runs_keys_or_a_file_for_a_step_is_set_aside(tmp_path):
+    agent = vector_agent()
+    state = agent.init(jax.random.key(0))
+    checkpointer = Checkpointer(tmp_path / "ckpt")
+    for step in (1, 2, 3):
+        checkpointer.save(step, state, {"step": step, "updates": step})
+    # A checkpoint from before checksums were saved, whose loop state lacks a key.
+    (tmp_path / "ckpt" / "3" / "loop" / "metadata").write_text('{"step": 3}')
+    shutil.rmtree(tmp_path / "ckpt" / "3" / "checksums")
+    shutil.rmtree(tmp_path / "ckpt" / "2")
+    (tmp_path / "ckpt" / "2").write_text("not a checkpoint")
+    with pytest.warns(UserWarning) as record:
+        restored = Checkpointer(tmp_path / "ckpt").restore_latest(state, ["step", "updates"])
+    assert restored[0] == 1 and restored[2] == {"step": 1, "updates": 1}
+    messages = sorted(str(w.message) for w in record)
+    assert "ckpt/2 is unreadable (a file, not a directory)" in messages[0]
+    assert "ckpt/3 is unreadable (its loop state lacks updates)" in messages[1]
+    aside = tmp_path / "ckpt_unreadable"
+    assert (aside / "2").read_text() == "not a checkpoint" and (aside / "3" / "loop").is_dir()
 
 
 def test_a_second_unreadable_copy_of_a_step_gets_a_suffix(tmp_path):

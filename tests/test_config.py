@@ -57,6 +57,20 @@ def test_cli_values_are_coerced_to_declared_types():
     assert load_config(["--precision", "32"]).precision == "32"
 
 
+def test_text_keys_keep_the_command_line_text_verbatim(tmp_path):
+    # YAML would read these as the numbers 1, 493, 750 and 1000, or as true.
+    for text in ["001", "0755", "12:30", "1_000", "yes", "[1,2]", "1e3"]:
+        config = load_config(["--logdir", text, "--wandb.tags", text, "x"])
+        assert config.logdir == text and config.wandb.tags == (text, "x")
+        config.save(tmp_path / "config.yaml")  # still plain YAML strings
+        assert config_module.load_run_config(tmp_path / "config.yaml") == config
+    assert load_config(["--wandb.tags", "001,b"]).wandb.tags == ("001", "b")
+    assert load_config(["--wandb.tags", "[a, b]"]).wandb.tags == ("a", "b")
+    # Numbers, bools and number lists are still read as YAML.
+    config = load_config(["--seed", "1_000", "--jit", "yes", "--encoder.mlp_layers", "[4,4]"])
+    assert (config.seed, config.jit, config.encoder.mlp_layers) == (1000, True, (4, 4))
+
+
 @pytest.mark.parametrize(
     "argv, fragment",
     [
@@ -99,7 +113,8 @@ def test_parse_args_splits_presets_and_overrides():
         ["--configs", "a", "b", "--x.y", "1", "--flag", "--l", "1", "2"]
     )
     assert presets == ["a", "b"]
-    assert overrides == {"x.y": 1, "flag": config_module.NO_VALUE, "l": [1, 2]}
+    # Values stay text until make_config reads them by the key's declared type.
+    assert overrides == {"x.y": "1", "flag": config_module.NO_VALUE, "l": ["1", "2"]}
     # A key given alone is true for a bool key and no value for any other.
     assert load_config(["--jit"]).jit is True
     with pytest.raises(ConfigError, match=r"^config key 'steps' expects int, got no value$"):
