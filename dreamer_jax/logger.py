@@ -382,7 +382,9 @@ def _header(step: int, total_steps: int, action_repeat: int, fps: float | None) 
     parts = [f"step {step}/{total_steps} ({100 * step / total_steps:.0f}%)", frames]
     if fps and math.isfinite(fps) and fps > 0:
         seconds = max(total_steps - step, 0) * action_repeat / fps
-        parts.append(f"{datetime.timedelta(seconds=round(seconds))} left")
+        days = seconds / 86400  # timedelta overflows past 1e9 days (--steps 1e15)
+        left = f"{days:,.0f} days" if days >= 100 else datetime.timedelta(seconds=round(seconds))
+        parts.append(f"{left} left")
     return f"[{' | '.join(parts)}]"
 
 

@@ -305,7 +305,33 @@ def check_inputs(config: Config, logdir: pathlib.Path) -> Agent:
                 f"config differs from the saved run in {logdir} at {', '.join(changed)}; "
                 "pass --resume.allow_config_change true to resume anyway"
             )
-    return make_agent(config)
+    agent = make_agent(config)
+    _check_state_fits(agent, config, _memory_bytes())
+    return agent
+
+
+def _memory_bytes() -> int:
+    """The memory the training state lives in: the local accelerators' together, or the
+    machine's RAM on CPU (whose devices report no limit)."""
+    stats = [device.memory_stats() or {} for device in jax.local_devices()]
+    if all("bytes_limit" in s for s in stats):
+        return sum(s["bytes_limit"] for s in stats)
+    return _physical_memory()
+
+
+def _check_state_fits(agent: Agent, config: Config, memory_bytes: int) -> None:
+    """RunError, before anything is allocated or written, when the training state of all
+    seeds cannot fit: a typo such as `--rssm.deter 200000` would otherwise hang in its
+    allocation or its first save. An update holds at least the state and a new one."""
+    state = jax.eval_shape(agent.init_seeds, init_keys(config))
+    need = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(state))
+    if 2 * need > memory_bytes:
+        raise RunError(
+            f"the training state of {config.num_seeds} seed(s) (parameters, optimizer moments "
+            f"and slow critic) needs {need / 2**30:.1f} GiB, and an update at least twice that: "
+            f"more than the {memory_bytes / 2**30:.1f} GiB of {jax.default_backend()} memory "
+            "here; lower the network sizes (rssm.*, encoder.*, decoder.*, units) or --num_seeds"
+        )
 
 
 def _set_aside_replay(folder: pathlib.Path, next_index: int | None, step: int) -> None:

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 from tensorboardX.proto import event_pb2
 
+from dreamer_jax import logger as logger_module
 from dreamer_jax.logger import LogdirError, Logger, read_metrics, seeds_line
 
 TESTS = pathlib.Path(__file__).resolve().parent
@@ -207,6 +208,15 @@ def test_non_tty_prints_one_compact_line_per_write(tmp_path, capsys):
         "[step 12 | frames 48] fps 2.2",
     ]
     assert captured.err == ""
+
+
+def test_time_left_of_a_huge_run_is_in_days():
+    # 1e15 steps x 4 frames at 2000 frames/s: 2e12 s, past timedelta's 1e9 days.
+    assert logger_module._header(0, 10**15, 4, 2000.0) == (
+        "[step 0/1000000000000000 (0%) | frames 0 | 23,148,148 days left]"
+    )
+    assert logger_module._header(0, 2000 * 86400 * 99, 1, 2000.0).endswith("99 days, 0:00:00 left]")
+    assert logger_module._header(0, 2000 * 86400 * 100, 1, 2000.0).endswith("| 100 days left]")
 
 
 def test_seeds_line_lists_each_seeds_returns_in_order():

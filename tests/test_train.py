@@ -16,8 +16,10 @@ import yaml
 
 from dreamer_jax import analyze
 from dreamer_jax import train as train_module
+from dreamer_jax.api import make_agent
 from dreamer_jax.config import make_config
 from dreamer_jax.logger import read_metrics, seeds_line
+from dreamer_jax.seeds import init_keys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -928,6 +930,20 @@ def test_a_resumed_many_seed_run_is_each_single_run_resumed(tmp_path):
             assert result.returncode == 0, result.stderr[-3000:]
         assert "resuming from checkpoint at step 400" in result.stdout
     _assert_same_run(tmp_path / "both" / "seed_2", tmp_path / "alone")
+
+
+def test_a_training_state_that_cannot_fit_is_one_line_before_anything_is_written(tmp_path):
+    config = make_config(["classic", "debug"], {"num_seeds": 3})
+    agent = make_agent(config)
+    states = agent.init_seeds(init_keys(config))  # parameters, optimizer moments, slow critic
+    need = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(states))
+    train_module._check_state_fits(agent, config, 2 * need)
+    with pytest.raises(train_module.RunError, match=r"of 3 seed\(s\) .* at least twice"):
+        train_module._check_state_fits(agent, config, 2 * need - 1)
+    # The CLI: a typo in a size, refused before the logdir exists.
+    result = run_cli(*CLASSIC, "--rssm.deter", "200000", "--logdir", str(tmp_path / "run"))
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert "needs 1341.9 GiB" in result.stderr and not (tmp_path / "run").exists()
 
 
 def test_replay_memory_warning_counts_every_seed():
