@@ -23,8 +23,9 @@ def eval_cli() -> int:
 def _program(module: str) -> int:
     # Sets up the process for XLA:CPU's speed (`dreamer_jax.startup`) before jax is imported,
     # so that training and evaluation compute alike.
-    from dreamer_jax.startup import prepare
+    from dreamer_jax.startup import prepare, quit_on_signals
 
+    quit_on_signals()
     prepare()
     return importlib.import_module(module).main()
 

@@ -11,8 +11,9 @@ with `--video` it writes `<logdir>/eval_<step>.gif` of the first episode of env 
 from __future__ import annotations
 
 if __name__ == "__main__":  # a program: set up XLA:CPU as training does before jax is imported
-    from dreamer_jax.startup import prepare
+    from dreamer_jax.startup import prepare, quit_on_signals
 
+    quit_on_signals()
     prepare()
 
 import argparse

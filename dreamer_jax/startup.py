@@ -26,6 +26,9 @@
   know). XLA reads its flags when jax first creates its backend, so setting the variable in
   this process before then is enough; GPU runs are unaffected.
 
+Also: until the program installs its own signal handling (train's `StopSignal`), SIGINT and
+SIGTERM end it at once in one line (`quit_on_signals`).
+
 Figures and commands: docs/benchmarks.md. `dreamer-train` and `dreamer-eval` (and their
 `python -m dreamer_jax.train` / `.eval` forms) and `scripts/bench.py` call `prepare()` first
 thing; code that imports dreamer_jax as a library gets neither setting unless it does the
@@ -34,8 +37,9 @@ same, and may then compute with other float rounding than the CLI.
 
 from __future__ import annotations
 
-import importlib.metadata
+# Only these, so that `quit_on_signals` can be installed before anything slow is imported.
 import os
+import signal
 import sys
 
 # The glibc tunables the program runs with (see above) unless GLIBC_TUNABLES names them.
@@ -69,6 +73,8 @@ def with_eigen_dots(environ: dict[str, str], jaxlib_version: str) -> dict[str, s
 
 def jaxlib_version() -> str:
     """The installed jaxlib's version, "" if none (read without importing it)."""
+    import importlib.metadata  # noqa: PLC0415 (see the imports above)
+
     try:
         return importlib.metadata.version("jaxlib")
     except importlib.metadata.PackageNotFoundError:
@@ -87,3 +93,18 @@ def prepare() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, sys.orig_argv, environ)
+
+
+def quit_on_signals() -> None:
+    """SIGINT and SIGTERM end the program at once, with one line and exit code 128 + signal,
+    until it installs handlers of its own. Called first thing, before the heavy imports:
+    Python's default raises KeyboardInterrupt inside whichever import or callback is
+    running, which prints a traceback, or nothing at all where that code swallows it and the
+    run starts anyway. By then the program has written nothing."""
+
+    def quit_now(signum: int, frame: object) -> None:
+        print(f"\nsignal {signum}: quitting (nothing written yet)", file=sys.stderr, flush=True)
+        os._exit(128 + signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, quit_now)

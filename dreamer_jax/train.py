@@ -24,8 +24,9 @@ every input is checked before anything is written.
 from __future__ import annotations
 
 if __name__ == "__main__":  # a program: set up XLA:CPU's speed before jax is imported
-    from dreamer_jax.startup import prepare
+    from dreamer_jax.startup import prepare, quit_on_signals
 
+    quit_on_signals()
     prepare()
 
 import contextlib
@@ -243,9 +244,10 @@ class StopSignal:
                     continue
                 if self.signum is None:
                     self.signum = signum
+                    again = "Ctrl-C" if signum == signal.SIGINT else "the signal"
                     print(
                         f"\nsignal {signum}: stopping after this step (checkpoint, then exit); "
-                        "Ctrl-C again to quit now",
+                        f"{again} again to quit now",
                         file=sys.stderr,
                         flush=True,
                     )

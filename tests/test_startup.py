@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 import time
@@ -167,3 +168,37 @@ def test_the_commands_run_with_the_tunable_and_the_flag(tmp_path, program, form)
     finally:
         process.kill()
         process.wait()
+
+
+@linux
+@pytest.mark.parametrize("program", ["train", "eval"])
+@pytest.mark.parametrize("form", ["python -m", "console script"])
+def test_a_signal_during_the_imports_quits_in_one_line(tmp_path, program, form):
+    """Ctrl-C while the program still imports jax (before train's own handling): one line and
+    exit 130, not a KeyboardInterrupt traceback (or a signal swallowed by library code)."""
+    command = [sys.executable, "-m", f"dreamer_jax.{program}"]
+    if form == "console script":
+        script = pathlib.Path(sys.executable).parent / f"dreamer-{program}"
+        if not script.exists():
+            pytest.skip(f"{script.name} is not installed next to this interpreter")
+        command = [str(script)]
+    environ = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    args = ["--logdir", str(tmp_path / "run")]
+    if program == "train":
+        args += ["--configs", "classic", "debug", "--task", "classic_cartpole"]
+    process = subprocess.Popen([*command, *args], env=environ, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        # Once re-executed with the tunables (`prepare`), the handler is in place at once,
+        # and importing jax takes a second or more.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not _environ_of(process.pid, "GLIBC_TUNABLES"):
+            time.sleep(0.01)
+        time.sleep(0.3)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130
+    assert stderr.strip().splitlines() == ["signal 2: quitting (nothing written yet)"]
+    assert not (tmp_path / "run").exists()
