@@ -635,6 +635,8 @@ def _train(
 ) -> dict:
     seeds = run_seeds(config)
     seed_dirs = [seed_logdir(logdir, config, seed) for seed in seeds]
+    for folder in seed_dirs:  # found before anything is written (one seed: the logdir)
+        ensure_writable(folder, "log directory", LogdirError)
     with contextlib.ExitStack() as opened:  # each closed on the way out, last opened first
         checkpointer = Checkpointer(logdir / "checkpoints", keep=config.checkpoint_keep)
         opened.callback(checkpointer.close)
@@ -660,8 +662,7 @@ def _train(
         warning = replay_memory_warning(config, env.step_spec, _physical_memory())
         if warning:
             print(warning, file=sys.stderr, flush=True)
-        run_info = record_start(logdir, provenance(argv), step)
-        run_info = {k: v for k, v in run_info.items() if k != "starts"}
+        run_info = provenance(argv)
         loggers: list[Logger] = []
         replays: list[Replay] = []
         for i, folder in enumerate(seed_dirs):
@@ -671,6 +672,8 @@ def _train(
             replays.append(_open_replay(config, folder, env.step_spec, seeds[i], seed_loop, step))
             opened.callback(replays[i].close)
         _save_configs(config, logdir, seed_dirs)
+        # A start that could not open its loggers (e.g. wandb online offline) is no start.
+        record_start(logdir, run_info, step)
         return _run_loop(
             config, agent, states, loop, env, eval_env, replays, loggers, checkpointer,
             sharding, stop, resumed,

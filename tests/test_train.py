@@ -932,6 +932,27 @@ def test_a_resumed_many_seed_run_is_each_single_run_resumed(tmp_path):
     _assert_same_run(tmp_path / "both" / "seed_2", tmp_path / "alone")
 
 
+def test_a_start_that_fails_before_training_records_no_start(tmp_path):
+    # A file where a seed's folder belongs: one line before any log, event file or run.json.
+    run = tmp_path / "seeds"
+    run.mkdir()
+    (run / "seed_1").write_text("not a folder")
+    result = run_cli(*CLASSIC, "--num_seeds", "2", "--logdir", str(run), timeout=300)
+    assert result.returncode == 2
+    assert result.stderr == f"error: log directory {run / 'seed_1'} is a file, not a directory\n"
+    assert sorted(p.name for p in run.rglob("*")) == [".lock", "seed_0", "seed_1"]
+    # wandb online without an API key (HOME without a netrc): no start in run.json.
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "NETRC"))}
+    result = subprocess.run(
+        [sys.executable, "-m", "dreamer_jax.train", *CLASSIC, "--wandb.mode", "online",
+         "--logdir", str(tmp_path / "online")],
+        cwd=ROOT, env={**environ, "HOME": str(tmp_path)}, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2 and "needs an API key" in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "online" / "run.json").exists()
+
+
 def test_a_training_state_that_cannot_fit_is_one_line_before_anything_is_written(tmp_path):
     config = make_config(["classic", "debug"], {"num_seeds": 3})
     agent = make_agent(config)
