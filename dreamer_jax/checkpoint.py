@@ -61,7 +61,8 @@ def _reason(error: BaseException) -> str:
     cause: BaseException | None = error
     while cause is not None and cause not in chain:
         chain.append(cause)
-        cause = cause.__cause__ or cause.__context__
+        # `raise ... from None` hides a context that is no part of the story.
+        cause = cause.__cause__ or (None if cause.__suppress_context__ else cause.__context__)
     for cause in chain:
         if isinstance(cause, OSError) and cause.errno:
             return os.strerror(cause.errno)
@@ -72,6 +73,8 @@ def _reason(error: BaseException) -> str:
     if not text:
         return type(chain[-1]).__name__
     line = text.splitlines()[0]
+    if " " not in line:  # a bare key or index ("0", "'state'") says nothing alone
+        line = f"{type(chain[-1]).__name__}: {line}"
     return line if len(line) <= 200 else line[:200].rsplit(" ", 1)[0] + " ..."
 
 
@@ -94,7 +97,10 @@ def _is_orbax_debris(error: BaseException | None) -> bool:
 
 class _DropOrbaxDebris(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and _is_orbax_debris(record.exc_info[1]))
+        # orbax's own error logs too: each either comes with an error that we report in one
+        # line, or is harmless (an unparsable _CHECKPOINT_METADATA, which restores ignore).
+        from_orbax = record.pathname.startswith(_ORBAX_DIR)
+        return not (from_orbax or (record.exc_info and _is_orbax_debris(record.exc_info[1])))
 
 
 def _silence_orbax_debris() -> None:

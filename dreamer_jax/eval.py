@@ -165,14 +165,18 @@ def _main(argv) -> int:
     env.close()
     returns = result.returns
     mean, std = float(np.mean(returns)), float(np.std(returns))
-    print(f"{config.task} step {step}: return {mean:.2f} ± {std:.2f} over {len(returns)} episodes")
+    print(
+        f"{config.task} seed {config.seed} step {step}: return {mean:.2f} ± {std:.2f} over "
+        f"{len(returns)} episodes"
+    )
     if result.frames:
         path = logdir / f"eval_{step}.gif"
         save_gif(path, np.stack(result.frames))
         print(f"video: {path}")
     elif args.video:
         print(f"video: none, {config.task} has no image observations")
-    print(json.dumps({"step": step, "episodes": len(returns), "mean": mean, "std": std,
+    print(json.dumps({"seed": config.seed, "step": step, "episodes": len(returns),
+                      "mean": mean, "std": std,
                       "returns": returns, "lengths": result.lengths}))  # fmt: skip
     return 0
 

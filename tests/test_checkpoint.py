@@ -127,6 +127,18 @@ def test_a_loop_state_without_the_runs_keys_or_a_file_for_a_step_is_set_aside(tm
     assert (aside / "2").read_text() == "not a checkpoint" and (aside / "3" / "loop").is_dir()
 
 
+def test_damaged_metadata_is_named_by_its_error_or_ignored_where_harmless(tmp_path, capfd):
+    state, _ = _save_steps(tmp_path / "ckpt", vector_agent(), (1, 2, 3))
+    (tmp_path / "ckpt" / "3" / "loop" / "metadata").write_text("garbage{")
+    # orbax's own record of a save; restores do not need it, and orbax logs its errors.
+    (tmp_path / "ckpt" / "2" / "_CHECKPOINT_METADATA").write_text("garbage{")
+    with pytest.warns(UserWarning) as record:
+        assert Checkpointer(tmp_path / "ckpt").restore_latest(state)[0] == 2
+    # The JSON error itself, not the StopIteration that json's parser hides ("from None").
+    assert len(record) == 1 and "unreadable (Expecting value: line 1" in str(record[0].message)
+    assert capfd.readouterr().err == ""
+
+
 def test_a_second_unreadable_copy_of_a_step_gets_a_suffix(tmp_path):
     agent = vector_agent()
     state, checkpointer = _save_steps(tmp_path / "ckpt", agent, (1, 2))
