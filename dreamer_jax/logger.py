@@ -25,7 +25,8 @@ purges its events from later steps, so a run restarted from a checkpoint at `res
 does not log any step twice. A malformed line (a crash mid-write, a damaged file) is
 dropped with a warning naming the file and line.
 
-Terminal: a tqdm bar over frames when stderr is a TTY (or `progress=True`); otherwise no bar,
+Terminal: a tqdm bar over frames when stderr is a TTY of 40 columns or more (or
+`progress=True`), moved between rows too (`train.Logging.tick`); otherwise no bar,
 and each `write()` prints one plain line to stdout (headed by the step, the share of the run
 done and, from the row's `fps`, the time left) so logs of runs under nohup stay readable.
 """
@@ -120,7 +121,7 @@ class Logger:
         self._scalars: dict[str, float] = {}
         self._postfix: dict[str, float] = {}
         self._bar = None
-        self._use_bar = sys.stderr.isatty() if progress is None else progress
+        self._use_bar = _wide_terminal(sys.stderr) if progress is None else progress
         self._quiet = quiet
         # tensorboardX's add_video needs moviepy; without it, videos go in as a frame strip.
         self._tb_video = importlib.util.find_spec("moviepy") is not None
@@ -257,6 +258,15 @@ class Logger:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def _wide_terminal(stream: Any) -> bool:
+    """Whether `stream` is a terminal wide enough for the bar (tqdm draws nothing at all in
+    a terminal that reports 0 columns, as some consoles do)."""
+    try:
+        return stream.isatty() and os.get_terminal_size(stream.fileno()).columns >= 40
+    except (OSError, ValueError):
+        return False
 
 
 def read_metrics(path: str | pathlib.Path) -> list[dict[str, Any]]:

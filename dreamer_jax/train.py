@@ -535,9 +535,20 @@ class Logging:
     its own logger; the first seed's logger shows the progress, followed in a many-seed run
     by one line of every seed's returns."""
 
+    TICK_SECONDS = 0.5  # how often the progress bar moves between rows
+
     def __init__(self, config, loggers, step, updates):
         self.config, self.loggers, self.seeds = config, loggers, run_seeds(config)
         self.clock, self.clock_step, self.clock_updates = time.perf_counter(), step, updates
+        self.ticked = self.clock
+
+    def tick(self, step: int) -> None:
+        """Moves the progress bar (if any) to `step` between rows, prefill included, at most
+        every `TICK_SECONDS`: rows come every `log_every` steps, minutes apart on Atari."""
+        now = time.perf_counter()
+        if now - self.ticked >= self.TICK_SECONDS:
+            self.loggers[0].progress(step, {})
+            self.ticked = now
 
     def write(self, step: int, acting: Acting, learning: Learning, replays: list[Replay]):
         now = time.perf_counter()
@@ -564,7 +575,8 @@ class Logging:
                 }
             )
             record = logger.write(step)
-            logger.progress(step, {k: record[k] for k in ("fps", "train_return") if k in record})
+            shown = ("fps", "train_return", "eval_return")
+            logger.progress(step, {k: record[k] for k in shown if record.get(k) is not None})
             records.append(record)
         line = seeds_line(self.seeds, records) if len(records) > 1 else None
         if line:  # the progress shows the first seed only
@@ -823,6 +835,7 @@ def _run_loop(
             if (step >= loop["next_log"] or step >= config.steps) and learning.updates > 0:
                 logging.write(step, acting, learning, replays)
                 loop["next_log"] = (step // config.log_every + 1) * config.log_every
+            logging.tick(step)
             if step >= loop["next_checkpoint"]:
                 every = config.checkpoint_every
                 loop["next_checkpoint"] = (step // every + 1) * every

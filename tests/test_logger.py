@@ -1,11 +1,14 @@
+import fcntl
 import logging
 import math
 import os
+import pty
 import pathlib
 import re
 import struct
 import subprocess
 import sys
+import termios
 import textwrap
 
 import numpy as np
@@ -256,6 +259,20 @@ def test_progress_bar_counts_frames_and_shows_info(tmp_path, capsys):
     assert captured.out == ""
     assert "80.0/400" in captured.err
     assert "train_return=3" in captured.err and "updates_per_s=5" in captured.err
+
+
+def test_the_bar_needs_a_terminal_with_columns(tmp_path):
+    leader, follower = pty.openpty()
+    try:
+        with os.fdopen(follower, "w") as terminal:
+            for columns, wide in [(0, False), (39, False), (40, True), (120, True)]:
+                size = struct.pack("HHHH", 24, columns, 0, 0)
+                fcntl.ioctl(follower, termios.TIOCSWINSZ, size)
+                assert logger_module._wide_terminal(terminal) is wide
+    finally:
+        os.close(leader)
+    with open(tmp_path / "log", "w") as file:  # e.g. stderr redirected under nohup
+        assert logger_module._wide_terminal(file) is False
 
 
 def test_wandb_offline_run_lives_in_the_logdir_and_resumes(tmp_path, monkeypatch):

@@ -967,6 +967,18 @@ def test_a_training_state_that_cannot_fit_is_one_line_before_anything_is_written
     assert "needs 1341.9 GiB" in result.stderr and not (tmp_path / "run").exists()
 
 
+def test_the_progress_bar_moves_between_rows_at_most_every_tick(monkeypatch):
+    moved = []
+    logger = types.SimpleNamespace(progress=lambda step, info: moved.append((step, info)))
+    clock = [100.0]
+    monkeypatch.setattr(train_module.time, "perf_counter", lambda: clock[0])
+    logging = train_module.Logging(make_config(["classic", "debug"]), [logger], 0, 0)
+    for step in range(1, 9):  # 0.2 s per step: one tick every 3 steps
+        clock[0] += 0.2
+        logging.tick(step)
+    assert moved == [(3, {}), (6, {})]
+
+
 def test_replay_memory_warning_counts_every_seed():
     spec = {"image": ((64, 64, 1), np.uint8), "action": ((18,), np.uint8),
             "reward": ((), np.float32), "is_first": ((), bool), "is_last": ((), bool),
