@@ -2,8 +2,8 @@ import fcntl
 import logging
 import math
 import os
-import pty
 import pathlib
+import pty
 import re
 import struct
 import subprocess
