@@ -46,11 +46,31 @@ FINAL_FRACTION = 0.1
 # The curves file also holds a "nosched" variant; the paper's agent is "dreamerv2".
 REFERENCE_METHOD = "dreamerv2"
 CONFIDENCE = 0.95
+# rliable resamples with numpy's global RNG, whose seeds lie in [0, 2**32).
+MAX_BOOTSTRAP_SEED = 2**32 - 1
+# rliable holds every resample in memory and draws them in a Python loop: a million already
+# takes hours, and far more cannot be allocated at all.
+MAX_REPS = 1_000_000
 BASELINE_KEYS = ("random", "human_gamer", "human_record")
 
 
 class AnalysisError(RuntimeError):
     """Nothing to analyze, a bad argument, or wandb cannot start. The message is one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments are an AnalysisError (one line), not argparse's usage and exit."""
+
+    def error(self, message: str):
+        raise AnalysisError(message)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each default, except None or "" (no value): such an option's help says what
+    leaving it out means."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default in (None, "") else super()._get_help_string(action)
 
 
 class Run(NamedTuple):
@@ -69,10 +89,11 @@ def load_runs(runs_dir: str | pathlib.Path, only: str | None = None) -> list[Run
     """Every run under `runs_dir` (any depth), sorted by path; with `only`, those whose folder
     path relative to `runs_dir` matches that fnmatch pattern (`*` also matches "/").
 
-    A run whose config.yaml or metrics.jsonl cannot be used, or that has logged no
-    eval_return yet, is skipped with a one-line warning. AnalysisError when `runs_dir` is not
-    a directory, holds no usable run, or holds two runs of one task and seed (a folder that
-    mixes variants of a sweep: their seeds would be averaged as one method's)."""
+    A run whose config.yaml or metrics.jsonl cannot be used, or that has logged no finite
+    eval_return yet (NaN and Infinity count as missing), is skipped with a one-line warning.
+    AnalysisError when `runs_dir` is not a directory, holds no usable run, or holds two runs
+    of one task and seed (a folder that mixes variants of a sweep: their seeds would be
+    averaged as one method's)."""
     runs_dir = pathlib.Path(runs_dir)
     if not runs_dir.is_dir():
         raise AnalysisError(f"{runs_dir} is not a directory")
@@ -132,12 +153,14 @@ def _load_run(path: pathlib.Path) -> Run | None:
     except (ConfigError, OSError) as error:
         warnings.warn(f"skipping a run: {error}", stacklevel=2)
         return None
-    if not all(isinstance(row.get("frames"), int | float) for row in rows):
-        warnings.warn(f"skipping {path}: {METRICS_FILE} has rows without frames", stacklevel=2)
+    if not all(_finite(row.get("frames")) for row in rows):
+        warnings.warn(
+            f"skipping {path}: {METRICS_FILE} has rows without finite frames", stacklevel=2
+        )
         return None
-    evals = [row for row in rows if isinstance(row.get("eval_return"), int | float)]
+    evals = [row for row in rows if _finite(row.get("eval_return"))]
     if not evals:
-        warnings.warn(f"skipping {path}: no eval_return logged yet", stacklevel=2)
+        warnings.warn(f"skipping {path}: no finite eval_return logged yet", stacklevel=2)
         return None
     since = stopped_learning(rows)
     if since is not None:
@@ -156,12 +179,27 @@ def _load_run(path: pathlib.Path) -> Run | None:
     )
 
 
+def _finite(value: Any) -> bool:
+    """Whether `value` is a finite number. json.loads reads NaN and Infinity as floats: they
+    count as missing, as a NaN evaluation would make every mean over it NaN."""
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+def _finite_or_none(value: Any) -> Any:
+    """`value` (nested dicts and lists) with non-finite floats as None: strict JSON."""
+    if isinstance(value, dict):
+        return {key: _finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_none(item) for item in value]
+    return value if not isinstance(value, float) or math.isfinite(value) else None
+
+
 def stopped_learning(rows: Sequence[dict]) -> int | None:
     """The frames of the first row of a run's final stretch of rows in which every update was
     non-finite (its `nonfinite` metric, the fraction of updates skipped since the previous
     row, is 1), or None when its last logged updates learned."""
     since = None
-    for row in reversed([row for row in rows if isinstance(row.get("nonfinite"), int | float)]):
+    for row in reversed([row for row in rows if _finite(row.get("nonfinite"))]):
         if row["nonfinite"] < 1:
             break
         since = row["frames"]
@@ -505,11 +543,20 @@ def _report(summary: Mapping[str, Mapping], agg: Mapping[str, Any] | None) -> st
     return "\n".join(lines)
 
 
-def analyze(args: argparse.Namespace) -> None:
-    """The whole command: read, score, write the JSON and the figures, print, log to wandb."""
+def check_options(args: argparse.Namespace) -> None:
+    """AnalysisError (one line) for an option out of range, before anything is read or made."""
     for name in ("reps", "bins"):
         if getattr(args, name) < 1:
             raise AnalysisError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.reps > MAX_REPS:
+        raise AnalysisError(f"--reps must be <= {MAX_REPS}, got {args.reps}")
+    if not 0 <= args.seed <= MAX_BOOTSTRAP_SEED:
+        raise AnalysisError(f"--seed must be in [0, {MAX_BOOTSTRAP_SEED}], got {args.seed}")
+
+
+def analyze(args: argparse.Namespace) -> None:
+    """The whole command: read, score, write the JSON and the figures, print, log to wandb."""
+    check_options(args)
     runs = load_runs(args.runs_dir, args.only)
     out = pathlib.Path(args.out)
     ensure_writable(out, "output directory")
@@ -530,7 +577,8 @@ def analyze(args: argparse.Namespace) -> None:
             f"{agg['iqm_seeds_per_task']} lowest seeds"
         )
     result = {"runs_dir": str(args.runs_dir), "only": args.only, "tasks": summary, "aggregate": agg}
-    write_atomic(out / "aggregate.json", (json.dumps(result, indent=2) + "\n").encode())
+    text = json.dumps(_finite_or_none(result), indent=2, allow_nan=False)
+    write_atomic(out / "aggregate.json", (text + "\n").encode())
     images = write_plots(out, runs, agg, baselines, load_reference_curves(), args.bins)
     print(_report(summary, agg))
     print(f"wrote {out / 'aggregate.json'} and {len(images)} figures to {out}")
@@ -539,21 +587,30 @@ def analyze(args: argparse.Namespace) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=program_name("dreamer_jax.analyze"),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
         description=__doc__.splitlines()[0] + " See docs/analysis.md.",
     )
     parser.add_argument("runs_dir", metavar="RUNS_DIR", help="folder searched for runs")
-    parser.add_argument("--out", required=True, metavar="DIR", help="where results go")
+    parser.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="where results go, created if missing (required: there is no default)",
+    )
     parser.add_argument(
         "--only",
         metavar="GLOB",
         help="only the runs whose folder, relative to RUNS_DIR, matches GLOB "
-        "(e.g. '*/kl_balance_0.5/*' for one variant of a sweep)",
+        "(e.g. '*/kl_balance_off/*' for one variant of a sweep; default: every run)",
     )
-    parser.add_argument("--reps", type=int, default=2000, help="bootstrap resamples for the CI")
-    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    parser.add_argument(
+        "--reps", type=int, default=2000, help=f"bootstrap resamples for the CI, 1 to {MAX_REPS}"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help=f"bootstrap seed, 0 to {MAX_BOOTSTRAP_SEED}"
+    )
     parser.add_argument("--bins", type=int, default=40, help="frame bins of the curves")
     parser.add_argument(
         "--wandb.mode",
@@ -562,16 +619,17 @@ def _parser() -> argparse.ArgumentParser:
         choices=("disabled", "offline", "online"),
     )
     parser.add_argument("--wandb.project", dest="wandb_project", default="dreamer-jax")
-    parser.add_argument("--wandb.group", dest="wandb_group", default="", help="e.g. the sweep")
+    parser.add_argument(
+        "--wandb.group", dest="wandb_group", default="", help="e.g. the sweep (default: no group)"
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
     with warnings.catch_warnings():
         warnings.showwarning = warn_in_one_line  # a skipped run is one line, not a source dump
         try:
-            analyze(args)
+            analyze(_parser().parse_args(argv))
         except (AnalysisError, DirectoryError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 2

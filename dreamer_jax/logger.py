@@ -274,7 +274,11 @@ def read_metrics(path: str | pathlib.Path) -> list[dict[str, Any]]:
 
     A malformed line (an interrupted write, a damaged file) is skipped with a warning."""
     path = pathlib.Path(path)
-    return [record for _, record in _parse_metrics(path, _read_text(path))]
+    return [
+        # The logger writes null for them; a NaN or Infinity literal comes from elsewhere.
+        {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in r.items()}
+        for _, r in _parse_metrics(path, _read_text(path))
+    ]
 
 
 def _read_text(path: pathlib.Path) -> str:

@@ -29,10 +29,14 @@ each seed of the N-seed program is from the one-seed program of that seed.
 envs, the run's step counter), with the configured replay and `envs`: synthetic episodes of
 `--episode_length` steps (Boxing's are about 1,800) through the real `Replay`, one batch
 drawn every 100 steps until `--data_steps` (default 400k) steps.
+
+A bad option, an unknown task or a `--json`/`--profile` path that cannot be written is one
+`error:` line and exit 2, before anything runs or is recorded.
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import gzip
 import json
@@ -52,10 +56,25 @@ from trace_summary import HLO_FILE
 
 from dreamer_jax.agent import Agent
 from dreamer_jax.config import ConfigError, load_config
+from dreamer_jax.paths import DirectoryError, ensure_writable, write_atomic
 from dreamer_jax.seeds import init_keys, run_seeds, seed_sharding, select, stack
 from dreamer_jax.startup import prepare
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+MODES = ("collector", "replay", "determinism", "data_age", "observe", "policy", "flops")
+# Far past any benchmark's updates or steps, and small enough for int64 step arithmetic.
+MAX_COUNT = 10**9
+
+
+class BenchError(Exception):
+    """A bad argument, or a benchmark that measured nothing. The message is one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments are a BenchError (one line), not argparse's usage and exit."""
+
+    def error(self, message: str):
+        raise BenchError(message)
 
 
 def synthetic_batch(config, obs_key, obs_shape, num_actions, seed=0):
@@ -478,6 +497,11 @@ def bench_data_age(config, episode_length: int, total_steps: int) -> tuple[list,
         step += envs
         if step % 100 < envs and step >= config.prefill and replay.ready:
             ages.append(step - replay.sample(rng)["reward"][:, -1])
+    if not ages:
+        raise BenchError(
+            f"no batch was sampled in {total_steps} policy steps: raise --data_steps past the "
+            f"prefill ({config.prefill} steps) and the first finished episodes"
+        )
     ages = np.concatenate(ages)
     figures = {
         "envs": envs, "ongoing": config.replay.ongoing, "episode_length": episode_length,
@@ -493,48 +517,87 @@ def bench_data_age(config, episode_length: int, total_steps: int) -> tuple[list,
     ], figures  # fmt: skip
 
 
+def _count(text: str) -> int:
+    """An argparse type: a whole number from 1 to MAX_COUNT, also written as a float (4e5)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not (1 <= value <= MAX_COUNT and value.is_integer()):
+        raise argparse.ArgumentTypeError(
+            f"must be a whole number from 1 to {MAX_COUNT}, got {text!r}"
+        )
+    return int(value)
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The bench's own options; every other word is a config preset or override. No
+    abbreviations: `--update 5` is the config's unknown key, not `--updates` taken silently."""
+    parser = _Parser(prog="scripts/bench.py", add_help=False, allow_abbrev=False)
+    modes = parser.add_mutually_exclusive_group()
+    for mode in MODES:
+        modes.add_argument(f"--{mode}", dest="mode", action="store_const", const=mode)
+    parser.set_defaults(mode="learner")
+    parser.add_argument("--no-record", dest="record", action="store_false")
+    parser.add_argument("--updates", type=_count, default=20)
+    parser.add_argument("--json", type=pathlib.Path)
+    parser.add_argument("--profile")
+    parser.add_argument("--episode_length", type=_count, default=1800)
+    parser.add_argument("--data_steps", type=_count, default=400_000)
+    return parser
+
+
+def check_task(config) -> None:
+    """BenchError (one line) unless the task exists: one env of it made and closed, the check
+    training makes (the synthetic benchmarks would never make one, and record any name)."""
+    from dreamer_jax.envs import UnknownTaskError, VectorEnv
+
+    try:
+        VectorEnv(config.task, 1, config.seed, config.time_limit, config.action_repeat).close()
+    except UnknownTaskError as error:
+        raise BenchError(str(error)) from None
+
+
+def check_outputs(json_path: pathlib.Path | None, profile_dir: str | None) -> None:
+    """BenchError or DirectoryError (one line) unless `--json`'s folder exists and is writable
+    and `--profile`'s can be made: known before the benchmark runs, not after."""
+    if json_path is not None:
+        if json_path.is_dir():
+            raise BenchError(f"--json {json_path} is a directory")
+        if not json_path.parent.is_dir():
+            raise BenchError(f"--json {json_path}: no folder {json_path.parent}")
+        ensure_writable(json_path.parent, "--json folder")
+    if profile_dir is not None:
+        ensure_writable(pathlib.Path(profile_dir), "--profile directory")
+
+
 def main(argv: list[str]) -> int:
     if any(arg in ("-h", "--help") for arg in argv):
         print(__doc__)
         return 0
-    record = "--no-record" not in argv
-    modes = (
-        "--collector", "--replay", "--determinism", "--data_age", "--observe", "--policy",
-        "--flops",
-    )  # fmt: skip
-    mode = next((m for m in modes if m in argv), "--learner")[2:]
-    argv = [a for a in argv if a not in ("--no-record", *modes)]
-    options = {"--updates": 20, "--json": None, "--profile": None}
-    options |= {"--episode_length": 1800, "--data_steps": 400_000}
-    for name in options:
-        if name in argv:
-            i = argv.index(name)
-            if i + 1 == len(argv):
-                print(f"error: {name} needs a value", file=sys.stderr)
-                return 2
-            options[name] = argv[i + 1]
-            argv = argv[:i] + argv[i + 2 :]
-    if not str(options["--updates"]).isdigit():
-        print(
-            f"error: --updates needs a whole number, got {options['--updates']!r}", file=sys.stderr
-        )
-        return 2
-    updates = int(options["--updates"])
     try:
-        config = load_config(argv)
-    except ConfigError as error:
+        options, config_args = _parser().parse_known_args(argv)
+        config = load_config(config_args)
+        check_outputs(options.json, options.profile)
+        check_task(config)
+        run(config, options)
+    except (BenchError, ConfigError, DirectoryError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    json_path = None if options["--json"] is None else pathlib.Path(options["--json"])
+    return 0
 
+
+def run(config, options: argparse.Namespace) -> None:
+    """Runs the benchmark of `options.mode`, prints its block, writes `--json` and appends
+    the block to docs/benchmarks.md (unless --no-record)."""
+    mode, updates = options.mode, options.updates
     figures: dict = {}
     if mode == "collector":
         results = bench_collector(config)
     elif mode == "replay":
         results = bench_replay(config)
     elif mode == "data_age":
-        length, total = int(options["--episode_length"]), int(float(options["--data_steps"]))
-        results, figures = bench_data_age(config, length, total)
+        results, figures = bench_data_age(config, options.episode_length, options.data_steps)
     elif mode == "determinism":
         results, figures = bench_determinism(config, updates)
     elif mode == "observe":
@@ -544,7 +607,7 @@ def main(argv: list[str]) -> int:
     elif mode == "flops":
         results, figures = bench_flops(config)
     else:
-        results, figures = bench_learner(config, updates, options["--profile"])
+        results, figures = bench_learner(config, updates, options.profile)
     command = "python scripts/bench.py " + shlex.join(sys.argv[1:])
     rows = [
         ("date", datetime.date.today().isoformat()),
@@ -559,17 +622,17 @@ def main(argv: list[str]) -> int:
     title = f"### {config.task}, {what} ({rows[0][1]})"
     block = f"\n{title}\n\n| what | value |\n|---|---|\n{text}\n"
     print(block)
-    if json_path is not None:
+    if options.json is not None:
         record_figures = {"command": command, "machine": machine(), "jax": jax.__version__,
                           "xla_flags": os.environ.get("XLA_FLAGS", "")}  # fmt: skip
-        json_path.write_text(json.dumps({**record_figures, "mode": mode, **figures}, indent=1))
-        print(f"figures in {json_path}")
-    if record:
+        data = json.dumps({**record_figures, "mode": mode, **figures}, indent=1).encode()
+        write_atomic(options.json, data)  # never a partial file
+        print(f"figures in {options.json}")
+    if options.record:
         path = ROOT / "docs" / "benchmarks.md"
         with path.open("a") as file:
             file.write(block)
         print(f"appended to {path.relative_to(ROOT)}")
-    return 0
 
 
 if __name__ == "__main__":

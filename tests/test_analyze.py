@@ -3,6 +3,7 @@
 import gzip
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -207,7 +208,7 @@ def test_run_without_evals_is_skipped_and_other_folders_ignored(tmp_path):
     write_run(tmp_path, "atari_pong", 1, eval_rows([], last_frames=100))
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "metrics.jsonl").write_text('{"step": 1, "frames": 4}\n')
-    with pytest.warns(UserWarning, match="no eval_return"):
+    with pytest.warns(UserWarning, match="no finite eval_return"):
         runs = analyze.load_runs(tmp_path)
     assert [run.seed for run in runs] == [0]
 
@@ -224,6 +225,7 @@ def test_stopped_learning_is_the_start_of_the_final_all_nonfinite_rows():
     no_updates = [{"step": 600, "frames": 2400, "eval_return": 1.0}]  # rows without the metric
     assert analyze.stopped_learning(rows([(1, 0.0), (2, 1.0)]) + no_updates) == 800
     assert analyze.stopped_learning(no_updates) is None
+    assert analyze.stopped_learning(rows([(1, 0.0), (2, float("nan"))])) is None  # missing
 
 
 def test_a_run_that_stopped_learning_is_kept_with_a_warning(tmp_path):
@@ -395,6 +397,108 @@ def test_main_logs_to_wandb_offline(sweep, tmp_path, monkeypatch):
     assert list(run_dir.glob("*.wandb"))
     images = {p.name.split("_")[0] for p in (run_dir / "files/media/images").rglob("*.png")}
     assert {"curves", "aggregate"} <= images
+
+
+def strict_json(path):
+    """The JSON in `path`, failing on the NaN and Infinity that only Python's json accepts."""
+
+    def refuse(constant):
+        raise ValueError(f"{path} holds {constant}: not JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_nonfinite_metrics_count_as_missing_and_the_json_is_strict(tmp_path, capsys):
+    """NaN and Infinity literals, as json.dumps writes them into metrics.jsonl: seed 0's late
+    non-finite evals are left out of its final return, seed 1 (no finite eval) and seed 2 (a
+    row without finite frames) are skipped."""
+    runs = tmp_path / "runs"
+    seed_0 = write_run(runs, "atari_pong", 0, eval_rows([(100, -5.0), (960, 3.0)]))
+    late = ['{"step": 245, "frames": 980, "eval_return": NaN}',
+            '{"step": 250, "frames": 1000, "eval_return": Infinity}']  # fmt: skip
+    with (seed_0 / "metrics.jsonl").open("a") as file:
+        file.write("\n".join(late) + "\n")
+    seed_1 = write_run(runs, "atari_pong", 1, [])
+    (seed_1 / "metrics.jsonl").write_text(
+        '{"step": 25, "frames": 100, "eval_return": NaN}\n'
+        '{"step": 50, "frames": 200, "eval_return": -Infinity}\n'
+    )
+    seed_2 = write_run(runs, "atari_pong", 2, eval_rows([(100, 1.0)]))
+    with (seed_2 / "metrics.jsonl").open("a") as file:
+        file.write('{"step": 50, "frames": NaN, "eval_return": 2.0}\n')
+    out = tmp_path / "out"
+    assert analyze.main([str(runs), "--out", str(out), "--reps", "10"]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: skipping {seed_1}: no finite eval_return" in err
+    assert f"warning: skipping {seed_2}: metrics.jsonl has rows without finite frames" in err
+    pong = strict_json(out / "aggregate.json")["tasks"]["atari_pong"]
+    assert pong["seed_returns"] == {"0": 3.0} and pong["final_return"] == 3.0
+
+
+def test_results_that_overflow_are_null_in_strict_json(tmp_path):
+    """Finite returns whose mean overflows to inf: null in aggregate.json, never Infinity."""
+    write_run(tmp_path, "atari_pong", 0, eval_rows([(10, 1.7e308), (10, 1.7e308)]))
+    out = tmp_path / "out"
+    assert analyze.main([str(tmp_path), "--out", str(out), "--reps", "10"]) == 0
+    result = strict_json(out / "aggregate.json")
+    assert result["tasks"]["atari_pong"]["final_return"] is None
+    assert result["aggregate"]["iqm"] is None
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--seed", "-1"], "--seed must be in [0, 4294967295], got -1"),
+        (["--seed", "99999999999999999999"], "--seed must be in [0, 4294967295], got 9999"),
+        (["--seed", "4294967296"], "--seed must be in [0, 4294967295], got 4294967296"),
+        (["--reps", "99999999999999999999"], "--reps must be <= 1000000, got 9999"),
+        (["--reps", "0"], "--reps must be >= 1, got 0"),
+        (["--seed", "x"], "argument --seed: invalid int value: 'x'"),
+        (["--no_such_option"], "unrecognized arguments: --no_such_option"),
+        (["--wandb.mode", "on"], "argument --wandb.mode: invalid choice: 'on'"),
+    ],
+)
+def test_bad_options_are_one_line_before_anything_is_written(
+    sweep, tmp_path, capsys, args, message
+):
+    out = tmp_path / "out"
+    assert analyze.main([str(sweep), "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+def test_missing_out_is_one_line_naming_it(sweep, capsys):
+    assert analyze.main([str(sweep)]) == 2
+    assert capsys.readouterr().err == "error: the following arguments are required: --out\n"
+
+
+def help_text(capsys) -> str:
+    """`--help` through main, its words joined by single spaces (argparse wraps lines)."""
+    with pytest.raises(SystemExit) as exit_:
+        analyze.main(["--help"])
+    assert exit_.value.code == 0
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_help_states_each_real_default(capsys):
+    text = help_text(capsys)
+    assert "(default: None)" not in text and "(default: )" not in text
+    assert "--out DIR where results go, created if missing (required" in text
+    assert "--reps REPS bootstrap resamples for the CI, 1 to 1000000 (default: 2000)" in text
+
+
+def test_only_examples_name_the_shipped_ablation_sweep(capsys):
+    """The --only examples of docs/analysis.md and --help: the folder and a variant that
+    experiments/ablations.yaml writes (<root>/<name>/<task>/<variant>/seed_<s>)."""
+    import yaml
+
+    sweep = yaml.safe_load((ROOT / "experiments" / "ablations.yaml").read_text())
+    docs = (ROOT / "docs" / "analysis.md").read_text()
+    (example,) = re.findall(r"analyze (\S+) --only '\*/(\w+)/\*'", docs)
+    assert example[0] == f"{sweep['root']}/{sweep['name']}"
+    assert example[1] in sweep["variants"]
+    assert re.search(r"'\*/(\w+)/\*'", help_text(capsys))[1] in sweep["variants"]
 
 
 def _cli(*args):

@@ -115,3 +115,71 @@ def test_data_age_mode_sees_ongoing_episodes_younger(tmp_path):
     assert figures["true"]["ongoing"] and not figures["false"]["ongoing"]
     assert 0 <= figures["true"]["p1_age"] < figures["false"]["p1_age"]
     assert figures["true"]["median_age"] <= figures["false"]["median_age"]
+
+
+@pytest.fixture
+def no_benchmark(monkeypatch):
+    """`bench.main` with the benchmark (and its record) replaced by a failure: an error must
+    come before anything runs."""
+
+    def ran(config, options):
+        raise AssertionError(f"the {options.mode} benchmark ran")
+
+    monkeypatch.setattr(bench, "run", ran)
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--updates", "0"], "argument --updates: must be a whole number from 1 to"),
+        (["--updates", "1.5"], "argument --updates: must be a whole number"),
+        (["--data_age", "--data_steps", "-5"], "argument --data_steps: must be a whole"),
+        (["--data_age", "--episode_length", "x"], "argument --episode_length: must be"),
+        (["--data_age", "--episode_length", "0"], "argument --episode_length: must be"),
+        (["--collector", "--replay"], "argument --replay: not allowed with argument --collector"),
+        (["--task", "nope"], "unknown task 'nope'"),
+        (["--json", "{tmp}/missing/x.json"], "--json {tmp}/missing/x.json: no folder"),
+        (["--json", "{tmp}"], "--json {tmp} is a directory"),
+        (["--profile", "{tmp}/file/trace"], "--profile directory {tmp}/file/trace is not"),
+    ],
+)
+def test_bad_arguments_are_one_line_before_anything_runs(
+    no_benchmark, tmp_path, capsys, args, fragment
+):
+    (tmp_path / "file").write_text("")
+    args = [arg.format(tmp=tmp_path) for arg in args]
+    assert bench.main([*args, "--configs", "classic", "debug"]) == 2
+    assert fragment.format(tmp=tmp_path) in one_line_error(capsys)
+
+
+def test_options_and_config_overrides_are_told_apart():
+    """`--replay.ongoing` is a config key, not the `--replay` mode; counts take 4e5; an
+    abbreviation is left to the config (which names it as an unknown key)."""
+    argv = ["--data_age", "--replay.ongoing", "true", "--data_steps", "4e5", "--configs",
+            "classic", "debug", "--actor_ent", "-1e-3", "--no-record"]  # fmt: skip
+    options, config_args = bench._parser().parse_known_args(argv)
+    assert (options.mode, options.data_steps, options.record) == ("data_age", 400_000, False)
+    assert config_args == [
+        "--replay.ongoing", "true", "--configs", "classic", "debug", "--actor_ent", "-1e-3"
+    ]  # fmt: skip
+    assert bench._parser().parse_known_args(["--update", "5"])[1] == ["--update", "5"]
+
+
+def test_data_age_that_samples_nothing_is_one_line_and_records_nothing(
+    tmp_path, monkeypatch, capsys
+):
+    """50 steps, short of the prefill: no age was measured, so nothing is written."""
+    docs = tmp_path / "docs" / "benchmarks.md"
+    docs.parent.mkdir()
+    docs.write_text("# Benchmarks\n")
+    monkeypatch.setattr(bench, "ROOT", tmp_path)
+    argv = ["--data_age", "--data_steps", "50", "--json", str(tmp_path / "figures.json")]
+    assert bench.main([*argv, "--configs", "classic", "debug"]) == 2
+    assert "no batch was sampled in 50 policy steps" in one_line_error(capsys)
+    assert docs.read_text() == "# Benchmarks\n" and not (tmp_path / "figures.json").exists()

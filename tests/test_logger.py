@@ -134,6 +134,12 @@ def test_resume_step_drops_later_lines(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+def test_nonfinite_literals_read_as_none(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "a": NaN, "b": Infinity, "c": -Infinity, "d": 2.5, "e": null}\n')
+    assert read_metrics(path) == [{"step": 1, "a": None, "b": None, "c": None, "d": 2.5, "e": None}]
+
+
 def test_existing_metrics_are_appended_without_resume_step(tmp_path):
     _logger(tmp_path).write(1)
     logger = _logger(tmp_path)
