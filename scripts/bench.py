@@ -156,7 +156,7 @@ def bench_learner(
     compile_s = time.perf_counter() - start
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
-    flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+    flops = float(cost["flops"]) if cost and "flops" in cost else None  # backends without it
 
     states, metrics = agent.train_seeds(states, batches)  # warm-up (first execution)
     jax.block_until_ready(metrics)
@@ -194,7 +194,7 @@ def bench_learner(
         "host_system_ms_per_update": system_ms,
         "memory_kind": memory_kind,
         "memory_gib": memory / 2**30,
-        "xla_gflop_per_update": flops / 1e9,
+        "xla_gflop_per_update": None if flops is None else flops / 1e9,
     }
     rows = [
         ("precision", config.precision),
@@ -205,7 +205,7 @@ def bench_learner(
         ("seed-updates/s", f"{n * updates / elapsed:.2f}"),
         ("host CPU/update", f"user {user_ms:.0f} ms, system {system_ms:.0f} ms"),
         (memory_kind, f"{memory / 2**30:.2f} GiB"),
-        ("XLA FLOPs/update", f"{flops / 1e9:.4g} GFLOP"),
+        ("XLA FLOPs/update", "n/a" if flops is None else f"{flops / 1e9:.4g} GFLOP"),
     ]
     return rows, figures
 
