@@ -33,7 +33,13 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from dreamer_jax.config import ConfigError, load_run_config, program_name, warn_in_one_line
+from dreamer_jax.config import (
+    ConfigError,
+    OneLineParser,
+    load_run_config,
+    program_name,
+    warn_in_one_line,
+)
 from dreamer_jax.logger import METRICS_FILE, WANDB_INIT_TIMEOUT_S, read_metrics
 from dreamer_jax.paths import DirectoryError, ensure_writable, write_atomic
 
@@ -56,13 +62,6 @@ BASELINE_KEYS = ("random", "human_gamer", "human_record")
 
 class AnalysisError(RuntimeError):
     """Nothing to analyze, a bad argument, or wandb cannot start. The message is one line."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """Bad arguments are an AnalysisError (one line), not argparse's usage and exit."""
-
-    def error(self, message: str):
-        raise AnalysisError(message)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -587,7 +586,8 @@ def analyze(args: argparse.Namespace) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = OneLineParser(
+        error=AnalysisError,
         prog=program_name("dreamer_jax.analyze"),
         formatter_class=_HelpFormatter,
         description=__doc__.splitlines()[0] + " See docs/analysis.md.",

@@ -14,6 +14,7 @@ A run's saved config comes back with `load_run_config("<logdir>/config.yaml")`.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import math
 import pathlib
@@ -500,6 +501,19 @@ def program_name(module: str) -> str:
     pyproject.toml) or as `python -m <module>`."""
     script = pathlib.Path(sys.argv[0]).name
     return script if script.startswith("dreamer-") else f"python -m {module}"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse for the commands: a bad argument raises `error` (default ConfigError) with
+    argparse's message, for the command to print as one `error:` line and exit 2, instead of
+    argparse's usage block."""
+
+    def __init__(self, *args: Any, error: type[Exception] = ConfigError, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._error = error
+
+    def error(self, message: str):  # type: ignore[override]
+        raise self._error(message)
 
 
 def warn_in_one_line(message, category, filename, lineno, file=None, line=None) -> None:

@@ -28,7 +28,7 @@ import numpy as np
 
 from dreamer_jax.api import load
 from dreamer_jax.checkpoint import CheckpointError
-from dreamer_jax.config import MAX_SEED, ConfigError, program_name, warn_in_one_line
+from dreamer_jax.config import MAX_SEED, ConfigError, OneLineParser, program_name, warn_in_one_line
 from dreamer_jax.envs import VectorEnv
 from dreamer_jax.logger import save_gif
 from dreamer_jax.seeds import policy_inputs, stack
@@ -130,7 +130,8 @@ def main(argv=None) -> int:
 
 
 def _main(argv) -> int:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
+        error=EvalError,
         prog=program_name("dreamer_jax.eval"),
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -146,9 +147,9 @@ def _main(argv) -> int:
     parser.add_argument(
         "--video", action="store_true", help="write <logdir>/eval_<step>.gif (image tasks)"
     )
-    args = parser.parse_args(argv)
-    logdir = pathlib.Path(args.logdir)
     try:
+        args = parser.parse_args(argv)
+        logdir = pathlib.Path(args.logdir)
         for name in ("episodes", "envs"):
             if getattr(args, name) < 1:
                 raise EvalError(f"--{name} must be >= 1, got {getattr(args, name)}")

@@ -55,7 +55,7 @@ import numpy as np
 from trace_summary import HLO_FILE
 
 from dreamer_jax.agent import Agent
-from dreamer_jax.config import ConfigError, load_config
+from dreamer_jax.config import ConfigError, OneLineParser, load_config
 from dreamer_jax.paths import DirectoryError, ensure_writable, write_atomic
 from dreamer_jax.seeds import init_keys, run_seeds, seed_sharding, select, stack
 from dreamer_jax.startup import prepare
@@ -68,13 +68,6 @@ MAX_COUNT = 10**9
 
 class BenchError(Exception):
     """A bad argument, or a benchmark that measured nothing. The message is one line."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """Bad arguments are a BenchError (one line), not argparse's usage and exit."""
-
-    def error(self, message: str):
-        raise BenchError(message)
 
 
 def synthetic_batch(config, obs_key, obs_shape, num_actions, seed=0):
@@ -533,7 +526,9 @@ def _count(text: str) -> int:
 def _parser() -> argparse.ArgumentParser:
     """The bench's own options; every other word is a config preset or override. No
     abbreviations: `--update 5` is the config's unknown key, not `--updates` taken silently."""
-    parser = _Parser(prog="scripts/bench.py", add_help=False, allow_abbrev=False)
+    parser = OneLineParser(
+        prog="scripts/bench.py", add_help=False, allow_abbrev=False, error=BenchError
+    )
     modes = parser.add_mutually_exclusive_group()
     for mode in MODES:
         modes.add_argument(f"--{mode}", dest="mode", action="store_const", const=mode)

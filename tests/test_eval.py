@@ -168,6 +168,15 @@ def assert_one_line_error(result, *fragments):
     assert all(fragment in lines[0] for fragment in fragments), lines[0]
 
 
+@pytest.mark.parametrize(
+    "args, fragment",
+    [([], "required: --logdir"), (["--logdir"], "expected one argument"),
+     (["--logdir", "x", "--episodes", "two"], "invalid int value: 'two'")],
+)  # fmt: skip
+def test_cli_bad_arguments_are_one_line(args, fragment):
+    assert_one_line_error(run_eval(*args), fragment)
+
+
 @pytest.mark.parametrize("flag", ["--episodes", "--envs"])
 def test_cli_needs_at_least_one_episode_and_env(tmp_path, flag):
     assert_one_line_error(run_eval("--logdir", str(tmp_path), flag, "0"), flag, ">= 1")
