@@ -136,10 +136,15 @@ def _metrics_folders(runs_dir: pathlib.Path) -> list[pathlib.Path]:
 def _only_example(first: pathlib.Path, second: pathlib.Path, runs_dir: pathlib.Path) -> str:
     """An `--only` pattern that keeps `first` and not `second`: their first differing folder."""
     a, b = first.relative_to(runs_dir).parts, second.relative_to(runs_dir).parts
+    exact = str(first.relative_to(runs_dir))
     differ = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
     if differ is None:  # one run inside the other
-        return str(first.relative_to(runs_dir))
-    return f"{a[0]}/*" if differ == 0 else f"*/{a[differ]}/*"
+        return exact
+    pattern = ("*/" if differ else "") + a[differ] + ("/*" if differ < len(a) - 1 else "")
+    # The folder's name may recur elsewhere in the other's path: then only the path will do.
+    if fnmatch.fnmatchcase("/".join(b), pattern) or not fnmatch.fnmatchcase(exact, pattern):
+        return exact
+    return pattern
 
 
 def _load_run(path: pathlib.Path) -> Run | None:

@@ -251,6 +251,17 @@ def test_two_runs_of_one_task_and_seed_are_an_error(tmp_path):
     write_run(tmp_path, "atari_boxing", 0, eval_rows([(10, 1.0)]), name="a/boxing/kl/seed_0")
     with pytest.raises(analyze.AnalysisError, match=r"--only '\*/base/\*'\)$"):
         analyze.load_runs(tmp_path, only="a/*")
+    # The runs' own folders differ: a pattern that ends there.
+    write_run(tmp_path, "atari_alien", 0, eval_rows([(10, 1.0)]), name="b/run_1")
+    write_run(tmp_path, "atari_alien", 0, eval_rows([(10, 1.0)]), name="b/run_2")
+    with pytest.raises(analyze.AnalysisError, match=r"--only '\*/run_1'\)$"):
+        analyze.load_runs(tmp_path, only="b/*")
+    assert len(analyze.load_runs(tmp_path, only="*/run_1")) == 1  # the hint keeps one
+    # The first's differing name recurs in the other's path: the whole path.
+    write_run(tmp_path, "atari_amidar", 0, eval_rows([(10, 1.0)]), name="c/x/y")
+    write_run(tmp_path, "atari_amidar", 0, eval_rows([(10, 1.0)]), name="c/z/x/y")
+    with pytest.raises(analyze.AnalysisError, match=r"--only 'c/x/y'\)$"):
+        analyze.load_runs(tmp_path, only="c/*")
 
 
 def test_run_folders_behind_links_are_read_once(tmp_path):
