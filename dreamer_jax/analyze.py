@@ -386,7 +386,7 @@ def plot_task(
     """Draws on the matplotlib `ax` the runs' eval return against frames (`curve_band` on
     `frame_edges`: mean line, min-max band over seeds); the official DreamerV2 `reference`
     curves binned alike (mean over their seeds, gray), so only within the runs' frames, the
-    budget compared, and not at all if none of their evaluations falls there; and dashed
+    budget compared, and only in the legend if none of their evaluations falls there; and dashed
     random and human-gamer lines when `baseline` is given."""
     edges = frame_edges(runs, bins)
     x, mean, low, high = curve_band([(run.frames, run.returns) for run in runs], edges)
@@ -400,6 +400,8 @@ def plot_task(
         label = f"DreamerV2 official ({len(reference)} seeds)"
         if len(ref_x):
             ax.plot(ref_x, ref_mean, marker=_marker(ref_x), color="gray", label=label)
+        else:  # said in the legend, not left out silently
+            ax.plot([], [], color="gray", label=f"{label}: no evaluation by {edges[-1]:.3g} frames")
     if baseline:
         ax.axhline(baseline["random"], ls="--", lw=1, color="tab:red", label="random")
         ax.axhline(baseline["human_gamer"], ls="--", lw=1, color="tab:green", label="human gamer")

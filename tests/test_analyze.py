@@ -330,9 +330,14 @@ def test_plot_task_draws_reference_and_baselines_only_when_given(tmp_path):
     _, _, (bars,) = errorbar
     low, high = sorted(run.returns[0] for run in one)
     np.testing.assert_array_equal(bars.get_segments()[0][:, 1], [low, high])
-    ax = Figure().add_subplot()  # a reference that starts past the runs' frames is not drawn
+    ax = Figure().add_subplot()  # a reference that starts past the runs' frames: legend only
     analyze.plot_task(ax, "atari_pong", runs, bins=2, reference=[(np.array([1e6]), np.ones(1))])
-    assert [line.get_label() for line in ax.get_lines()] == ["dreamer-jax (2 seeds)"]
+    lines = ax.get_lines()
+    assert [len(line.get_xdata()) for line in lines] == [2, 0]
+    end = analyze.frame_edges(runs, 2)[-1]
+    label = f"DreamerV2 official (1 seeds): no evaluation by {end:.3g} frames"
+    assert lines[1].get_label() == label
+    assert label in [text.get_text() for text in ax.get_legend().get_texts()]
 
 
 def test_plot_aggregate_draws_the_iqm_interval_and_the_four_aggregates():
