@@ -33,14 +33,15 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
-from dreamer_jax.config import ConfigError, load_config, program_name
+from dreamer_jax.config import ConfigError, OneLineParser, load_config, program_name
 from dreamer_jax.envs import available_tasks
+from dreamer_jax.paths import DirectoryError, ensure_writable
 
 FIELDS = (
     "name", "configs", "overrides", "tasks", "seeds", "seeds_per_run", "variants", "root",
@@ -107,6 +108,7 @@ class Outcome:
     run: Run
     status: str  # one of STATUSES
     returncode: int | None = None
+    problem: str = ""  # why a failed run could not start (it has no exit code)
 
 
 @dataclass(frozen=True)
@@ -410,6 +412,39 @@ def _start(run: Run, env: Mapping[str, str]) -> subprocess.Popen:
         )
 
 
+def _finished(run: Run) -> bool:
+    """Whether `run` is finished; one whose state cannot be read is not (its start says why)."""
+    try:
+        return run_state(run) == "finished"
+    except OSError:
+        return False
+
+
+def _os_problem(error: OSError) -> str:
+    """`path: reason` for an OSError (the path the OS refused, when it names one)."""
+    reason = error.strerror or str(error)
+    return f"{error.filename}: {reason}" if error.filename is not None else reason
+
+
+def _stop(processes: Iterable[subprocess.Popen]) -> None:
+    """Sends each run a SIGINT, as Ctrl-C would: train saves a checkpoint and exits."""
+    for process in processes:
+        process.send_signal(signal.SIGINT)
+
+
+@contextlib.contextmanager
+def _stopped_on_error(running: Iterable[subprocess.Popen]) -> Iterator[None]:
+    """On an error of the sweep itself, stops the `running` runs as Ctrl-C does and waits for
+    them before it propagates: in sessions of their own, they would go on unattended."""
+    try:
+        yield
+    except BaseException:
+        _stop(running)
+        for process in running:
+            process.wait()
+        raise
+
+
 def run_local(
     runs: Sequence[Run],
     jobs: int,
@@ -419,28 +454,29 @@ def run_local(
     """Runs the unfinished `runs`, `jobs` at a time, each on the GPU running the fewest
     (round-robin when all are equal); the outcomes come in the order of `runs`.
 
-    A failed run is recorded and the others go on. On SIGINT/SIGTERM no new run starts and
-    each running one gets a SIGINT (train checkpoints and exits); the sweep waits for them.
-    A second signal is passed on too (train then quits at once). Children run in sessions
-    of their own, so a terminal's Ctrl-C reaches them once, through the sweep.
+    A failed run is recorded and the others go on; so is a run that cannot start (its log
+    or folder cannot be made, or its command cannot be run), with one line on stderr. On
+    SIGINT/SIGTERM no new run starts and each running one gets a SIGINT (train checkpoints
+    and exits); the sweep waits for them. A second signal is passed on too (train then quits
+    at once). Children run in sessions of their own, so a terminal's Ctrl-C reaches them
+    once, through the sweep; an error of the sweep itself stops them the same way.
     """
     environ = os.environ if environ is None else environ
     outcomes: dict[Run, Outcome] = {}
     pending = []
     for run in runs:
-        if run_state(run) == "finished":
+        if _finished(run):
             outcomes[run] = Outcome(run, "skipped")
         else:
             pending.append(run)
     total = len(pending)
     running: dict[subprocess.Popen, tuple[Run, str, str | None, float]] = {}
     forwarded = 0
-    with _Interrupts() as interrupts:
+    with _Interrupts() as interrupts, _stopped_on_error(running):
         while running or (pending and not interrupts.count):
             if interrupts.count > forwarded:
                 forwarded = interrupts.count
-                for process in running:
-                    process.send_signal(signal.SIGINT)
+                _stop(running)
                 print(
                     f"sweep: interrupted; asked {len(running)} running run(s) to checkpoint "
                     "and stop, starting no more (signal again to quit them now)",
@@ -448,9 +484,16 @@ def run_local(
                 )
             while pending and len(running) < jobs and not interrupts.count:
                 run = pending.pop(0)
-                state = run_state(run)
                 gpu = _least_loaded(gpus, [slot[2] for slot in running.values()])
-                process = _start(run, child_env(environ, gpu))
+                try:
+                    state = run_state(run)
+                    process = _start(run, child_env(environ, gpu))
+                except OSError as error:
+                    problem = _os_problem(error)
+                    outcomes[run] = Outcome(run, "failed", problem=problem)
+                    print(f"error: run {run.name} cannot start: {problem}",
+                          file=sys.stderr, flush=True)  # fmt: skip
+                    continue
                 running[process] = (run, state, gpu, time.monotonic())
                 device = f" on GPU {gpu}" if gpu is not None else ""
                 index = total - len(pending)
@@ -486,7 +529,8 @@ def _last_line(path: pathlib.Path) -> str:
 
 
 def summary(name: str, outcomes: Sequence[Outcome]) -> str:
-    """A table of how many runs ended in each status, then each failure's logdir and log."""
+    """A table of how many runs ended in each status, then each failure's logdir, log and
+    last word: the log's last line, or why the run could not start."""
     counts = {status: 0 for status in STATUSES}
     for outcome in outcomes:
         counts[outcome.status] += 1
@@ -497,11 +541,12 @@ def summary(name: str, outcomes: Sequence[Outcome]) -> str:
         lines.append("failed runs:")
     for outcome in failures:
         run = outcome.run
+        cause = "could not start" if outcome.problem else f"exit {outcome.returncode}"
         lines += [
-            f"  {run.name} (exit {outcome.returncode})",
+            f"  {run.name} ({cause})",
             f"    logdir {run.logdir}",
             f"    log    {run.log}",
-            f"    last   {_last_line(run.log)}",
+            f"    last   {outcome.problem or _last_line(run.log)}",
         ]
     if counts["interrupted"] or counts["not started"]:
         lines.append("run the same command again to resume the unfinished runs")
@@ -575,7 +620,10 @@ def submit_slurm(sweep: Sweep, jobs: Sequence[SlurmJob]) -> list[str]:
     try:
         import submitit
     except ImportError:
-        raise SweepError("pip install submitit (or dreamer-jax[slurm])") from None
+        raise SweepError(
+            "--launcher slurm needs the submitit package, which is not installed: pip install "
+            "submitit (or dreamer-jax[slurm])"
+        ) from None
     folder = sweep.root / sweep.name / ".submitit" / "%j"
     ids = []
     for job in jobs:
@@ -600,11 +648,6 @@ def submit_slurm(sweep: Sweep, jobs: Sequence[SlurmJob]) -> list[str]:
 # ---------------------------------------------------------------------------- command line
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise SweepError(message)
-
-
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -616,7 +659,8 @@ def _positive(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = OneLineParser(
+        error=SweepError,
         prog=program_name("dreamer_jax.sweep"),
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -664,6 +708,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.dry_run:
             print(_plan(sweep, runs, args.launcher))
             return 0
+        # A root that cannot hold the sweep (under a file, read-only, full) fails every run.
+        ensure_writable(sweep.root / sweep.name, "sweep folder")
         if args.launcher == "slurm":
             todo = [run for run in runs if run_state(run) != "finished"]
             ids = submit_slurm(sweep, slurm_jobs(sweep, todo))
@@ -671,7 +717,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{len(runs) - len(todo)} finished run(s) skipped")  # fmt: skip
             return 0
         outcomes = run_local(runs, args.jobs, visible_gpus(os.environ))
-    except SweepError as error:
+    except (SweepError, DirectoryError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(summary(sweep.name, outcomes), flush=True)

@@ -2,6 +2,7 @@
 the local launcher with stand-in commands (concurrency, GPU assignment, Ctrl-C) and for real
 on tiny cartpole runs; the Slurm launcher by the jobs it would submit to a fake submitit."""
 
+import errno
 import os
 import pathlib
 import shlex
@@ -20,6 +21,7 @@ from dreamer_jax.envs import ATARI_GAMES
 from dreamer_jax.sweep import (
     Run,
     RunFailed,
+    exit_code,
     expand,
     load_sweep,
     main,
@@ -27,6 +29,7 @@ from dreamer_jax.sweep import (
     run_logged,
     run_state,
     slurm_jobs,
+    summary,
     visible_gpus,
 )
 
@@ -377,6 +380,94 @@ def test_sigint_on_the_sweep_stops_the_runs_gracefully_and_waits(tmp_path):
     assert "interrupted  2" in out and "not started  1" in out and "Traceback" not in out
 
 
+def test_runs_that_cannot_start_fail_with_one_line_each_and_the_others_go_on(tmp_path, capsys):
+    runs_dir = tmp_path / "runs"
+    ok = (sys.executable, "-c", "pass")
+    runs = [
+        Run("t", "v", 0, runs_dir / "seed_0", ok, steps=1),
+        Run("t", "v", 1, runs_dir / "seed_1", ok, steps=1),  # its log is a directory
+        Run("t", "v", 2, runs_dir / "seed_2", (str(tmp_path / "no-python"),), steps=1),
+        # A folder name past the OS's limit: even the run's state cannot be read.
+        Run("t", "v", 3, runs_dir / ("x" * 300) / "seed_3", ok, steps=1),
+        Run("t", "v", 4, runs_dir / "seed_4", ok, steps=1),
+    ]
+    (runs[1].log / "kept").mkdir(parents=True)
+    outcomes = run_local(runs, jobs=2, gpus=[])
+    assert [o.status for o in outcomes] == ["done", "failed", "failed", "failed", "done"]
+    assert (runs[1].log / "kept").is_dir()  # nothing in the way is touched
+    errors = capsys.readouterr().err.splitlines()
+    assert errors == [
+        f"error: run t/v/seed_1 cannot start: {runs[1].log}: Is a directory",
+        f"error: run t/v/seed_2 cannot start: {tmp_path / 'no-python'}: No such file or directory",
+        f"error: run t/v/seed_3 cannot start: {runs[3].logdir / 'checkpoints'}: File name too long",
+    ]
+    assert exit_code(outcomes) == 1
+    table = summary("s", outcomes)
+    assert "done         2" in table and "failed       3" in table
+    assert f"  t/v/seed_1 (could not start)\n    logdir {runs[1].logdir}\n" in table
+    assert f"    last   {runs[1].log}: Is a directory" in table
+
+
+def test_a_log_in_the_way_fails_that_run_with_one_line_and_the_summary(tmp_path, capsys):
+    path = write_sweep(tmp_path, SLURM_SWEEP.replace("ROOT", str(tmp_path)))
+    finished, blocked = expand(load_sweep(path))
+    make_checkpoint(finished.logdir, 400)
+    blocked.log.mkdir()
+    assert main([str(path)]) == 1
+    captured = capsys.readouterr()
+    error = f"error: run {blocked.name} cannot start: {blocked.log}: Is a directory\n"
+    assert captured.err == error
+    assert "skipped      1" in captured.out and "failed       1" in captured.out
+    assert f"{blocked.name} (could not start)" in captured.out
+    assert blocked.log.is_dir() and not blocked.logdir.exists()
+
+
+@pytest.mark.parametrize("root, fragment", [
+    ("afile/runs", "runs/sweep is not writable: Not a directory"),  # the root under a file
+    (".", "sweep is a file, not a directory"),  # the sweep's own folder is a file
+])  # fmt: skip
+def test_a_sweep_root_that_cannot_hold_the_sweep_is_one_line_before_any_run(
+    tmp_path, capsys, root, fragment
+):
+    for name in ("afile", "sweep"):
+        (tmp_path / name).write_text("kept")
+    path = write_sweep(tmp_path, SLURM_SWEEP.replace("ROOT", str(tmp_path / root)))
+    before = sorted(tmp_path.rglob("*"))
+    assert main([str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1
+    assert captured.err.startswith("error: sweep folder ") and fragment in captured.err
+    assert sorted(tmp_path.rglob("*")) == before
+    assert (tmp_path / "afile").read_text() == (tmp_path / "sweep").read_text() == "kept"
+
+
+class GoneStdout:
+    """A stdout whose reader has gone (`sweep ... | head`), found out once `started` exists
+    (the run is up, its SIGINT handler set)."""
+
+    def __init__(self, started):
+        self.started = started
+
+    def write(self, text):
+        deadline = time.monotonic() + 60
+        while not self.started.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+    def flush(self):
+        pass
+
+
+def test_an_error_of_the_sweep_itself_stops_its_running_runs_and_waits(tmp_path, monkeypatch):
+    command = (sys.executable, "-c", PATIENT, str(tmp_path), "0")
+    run = Run("t", "v", 0, tmp_path / "runs" / "seed_0", command, steps=1)
+    monkeypatch.setattr(sys, "stdout", GoneStdout(tmp_path / "started_0"))
+    with pytest.raises(BrokenPipeError):
+        run_local([run], jobs=1, gpus=[])
+    # The run got a SIGINT, checkpointed and was waited for: it is not left running.
+    assert (tmp_path / "stopped_0").exists()
+
+
 def write_smoke_sweep(tmp_path, seeds):
     """experiments/smoke.yaml with other seeds, its runs under `tmp_path/runs`."""
     data = yaml.safe_load((EXPERIMENTS / "smoke.yaml").read_text())
@@ -487,7 +578,10 @@ def test_slurm_without_submitit_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "submitit", None)  # makes `import submitit` fail
     path = write_sweep(tmp_path, SLURM_SWEEP.replace("ROOT", str(tmp_path)))
     assert main([str(path), "--launcher", "slurm"]) == 2
-    assert capsys.readouterr().err == "error: pip install submitit (or dreamer-jax[slurm])\n"
+    assert capsys.readouterr().err == (
+        "error: --launcher slurm needs the submitit package, which is not installed: pip "
+        "install submitit (or dreamer-jax[slurm])\n"
+    )
 
 
 # A Slurm job's body as submitit runs it: its SIGUSR2 handler raises (the job timed out).
