@@ -137,24 +137,31 @@ def _environ_of(pid: int, name: str) -> str | None:
     return values[0].decode() if values else ""
 
 
-@linux
-@pytest.mark.parametrize("program", ["train", "eval"])
-@pytest.mark.parametrize("form", ["python -m", "console script"])
-def test_the_commands_run_with_the_tunable_and_the_flag(tmp_path, program, form):
-    """`dreamer-train` and `dreamer-eval`, each as a console script and as `python -m`,
-    started without GLIBC_TUNABLES or XLA_FLAGS, run with them (read in /proc)."""
+def _command(program: str, form: str, logdir: pathlib.Path) -> list[str]:
+    """`dreamer-<program>` as a console script or as `python -m`, on a tiny cartpole run in
+    `logdir` (evaluation: a run to evaluate, none here)."""
     command = [sys.executable, "-m", f"dreamer_jax.{program}"]
     if form == "console script":
         script = pathlib.Path(sys.executable).parent / f"dreamer-{program}"
         if not script.exists():
             pytest.skip(f"{script.name} is not installed next to this interpreter")
         command = [str(script)]
-    environ = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "XLA_FLAGS")}
-    args = ["--logdir", str(tmp_path / "run")]  # evaluation: a run to evaluate, none here
+    args = ["--logdir", str(logdir)]
     if program == "train":
         args += ["--configs", "classic", "debug", "--task", "classic_cartpole",
                  "--wandb.mode", "disabled"]  # fmt: skip
-    process = subprocess.Popen([*command, *args], env=environ, stdout=subprocess.DEVNULL,
+    return [*command, *args]
+
+
+@linux
+@pytest.mark.parametrize("program", ["train", "eval"])
+@pytest.mark.parametrize("form", ["python -m", "console script"])
+def test_the_commands_run_with_the_tunable_and_the_flag(tmp_path, program, form):
+    """`dreamer-train` and `dreamer-eval`, each as a console script and as `python -m`,
+    started without GLIBC_TUNABLES or XLA_FLAGS, run with them (read in /proc)."""
+    environ = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "XLA_FLAGS")}
+    command = _command(program, form, tmp_path / "run")
+    process = subprocess.Popen(command, env=environ, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)  # fmt: skip
     try:
         deadline = time.monotonic() + 60
@@ -176,17 +183,9 @@ def test_the_commands_run_with_the_tunable_and_the_flag(tmp_path, program, form)
 def test_a_signal_during_the_imports_quits_in_one_line(tmp_path, program, form):
     """Ctrl-C while the program still imports jax (before train's own handling): one line and
     exit 130, not a KeyboardInterrupt traceback (or a signal swallowed by library code)."""
-    command = [sys.executable, "-m", f"dreamer_jax.{program}"]
-    if form == "console script":
-        script = pathlib.Path(sys.executable).parent / f"dreamer-{program}"
-        if not script.exists():
-            pytest.skip(f"{script.name} is not installed next to this interpreter")
-        command = [str(script)]
     environ = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
-    args = ["--logdir", str(tmp_path / "run")]
-    if program == "train":
-        args += ["--configs", "classic", "debug", "--task", "classic_cartpole"]
-    process = subprocess.Popen([*command, *args], env=environ, stdout=subprocess.DEVNULL,
+    command = _command(program, form, tmp_path / "run")
+    process = subprocess.Popen(command, env=environ, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
         # Once re-executed with the tunables (`prepare`), the handler is in place at once,
