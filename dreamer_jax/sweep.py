@@ -51,7 +51,9 @@ DEFAULT_VARIANT = "base"
 # The grid sets these for every run; a sweep file must not.
 GRID_KEYS = ("task", "seed", "num_seeds", "logdir")
 STATUSES = ("done", "resumed", "skipped", "failed", "interrupted", "not started")
-_SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # a name that is one safe path segment
+# A name that is one safe path segment, well within a file system's 255 bytes per name.
+_SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+_SEGMENT_RULE = "1 to 100 letters, digits, '_', '.', '-'"
 _LOG_TAIL_BYTES = 4096
 POLL_S = 0.2  # how often the local launcher checks its runs
 
@@ -153,7 +155,7 @@ def load_sweep(path: str | pathlib.Path) -> Sweep:
             raise fail(f"'{field}' is required")
     name = data.get("name", path.stem)
     if not isinstance(name, str) or not _SEGMENT.fullmatch(name):
-        raise fail(f"'name' must be a name of letters, digits, '_', '.', '-', got {name!r}")
+        raise fail(f"'name' must be {_SEGMENT_RULE}, got {name!r}")
     root = data.get("root", "runs")
     if not isinstance(root, str) or not root:
         raise fail(f"'root' must be a non-empty path, got {root!r}")
@@ -186,7 +188,7 @@ def load_sweep(path: str | pathlib.Path) -> Sweep:
             # YAML 1.1 reads a bare off/on/yes/no as a bool and 1e3 as a number.
             raise fail(f"variant name {variant!r} is not a string; quote it in the file")
         if not _SEGMENT.fullmatch(variant):
-            raise fail(f"variant name {variant!r} must be letters, digits, '_', '.', '-'")
+            raise fail(f"variant name {variant!r} must be {_SEGMENT_RULE}")
     slurm = data.get("slurm", {})
     if not isinstance(slurm, dict) or not all(isinstance(key, str) for key in slurm):
         raise fail(f"'slurm' must be a mapping of option to value, got {slurm!r}")

@@ -214,6 +214,10 @@ BAD_SWEEPS = [
      "variant name False is not a string; quote it"),
     ("tasks: [classic_cartpole]\nseeds: [0]\nvariants: {x: {rssm: {detr: 3}}}\n",
      "run classic_cartpole/x/seed_0: unknown config key 'rssm.detr'"),
+    # A folder name past the file system's 255 bytes would fail only when a run starts.
+    (f"tasks: [classic_cartpole]\nseeds: [0]\nvariants: {{{'v' * 101}: {{}}}}\n",
+     f"variant name '{'v' * 101}' must be 1 to 100 letters"),
+    (f"tasks: [classic_cartpole]\nseeds: [0]\nname: {'n' * 101}\n", "'name' must be 1 to 100"),
     ("tasks: [classic_cartpole\n", "is not valid YAML at line"),
     ("- 1\n", "must hold a mapping"),
 ]  # fmt: skip
