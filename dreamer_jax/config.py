@@ -150,10 +150,15 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
     """`value` converted to the type of `default`, or ConfigError."""
     expected = _type_name(default)
     if isinstance(value, CliText):
-        parsed = _parse_scalar(value)
-        # A text key keeps what was typed: YAML reads '001' as 1, '0755' as 493, '12:30' as 750.
-        text = isinstance(default, str) or (_is_text_list(default) and not isinstance(parsed, list))
-        value = str(value) if text else parsed
+        text = str(value)
+        if isinstance(default, str):
+            value = text  # as typed: YAML reads '001' as 1, '0755' as 493, '12:30' as 750
+        elif _is_text_list(default):  # "001,b", "a, b" or "[001, b]": each item as typed
+            inner = text.strip()
+            inner = inner[1:-1] if inner.startswith("[") and inner.endswith("]") else inner
+            value = [item.strip() for item in inner.split(",") if item.strip()]
+        else:
+            value = _parse_scalar(text)
     if value is NO_VALUE and isinstance(default, bool):
         return True
     if isinstance(default, bool):

@@ -261,10 +261,11 @@ class Logger:
 
 
 def _wide_terminal(stream: Any) -> bool:
-    """Whether `stream` is a terminal wide enough for the bar (tqdm draws nothing at all in
-    a terminal that reports 0 columns, as some consoles do)."""
+    """Whether `stream` is a terminal big enough for the bar (tqdm draws nothing at all in
+    a terminal that reports 0 columns or 0 rows, as some consoles and `script` do)."""
     try:
-        return stream.isatty() and os.get_terminal_size(stream.fileno()).columns >= 40
+        size = os.get_terminal_size(stream.fileno())
+        return stream.isatty() and size.columns >= 40 and size.lines >= 1
     except (OSError, ValueError):
         return False
 

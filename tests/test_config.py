@@ -65,7 +65,10 @@ def test_text_keys_keep_the_command_line_text_verbatim(tmp_path):
         config.save(tmp_path / "config.yaml")  # still plain YAML strings
         assert config_module.load_run_config(tmp_path / "config.yaml") == config
     assert load_config(["--wandb.tags", "001,b"]).wandb.tags == ("001", "b")
-    assert load_config(["--wandb.tags", "[a, b]"]).wandb.tags == ("a", "b")
+    for text in ["[a, b]", "a, b", "a,b,"]:
+        assert load_config(["--wandb.tags", text]).wandb.tags == ("a", "b")
+    assert load_config(["--wandb.tags", "[001, b]"]).wandb.tags == ("001", "b")
+    assert load_config(["--wandb.tags", ""]).wandb.tags == ()
     # Numbers, bools and number lists are still read as YAML.
     config = load_config(["--seed", "1_000", "--jit", "yes", "--encoder.mlp_layers", "[4,4]"])
     assert (config.seed, config.jit, config.encoder.mlp_layers) == (1000, True, (4, 4))

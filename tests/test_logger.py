@@ -271,8 +271,10 @@ def test_the_bar_needs_a_terminal_with_columns(tmp_path):
     leader, follower = pty.openpty()
     try:
         with os.fdopen(follower, "w") as terminal:
-            for columns, wide in [(0, False), (39, False), (40, True), (120, True)]:
-                size = struct.pack("HHHH", 24, columns, 0, 0)
+            sizes = [(24, 0, False), (24, 39, False), (24, 40, True), (24, 120, True),
+                     (0, 120, False)]  # fmt: skip
+            for rows, columns, wide in sizes:
+                size = struct.pack("HHHH", rows, columns, 0, 0)
                 fcntl.ioctl(follower, termios.TIOCSWINSZ, size)
                 assert logger_module._wide_terminal(terminal) is wide
     finally:

@@ -884,7 +884,7 @@ def test_each_seed_evaluates_from_its_folder(two_seed_run):
         text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "classic_cartpole step 800" in result.stdout
+    assert "classic_cartpole seed 2 step 800" in result.stdout  # the seed it evaluated
     whole = subprocess.run(
         [*command, "--logdir", str(logdir)], cwd=ROOT, capture_output=True, text=True,
         timeout=300,
