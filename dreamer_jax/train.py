@@ -308,11 +308,11 @@ def check_inputs(config: Config, logdir: pathlib.Path) -> Agent:
                 "pass --resume.allow_config_change true to resume anyway"
             )
     agent = make_agent(config)
-    _check_state_fits(agent, config, _memory_bytes())
+    check_state_fits(agent, config, memory_bytes())
     return agent
 
 
-def _memory_bytes() -> int:
+def memory_bytes() -> int:
     """The memory the training state lives in: the local accelerators' together, or the
     machine's RAM on CPU (whose devices report no limit)."""
     stats = [device.memory_stats() or {} for device in jax.local_devices()]
@@ -321,7 +321,7 @@ def _memory_bytes() -> int:
     return _physical_memory()
 
 
-def _check_state_fits(agent: Agent, config: Config, memory_bytes: int) -> None:
+def check_state_fits(agent: Agent, config: Config, memory_bytes: int) -> None:
     """RunError, before anything is allocated or written, when the training state of all
     seeds cannot fit: a typo such as `--rssm.deter 200000` would otherwise hang in its
     allocation or its first save. An update holds at least the state and a new one."""

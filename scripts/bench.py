@@ -59,6 +59,7 @@ from dreamer_jax.config import ConfigError, OneLineParser, load_config
 from dreamer_jax.paths import DirectoryError, ensure_writable, write_atomic
 from dreamer_jax.seeds import init_keys, run_seeds, seed_sharding, select, stack
 from dreamer_jax.startup import prepare
+from dreamer_jax.train import RunError, check_state_fits, memory_bytes
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 MODES = ("collector", "replay", "determinism", "data_age", "observe", "policy", "flops")
@@ -575,8 +576,10 @@ def main(argv: list[str]) -> int:
         config = load_config(config_args)
         check_outputs(options.json, options.profile)
         check_task(config)
+        # As training refuses it: a state that cannot fit would fail in its allocation.
+        check_state_fits(synthetic_agent(config)[0], config, memory_bytes())
         run(config, options)
-    except (BenchError, ConfigError, DirectoryError) as error:
+    except (BenchError, ConfigError, DirectoryError, RunError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

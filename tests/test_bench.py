@@ -147,6 +147,7 @@ def one_line_error(capsys) -> str:
         (["--json", "{tmp}/missing/x.json"], "--json {tmp}/missing/x.json: no folder"),
         (["--json", "{tmp}"], "--json {tmp} is a directory"),
         (["--profile", "{tmp}/file/trace"], "--profile directory {tmp}/file/trace is not"),
+        (["--rssm.deter", "200000"], "needs 1341.9 GiB, and an update at least twice that"),
     ],
 )
 def test_bad_arguments_are_one_line_before_anything_runs(

@@ -958,9 +958,9 @@ def test_a_training_state_that_cannot_fit_is_one_line_before_anything_is_written
     agent = make_agent(config)
     states = agent.init_seeds(init_keys(config))  # parameters, optimizer moments, slow critic
     need = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(states))
-    train_module._check_state_fits(agent, config, 2 * need)
+    train_module.check_state_fits(agent, config, 2 * need)
     with pytest.raises(train_module.RunError, match=r"of 3 seed\(s\) .* at least twice"):
-        train_module._check_state_fits(agent, config, 2 * need - 1)
+        train_module.check_state_fits(agent, config, 2 * need - 1)
     # The CLI: a typo in a size, refused before the logdir exists.
     result = run_cli(*CLASSIC, "--rssm.deter", "200000", "--logdir", str(tmp_path / "run"))
     assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
