@@ -21,6 +21,7 @@ import json
 import pathlib
 import sys
 import warnings
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -50,8 +51,9 @@ def episode_shares(episodes: int, num_envs: int) -> list[int]:
 
 
 def evaluate(
-    agent, env, states, episodes: int, keys: jax.Array, record_video=False, max_frames=None
-) -> list[Evaluation]:
+    agent, env, states, episodes: int, keys: jax.Array, record_video=False, max_frames=None,
+    stop: Callable[[], bool] = lambda: False,
+) -> list[Evaluation] | None:  # fmt: skip
     """Play `episodes` whole episodes per seed with the eval (mode) policy: `states` and
     `keys` have a leading seed axis `[N]`, and `env` holds N equal groups of envs, group i
     seed i's (`VectorEnv` with a list of seeds). Returns one `Evaluation` per seed.
@@ -62,6 +64,8 @@ def evaluate(
     further episodes ignored), then stop, so seed i's result and env streams are those of a
     single run of seed i. Each key is split once per policy step. `record_video` keeps the
     frames of each seed's first env's first episode (image tasks), at most `max_frames`.
+    Returns None, unfinished, as soon as `stop()` is true (checked before each policy step):
+    an Atari evaluation can take minutes, longer than a scheduler waits after its signal.
     """
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
@@ -84,6 +88,8 @@ def evaluate(
         return np.asarray(done).reshape(num_seeds, per_seed).all(1)
 
     while not (done := seeds_done()).all():
+        if stop():
+            return None
         for i in np.flatnonzero(recording):
             frames[i].append(obs["image"][firsts[i]])
             recording[i] = max_frames is None or len(frames[i]) < max_frames

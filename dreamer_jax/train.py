@@ -40,7 +40,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -218,9 +218,13 @@ class StopSignal:
     The first signal is acknowledged at once, even while XLA compiles: Python runs signal
     handlers only between bytecodes, so a watcher thread reads the signal wake-up fd
     instead. A second signal quits at once (exit 128 + signum), keeping the last checkpoint.
+    Signals within `REPEAT_SECONDS` of the first are one request: `timeout` and some job
+    schedulers signal both the process and its process group, and that must not skip the
+    final checkpoint.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    REPEAT_SECONDS = 1.0
 
     def __init__(self):
         self.signum: int | None = None
@@ -243,7 +247,7 @@ class StopSignal:
                 if signum not in self.SIGNALS:
                     continue
                 if self.signum is None:
-                    self.signum = signum
+                    self.signum, self._first = signum, time.monotonic()
                     again = "Ctrl-C" if signum == signal.SIGINT else "the signal"
                     print(
                         f"\nsignal {signum}: stopping after this step (checkpoint, then exit); "
@@ -251,7 +255,7 @@ class StopSignal:
                         file=sys.stderr,
                         flush=True,
                     )
-                else:
+                elif time.monotonic() - self._first > self.REPEAT_SECONDS:
                     print("second signal: quitting now; the last checkpoint is kept",
                           file=sys.stderr, flush=True)  # fmt: skip
                     os._exit(128 + signum)
@@ -442,8 +446,10 @@ class Learning:
             step // config.train_every - (step - config.envs) // config.train_every
         )
 
-    def train(self, states: TrainState, step: int) -> TrainState:
-        while self.owed > 0:
+    def train(self, states: TrainState, step: int, stop: Callable[[], bool]) -> TrainState:
+        """Pays the owed updates; those left when `stop()` turns true stay owed (and
+        checkpointed): the one-off pretraining is minutes of updates on a CPU."""
+        while self.owed > 0 and not stop():
             # Checked one update late, so the host never waits on the update in flight.
             if self.last is not None:
                 self._check_finite(step)
@@ -500,14 +506,21 @@ class Evaluating:
         # never shifts the batches the learner sees (exact resume across evals).
         self.report_rngs = [_generator(loop["report_rng"]) for loop in seed_loops]
 
-    def run(self, states: TrainState, replays: list[Replay], loggers: list[Logger], step: int):
+    def run(
+        self, states: TrainState, replays: list[Replay], loggers: list[Logger], step: int,
+        stop: Callable[[], bool],
+    ) -> bool:  # fmt: skip
+        """Whether the evaluation was done: False when `stop()` cut it short (nothing logged,
+        the streams unmoved, so it is still owed and a resumed run does it)."""
         keys = jax.vmap(lambda key: jax.random.split(key, 3))(self.eval_keys)
         eval_keys, episodes_keys, openl_keys = keys[:, 0], keys[:, 1], keys[:, 2]
         results = evaluate(
             self.agent, self.env, states, self.config.eval_eps, episodes_keys,
             record_video=self.config.eval_video_frames > 0,
-            max_frames=self.config.eval_video_frames,
+            max_frames=self.config.eval_video_frames, stop=stop,
         )  # fmt: skip
+        if results is None:
+            return False
         for result, logger in zip(results, loggers, strict=True):
             logger.scalar("eval_return", float(np.mean(result.returns)))
             logger.scalar("eval_length", float(np.mean(result.lengths)))
@@ -522,6 +535,7 @@ class Evaluating:
         # The streams move on only once the eval is done: an eval that failed (and was
         # checkpointed as owed) is redone with the same draws.
         self.eval_keys, self.report_rngs = eval_keys, report_rngs
+        return True
 
     def seed_loops(self) -> list[dict]:
         return [
@@ -800,6 +814,7 @@ def _run_loop(
     evaluating = Evaluating(agent, config, eval_env, loop["seeds"], sharding)
     logging = Logging(config, loggers, loop["step"], loop["updates"])
     step = loop["step"]
+    stopping = lambda: stop.signum is not None
 
     def save_checkpoint():
         parts = zip(acting.seed_loops(), evaluating.seed_loops(), replays, strict=True)
@@ -825,11 +840,11 @@ def _run_loop(
             acting.step(states, prefill=step < config.prefill)
             step += config.envs
             learning.owe(step)
-            states = learning.train(states, step)
-            # Each is marked done once done: a checkpoint saved on an error inside it keeps it
-            # owed, and the resumed run does it at its first step.
-            if step >= loop["next_eval"] and learning.updates > 0:
-                evaluating.run(states, replays, loggers, step)
+            states = learning.train(states, step, stopping)
+            # Each is marked done once done: a checkpoint saved on an error inside it, or a
+            # stop request, keeps it owed, and the resumed run does it at its first step.
+            due = step >= loop["next_eval"] and learning.updates > 0
+            if due and evaluating.run(states, replays, loggers, step, stopping):
                 loop["next_eval"] = (step // config.eval_every + 1) * config.eval_every
             # A finished run's last row is its last step, whatever `log_every` says.
             if (step >= loop["next_log"] or step >= config.steps) and learning.updates > 0:
@@ -841,7 +856,10 @@ def _run_loop(
                 loop["next_checkpoint"] = (step // every + 1) * every
                 save_checkpoint()
         if stop.signum is not None:
-            print(f"stopping on signal {stop.signum} at step {step}", flush=True)
+            owed = [f"{learning.owed} updates"] if learning.owed else []
+            owed += ["the evaluation"] if learning.updates and step >= loop["next_eval"] else []
+            left = f" ({' and '.join(owed)} left for the resumed run)" if owed else ""
+            print(f"stopping on signal {stop.signum} at step {step}{left}", flush=True)
         if step not in checkpointer.steps():  # the periodic save may have just written it
             save_checkpoint()
         print(f"checkpoint saved at step {step} in {checkpointer.directory}", flush=True)

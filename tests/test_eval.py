@@ -122,6 +122,18 @@ def test_uneven_shares_env_major_order_and_key_stream():
     np.testing.assert_array_equal(np.stack(got), expected)
 
 
+def test_a_stop_request_cuts_the_evaluation_short_between_policy_steps():
+    """`stop()` is asked before each policy step; once true, evaluate returns None at once."""
+    env = StubEnv([3, 1])
+    agent = StubAgent(env._key)
+    asked = []
+    stop = lambda: asked.append(1) or len(asked) > 2
+    keys = jax.random.split(jax.random.key(0), 1)
+    assert evaluate(agent, env, None, 4, keys, stop=stop) is None
+    assert len(agent.keys) == 2 and env.calls == 2  # two policy steps, then the stop
+    assert evaluate(agent, env, None, 4, keys, stop=lambda: False)[0].returns  # finishes
+
+
 def test_video_is_env_0_first_episode():
     _, result, _ = _evaluate([3, 1], episodes=4, image=True, record_video=True)
     frames = np.stack(result.frames)

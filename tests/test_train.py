@@ -776,12 +776,77 @@ def test_first_ctrl_c_is_acknowledged_at_once_and_a_second_quits():
         # Acknowledged while the C call still runs: the program has not printed "done".
         assert "stopping after this step" in acknowledged and "Ctrl-C again" in acknowledged
         assert "done" not in acknowledged and process.poll() is None
+        time.sleep(
+            train_module.StopSignal.REPEAT_SECONDS + 0.5
+        )  # a repeat within it is the same request
         process.send_signal(signal.SIGINT)
         rest, _ = process.communicate(timeout=60)
     finally:
         process.kill()
     assert process.returncode == 128 + signal.SIGINT
     assert "quitting now" in rest and "done" not in rest
+
+
+def test_a_signal_sent_twice_within_a_second_is_one_stop_request():
+    """`timeout` and some schedulers signal the process and its group: that is one request,
+    which checkpoints, not a second signal that quits without the final checkpoint."""
+    import signal
+    import time
+
+    program = (
+        "import time\nfrom dreamer_jax.train import StopSignal\n"
+        "with StopSignal() as stop:\n    print('busy', flush=True)\n"
+        "    while stop.signum is None: time.sleep(0.01)\n"
+        "    time.sleep(0.5)\n    print('stopped', stop.signum, flush=True)\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", program], cwd=ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        assert process.stdout.readline().strip() == "busy"
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.2)  # delivered apart (pending ones would merge in the kernel), within 1 s
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 0, output
+    assert "stopped 15" in output and "quitting now" not in output
+    assert output.count("stopping after this step") == 1
+
+
+def test_a_stop_request_leaves_the_pretraining_and_the_evaluation_owed(tmp_path):
+    """A stop request does not wait for the one-off pretraining or a long evaluation (an
+    Atari evaluation takes minutes, longer than a scheduler waits after its signal): both
+    stay owed in the checkpoint, for the resumed run to do first."""
+    import signal
+    import time
+
+    logdir = tmp_path / "run"
+    args = ["--prefill", "1", "--pretrain", "100000", "--eval_eps", "100000"]
+    command = [sys.executable, "-m", "dreamer_jax.train", *CLASSIC, "--logdir", str(logdir)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    process = subprocess.Popen(
+        command + args + ["--steps", "100000"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        # The first stored episode makes the replay ready: the pretraining is owed from then.
+        deadline = time.time() + 600
+        while not any((logdir / "replay").glob("*.npz")) and time.time() < deadline:
+            time.sleep(0.2)
+        time.sleep(1)  # into the first update's compile: milliseconds after that episode
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=300)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signal.SIGTERM, output[-2000:]
+    stopped = int(output.split("stopping on signal 15 at step ")[1].split()[0])
+    assert "updates and the evaluation left for the resumed run" in output
+    loop = json.loads((logdir / "checkpoints" / str(stopped) / "loop" / "metadata").read_text())
+    assert loop["updates"] >= 1 and loop["updates_owed"] > 90000
+    assert loop["next_eval"] == 0 and "eval_return" not in output
 
 
 SEEDS = [*CLASSIC, "--steps", "800", "--eval_every", "400"]
