@@ -249,15 +249,20 @@ class Logger:
         self._bar.set_postfix({k: f"{v:.4g}" for k, v in self._postfix.items()}, refresh=False)
         self._bar.update(frames - self._bar.n)
 
+    def end_progress(self) -> None:
+        """Closes the bar (its last state stays on screen), so that the lines printed next
+        start on a line of their own and the bar is not drawn again below them."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
     def close(self) -> None:
         """Flushes and closes TensorBoard, finishes wandb and closes the bar. Idempotent."""
         self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
+        self.end_progress()
 
 
 def _wide_terminal(stream: Any) -> bool:

@@ -855,6 +855,7 @@ def _run_loop(
                 every = config.checkpoint_every
                 loop["next_checkpoint"] = (step // every + 1) * every
                 save_checkpoint()
+        loggers[0].end_progress()
         if stop.signum is not None:
             owed = [f"{learning.owed} updates"] if learning.owed else []
             owed += ["the evaluation"] if learning.updates and step >= loop["next_eval"] else []
@@ -866,6 +867,7 @@ def _run_loop(
         for seed, logger in zip(run_seeds(config), loggers, strict=True):
             print(latest_returns(seed, logger.metrics_path), flush=True)
     except Exception as error:
+        loggers[0].end_progress()
         if not isinstance(error, CheckpointError | NonFiniteError):
             _save_after_error(save_checkpoint, states, step, checkpointer)
         asked = out_of_memory(error)

@@ -849,6 +849,44 @@ def test_a_stop_request_leaves_the_pretraining_and_the_evaluation_owed(tmp_path)
     assert loop["next_eval"] == 0 and "eval_return" not in output
 
 
+def test_on_a_terminal_the_last_lines_come_after_the_bar_not_on_it(tmp_path):
+    """With the progress bar on a terminal, the run's last lines each start a line of their
+    own and the bar is not drawn again below them (it was: 'checkpoint saved' came glued to
+    the bar, which reappeared under the final returns)."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    command = [sys.executable, "-m", "dreamer_jax.train", *CLASSIC, "--steps", "400"]
+    process = subprocess.Popen(
+        command + ["--logdir", str(tmp_path / "run")], cwd=ROOT, stdout=follower,
+        stderr=follower, env=dict(os.environ, WANDB_SILENT="true"),
+    )  # fmt: skip
+    os.close(follower)
+    chunks = []
+    try:
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO: every writer has closed the terminal
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        assert process.wait(timeout=600) == 0
+    finally:
+        process.kill()
+        os.close(leader)
+    screen = b"".join(chunks).decode(errors="replace").replace("\r\n", "\n")
+    assert "frame/s" in screen  # the bar was drawn
+    saved = screen.index("checkpoint saved at step 400")
+    assert screen[saved - 1] == "\n", screen[saved - 200 : saved + 50]
+    assert "\r" not in screen[saved:], screen[saved:]
+
+
 SEEDS = [*CLASSIC, "--steps", "800", "--eval_every", "400"]
 
 
