@@ -157,6 +157,10 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
             inner = text.strip()
             inner = inner[1:-1] if inner.startswith("[") and inner.endswith("]") else inner
             value = [item.strip() for item in inner.split(",") if item.strip()]
+        elif isinstance(default, int | float) and not isinstance(default, bool):
+            value = _parse_number(text)
+        elif isinstance(default, bool) and text.strip() in ("0", "1"):
+            value = text.strip() == "1"
         else:
             value = _parse_scalar(text)
     if value is NO_VALUE and isinstance(default, bool):
@@ -479,6 +483,16 @@ def parse_args(argv: Sequence[str]) -> tuple[list[str], dict[str, Any]]:
         else:
             overrides[key] = [CliText(v) for v in values]
     return presets, overrides
+
+
+def _parse_number(text: str) -> Any:
+    """A number as Python reads it: YAML 1.1 would read '010' as 8 (octal) and '1:30' as 90."""
+    for read in (int, float, lambda text: int(text, 0)):  # the last: 0x10, 0o17, 0b11
+        try:
+            return read(text)
+        except ValueError:
+            pass
+    return text
 
 
 def _parse_scalar(text: str) -> Any:

@@ -57,6 +57,29 @@ def test_cli_values_are_coerced_to_declared_types():
     assert load_config(["--precision", "32"]).precision == "32"
 
 
+@pytest.mark.parametrize(
+    "argv, key, expected",
+    [
+        (["--seed", "010"], "seed", 10),  # YAML 1.1 reads 010 as octal 8
+        (["--seed", "1_000"], "seed", 1000),
+        (["--steps", "2e3"], "steps", 2000),
+        (["--model_opt.lr", "010"], "model_opt.lr", 10.0),
+        (["--model_opt.lr", ".5"], "model_opt.lr", 0.5),
+        (["--log_every", "1:30"], None, "expects int"),  # YAML 1.1 reads 1:30 as 90
+        (["--jit", "0"], "jit", False),
+        (["--jit", "1"], "jit", True),
+        (["--jit", "2"], None, "expects bool"),
+    ],
+)
+def test_command_line_numbers_read_as_written(argv, key, expected):
+    if key is None:
+        with pytest.raises(ConfigError, match=expected):
+            load_config(argv)
+        return
+    value = load_config(argv).flat()[key]
+    assert value == expected and type(value) is type(expected)
+
+
 def test_text_keys_keep_the_command_line_text_verbatim(tmp_path):
     # YAML would read these as the numbers 1, 493, 750 and 1000, or as true.
     for text in ["001", "0755", "12:30", "1_000", "yes", "[1,2]", "1e3"]:
