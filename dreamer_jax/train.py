@@ -469,9 +469,9 @@ class Learning:
         streaks = np.asarray(self.last["nonfinite_streak"])
         limit, first = self.config.max_nonfinite, self.config.seed
         if streaks.min() >= limit:
-            seeds = ", ".join(str(first + i) for i in range(len(streaks)))
+            seeds = seeds_text([first + i for i in range(len(streaks))])
             raise NonFiniteError(
-                f"{limit} consecutive non-finite updates at step {step} (seed {seeds}); "
+                f"{limit} consecutive non-finite updates at step {step} ({seeds}); "
                 "stopping with the last good checkpoint kept"
             )
         for i in np.flatnonzero(streaks == limit):
@@ -802,7 +802,7 @@ def _run_loop(
     stats = [replay.stats for replay in replays]
     print(
         f"dreamer-jax: {config.task} on {jax.default_backend()}, "
-        f"seed{'s' if config.num_seeds > 1 else ''} {', '.join(map(str, run_seeds(config)))} "
+        f"{seeds_text(run_seeds(config))} "
         f"on {sharding.mesh.size} device(s), logs in "
         f"{config.logdir} (replay: {sum(s['num_episodes'] for s in stats)} episodes, "
         f"{sum(s['num_steps'] for s in stats)} steps, "
@@ -875,6 +875,15 @@ def _run_loop(
             raise RunError(out_of_memory_message(config, asked)) from error
         raise
     return loop
+
+
+def seeds_text(seeds: list[int]) -> str:
+    """'seed 3', 'seeds 3, 4, 5' or, past five (they are consecutive), 'seeds 3-1026 (1024)'."""
+    if len(seeds) == 1:
+        return f"seed {seeds[0]}"
+    if len(seeds) <= 5:
+        return f"seeds {', '.join(map(str, seeds))}"
+    return f"seeds {seeds[0]}-{seeds[-1]} ({len(seeds)})"
 
 
 def latest_returns(seed: int, metrics_path: pathlib.Path) -> str:

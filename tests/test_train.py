@@ -1095,3 +1095,9 @@ def test_replay_memory_warning_counts_every_seed():
     assert train_module.replay_memory_warning(single, spec, 64 * 2**30) is None
     short = make_config(["atari"], {"num_seeds": 8, "steps": 100_000})  # never fills up
     assert train_module.replay_memory_warning(short, spec, 64 * 2**30) is None
+
+
+def test_the_startup_line_names_many_seeds_as_a_range():
+    assert train_module.seeds_text([7]) == "seed 7"
+    assert train_module.seeds_text([3, 4, 5, 6, 7]) == "seeds 3, 4, 5, 6, 7"
+    assert train_module.seeds_text(list(range(3, 1027))) == "seeds 3-1026 (1024)"
