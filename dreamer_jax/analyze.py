@@ -42,6 +42,7 @@ from dreamer_jax.config import (
 )
 from dreamer_jax.logger import METRICS_FILE, WANDB_INIT_TIMEOUT_S, read_metrics
 from dreamer_jax.paths import DirectoryError, ensure_writable, write_atomic
+from dreamer_jax.startup import quiet_on_broken_pipe
 
 DATA_DIR = pathlib.Path(__file__).with_name("data")
 BASELINES_PATH = DATA_DIR / "atari_baselines.json"
@@ -632,6 +633,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+@quiet_on_broken_pipe
 def main(argv: Sequence[str] | None = None) -> int:
     with warnings.catch_warnings():
         warnings.showwarning = warn_in_one_line  # a skipped run is one line, not a source dump

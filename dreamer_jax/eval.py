@@ -33,6 +33,7 @@ from dreamer_jax.config import MAX_SEED, ConfigError, OneLineParser, program_nam
 from dreamer_jax.envs import VectorEnv
 from dreamer_jax.logger import save_gif
 from dreamer_jax.seeds import policy_inputs, stack
+from dreamer_jax.startup import quiet_on_broken_pipe
 
 
 class Evaluation(NamedTuple):
@@ -129,6 +130,7 @@ def _restore(logdir: pathlib.Path, envs: int, seed: int | None):
     return config, env, agent, step, state, seed
 
 
+@quiet_on_broken_pipe
 def main(argv=None) -> int:
     with warnings.catch_warnings():
         warnings.showwarning = warn_in_one_line  # e.g. a checkpoint skipped: one line

@@ -38,6 +38,7 @@ same, and may then compute with other float rounding than the CLI.
 from __future__ import annotations
 
 # Only these, so that `quit_on_signals` can be installed before anything slow is imported.
+import functools
 import os
 import signal
 import sys
@@ -108,3 +109,20 @@ def quit_on_signals() -> None:
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, quit_now)
+
+
+def quiet_on_broken_pipe(main):
+    """Wraps a program's `main`: output to a reader that has gone (`--help | head`) ends it
+    with exit code 141 (128 + SIGPIPE) and no traceback, as Unix tools end. A run stopped
+    this way has saved its checkpoint first (train's error path)."""
+
+    @functools.wraps(main)
+    def wrapped(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except BrokenPipeError:
+            # Python would flush stdout again at exit, and fail again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 128 + signal.SIGPIPE
+
+    return wrapped

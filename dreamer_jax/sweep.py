@@ -42,6 +42,7 @@ import yaml
 from dreamer_jax.config import ConfigError, OneLineParser, load_config, program_name
 from dreamer_jax.envs import available_tasks
 from dreamer_jax.paths import DirectoryError, ensure_writable
+from dreamer_jax.startup import quiet_on_broken_pipe
 
 FIELDS = (
     "name", "configs", "overrides", "tasks", "seeds", "seeds_per_run", "variants", "root",
@@ -702,6 +703,7 @@ def _plan(sweep: Sweep, runs: Sequence[Run], launcher: str) -> str:
     return "\n".join(lines)
 
 
+@quiet_on_broken_pipe
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)

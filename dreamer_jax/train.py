@@ -81,6 +81,7 @@ from dreamer_jax.seeds import (
     seed_logdir,
     seed_sharding,
 )
+from dreamer_jax.startup import quiet_on_broken_pipe
 from dreamer_jax.world_model import open_loop_prediction, preprocess
 
 OPENL_SEQUENCES = 6
@@ -912,6 +913,7 @@ def _save_after_error(save_checkpoint, state: TrainState, step: int, checkpointe
     print(f"saved a checkpoint at step {step} before stopping on the error", file=sys.stderr)
 
 
+@quiet_on_broken_pipe
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     with warnings.catch_warnings():
@@ -938,6 +940,8 @@ def _main(argv: list[str]) -> int:
     ) as error:  # fmt: skip
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        raise  # the output's reader has gone: `quiet_on_broken_pipe` ends the program
     except (NonFiniteError, OSError) as error:  # OSError: e.g. a full disk mid-run
         print(f"error: {error}", file=sys.stderr)
         return 1

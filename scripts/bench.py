@@ -58,7 +58,7 @@ from dreamer_jax.agent import Agent
 from dreamer_jax.config import ConfigError, OneLineParser, load_config
 from dreamer_jax.paths import DirectoryError, ensure_writable, write_atomic
 from dreamer_jax.seeds import init_keys, run_seeds, seed_sharding, select, stack
-from dreamer_jax.startup import prepare
+from dreamer_jax.startup import prepare, quiet_on_broken_pipe
 from dreamer_jax.train import RunError, check_state_fits, memory_bytes
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -567,6 +567,7 @@ def check_outputs(json_path: pathlib.Path | None, profile_dir: str | None) -> No
         ensure_writable(pathlib.Path(profile_dir), "--profile directory")
 
 
+@quiet_on_broken_pipe
 def main(argv: list[str]) -> int:
     if any(arg in ("-h", "--help") for arg in argv):
         print(__doc__)

@@ -16,6 +16,7 @@ from dreamer_jax.startup import (
     with_malloc_tunables,
 )
 
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc tunables")
 
 
@@ -201,3 +202,26 @@ def test_a_signal_during_the_imports_quits_in_one_line(tmp_path, program, form):
     assert process.returncode == 130
     assert stderr.strip().splitlines() == ["signal 2: quitting (nothing written yet)"]
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["-m", "dreamer_jax.train", "--help"],
+        ["-m", "dreamer_jax.sweep", "experiments/atari55.yaml", "--dry-run"],
+        ["scripts/bench.py", "--help"],
+    ],
+)
+def test_output_to_a_reader_that_has_gone_ends_quietly(args):
+    """`--help | head`: exit 141 (128 + SIGPIPE) as Unix tools end, no traceback or error."""
+    read, write = os.pipe()
+    os.close(read)  # the reader has gone before the program writes
+    try:
+        result = subprocess.run(
+            [sys.executable, *args], cwd=ROOT, stdout=write, stderr=subprocess.PIPE,
+            text=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        os.close(write)
+    assert result.returncode == 128 + signal.SIGPIPE, result.stderr
+    assert result.stderr == ""
