@@ -163,12 +163,17 @@ def _checksums(state: TrainState, loop_state: dict[str, Any]) -> dict[str, Any] 
 
 
 def _checksum_mismatch(saved: dict[str, Any], now: dict[str, Any] | None) -> str | None:
-    """The first part of a restored checkpoint that differs from its saved checksums."""
+    """What of a restored checkpoint differs from its saved checksums, in words; None if
+    nothing does."""
     if now is None:
         return None
+    if not (isinstance(saved, dict) and isinstance(saved.get("state"), dict)):
+        return "its saved checksums are damaged"
     if saved.get("loop") != now["loop"]:
-        return "the loop state"
-    return next((p for p, crc in now["state"].items() if saved["state"].get(p) != crc), None)
+        return "the loop state differs from the checksum saved with it"
+    differs = (p for p, crc in now["state"].items() if saved["state"].get(p) != crc)
+    path = next(differs, None)
+    return path and f"{path} differs from the checksum saved with it"
 
 
 def _first_mismatch(old: dict[str, tuple], new: dict[str, tuple]) -> str | None:
@@ -305,7 +310,7 @@ class Checkpointer:
                     now = _checksums(restored["state"], restored["loop"])
                     damaged = _checksum_mismatch(restored["checksums"], now)
                     if damaged:
-                        raise ValueError(f"{damaged} differs from the checksum saved with it")
+                        raise ValueError(damaged)
             except Exception as error:
                 self._set_aside(step, error)
                 continue

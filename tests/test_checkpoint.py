@@ -73,13 +73,19 @@ def _edit_the_loop_state(checkpoint):
     (checkpoint / "loop" / "metadata").write_text('{"step": 7}')
 
 
+def _edit_the_checksums(checkpoint):
+    """Valid JSON, but not checksums: the check must not fail with a Python error."""
+    (checkpoint / "checksums" / "metadata").write_text("[]")
+
+
 def test_keeps_last_k(tmp_path):
     _, checkpointer = _save_steps(tmp_path / "ckpt", vector_agent(), (1, 2, 3), keep=2)
     assert checkpointer.steps() == [2, 3]
 
 
 @pytest.mark.parametrize(
-    "damage", [_damage_data, _damage_metadata, _flip_a_bit, _edit_the_loop_state]
+    "damage",
+    [_damage_data, _damage_metadata, _flip_a_bit, _edit_the_loop_state, _edit_the_checksums],
 )
 def test_unreadable_latest_is_moved_aside_and_its_step_can_be_saved_again(tmp_path, damage):
     agent = vector_agent()
@@ -97,6 +103,12 @@ def test_unreadable_latest_is_moved_aside_and_its_step_can_be_saved_again(tmp_pa
     message = str(record[0].message)
     assert str(tmp_path / "ckpt" / "2") in message and str(aside) in message
     assert "\n" not in message
+    named = {
+        _flip_a_bit: "differs from the checksum saved with it",
+        _edit_the_loop_state: "the loop state differs from the checksum saved with it",
+        _edit_the_checksums: "its saved checksums are damaged",
+    }
+    assert named.get(damage, "") in message
     # Kept, whole, outside orbax's directory.
     assert sorted(p.relative_to(aside) for p in aside.rglob("*")) == files
     assert checkpointer.steps() == [1]
