@@ -23,3 +23,11 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 # re-import jax); tests/test_startup.py runs the re-execution itself.
 os.environ.update(with_eigen_dots(dict(os.environ), jaxlib_version()) or {})
 os.environ.update(with_malloc_tunables(dict(os.environ)) or {})
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow tests first, the slowest (cartpole's learning run, minutes) first of all:
+    with pytest-xdist's two workers, a long test collected last would run alone at the end
+    while the other worker idles."""
+    first = "test_cartpole_learns_beyond_random"
+    items.sort(key=lambda item: (item.name != first, item.get_closest_marker("slow") is None))

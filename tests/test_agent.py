@@ -51,6 +51,7 @@ def test_two_hundred_updates_reduce_model_loss_without_retracing():
         assert key in metrics, key
 
 
+@pytest.mark.slow
 def test_jit_and_disable_jit_agree():
     # Small sizes: without jit every op runs eagerly.
     agent = vector_agent(
@@ -282,6 +283,7 @@ def _atari_batch(batch, length, num_actions, seed=0):
     }
 
 
+@pytest.mark.slow
 def test_bf16_conv_path_matches_fp32():
     obs_space, num_actions = {"image": ((64, 64, 1), np.uint8)}, 4
     agents = {
@@ -343,6 +345,7 @@ def test_act_seeds_is_policy_step_per_seed_with_the_loop_key_split():
         )
 
 
+@pytest.mark.slow
 def test_seed_axis_update_matches_each_seed_alone_within_float_rounding():
     """Seed i of the N-seed update is seed i's one-seed update (the program a single run
     uses). XLA:CPU picks other kernels for a batched matmul, so the two differ in the last

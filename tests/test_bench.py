@@ -48,6 +48,7 @@ def _bench(*args):
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_learner_determinism_observe_policy_and_flops_modes_on_cpu(tmp_path):
     docs = (ROOT / "docs" / "benchmarks.md").read_bytes()
     learner = _bench("--updates", "2", "--profile", str(tmp_path))

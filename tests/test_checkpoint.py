@@ -224,6 +224,7 @@ RESUME_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_interrupted_and_resumed_learner_is_bit_identical(tmp_path):
     """N updates, checkpoint, restore in a fresh process, N more == 2N uninterrupted."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")

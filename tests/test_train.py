@@ -247,6 +247,7 @@ def test_cartpole_learns_beyond_random(tmp_path):
     assert len(evals) == 4 and max(evals) > 66, evals
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_seeds", ["1", "2"])
 def test_nonfinite_updates_stop_the_run(tmp_path, num_seeds):
     # A huge learning rate blows the parameters up to where every forward pass overflows:
