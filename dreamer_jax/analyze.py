@@ -96,7 +96,8 @@ def load_runs(runs_dir: str | pathlib.Path, only: str | None = None) -> list[Run
     averaged as one method's)."""
     runs_dir = pathlib.Path(runs_dir)
     if not runs_dir.is_dir():
-        raise AnalysisError(f"{runs_dir} is not a directory")
+        what = "is not a directory" if runs_dir.exists() else "does not exist"
+        raise AnalysisError(f"{runs_dir} {what}")
     folders = _metrics_folders(runs_dir)
     if only is not None:
         folders = [f for f in folders if fnmatch.fnmatchcase(str(f.relative_to(runs_dir)), only)]

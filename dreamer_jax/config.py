@@ -149,6 +149,16 @@ def _is_text_list(default: Any) -> bool:
 def _coerce(key: str, value: Any, default: Any) -> Any:
     """`value` converted to the type of `default`, or ConfigError."""
     expected = _type_name(default)
+    several = isinstance(value, list) and len(value) > 1
+    if (
+        several
+        and all(isinstance(v, CliText) for v in value)
+        and not isinstance(default, list | tuple)
+    ):
+        raise ConfigError(
+            f"config key '{key}' takes one value, got {len(value)}: {' '.join(value)} "
+            "(presets go after --configs)"
+        )
     if isinstance(value, CliText):
         text = str(value)
         if isinstance(default, str):
@@ -256,6 +266,8 @@ def load_run_config(path: str | pathlib.Path) -> Config:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
+        if not path.parent.exists():
+            raise ConfigError(f"{path.parent} does not exist") from None
         raise ConfigError(f"{path} not found: is {path.parent} a dreamer-jax run?") from None
     except (OSError, UnicodeDecodeError) as error:
         reason = getattr(error, "strerror", None) or error

@@ -41,6 +41,7 @@ import os
 import pathlib
 import secrets
 import sys
+import time
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -120,6 +121,9 @@ class Logger:
         self.step = resume_step or 0
         self._scalars: dict[str, float] = {}
         self._postfix: dict[str, float] = {}
+        # (step, time) of this process's first row: the time left is reckoned from there, as
+        # the first row's own interval holds the prefill and the update's compile.
+        self._first_row: tuple[int, float] | None = None
         self._bar = None
         self._use_bar = _wide_terminal(sys.stderr) if progress is None else progress
         self._quiet = quiet
@@ -214,9 +218,18 @@ class Logger:
         if self._wandb is not None and scalars:
             self._wandb.log(scalars, step=step)
         if not (self._use_bar or self._quiet):
-            header = _header(step, self.total_steps, self.action_repeat, scalars.get("fps"))
+            header = _header(step, self.total_steps, self.action_repeat, self._eta_fps(step))
             print(_plain_line(header, scalars), flush=True)
         return record
+
+    def _eta_fps(self, step: int) -> float | None:
+        """Frames/s from this process's first row to `step`; None at the first row."""
+        now = time.monotonic()
+        if self._first_row is None or step <= self._first_row[0]:
+            self._first_row = self._first_row or (step, now)
+            return None
+        first_step, first_time = self._first_row
+        return (step - first_step) * self.action_repeat / max(now - first_time, 1e-9)
 
     def message(self, text: str) -> None:
         """Prints one line for the user, above the bar when there is one (nothing if quiet)."""
@@ -311,15 +324,27 @@ def _parse_metrics(path: pathlib.Path, text: str) -> list[tuple[str, dict[str, A
 
 
 def _truncate_metrics(path: pathlib.Path, resume_step: int | None) -> None:
-    """Drops lines after `resume_step` and malformed lines, rewriting atomically."""
+    """Drops lines after `resume_step` and malformed lines, rewriting atomically. On a resume
+    the file as it was is kept first, byte for byte, as
+    `metrics_after_checkpoint/<resume_step>.jsonl` (`.1`, `.2`, ... if taken) beside it: the
+    dropped rows are what the interrupted run logged."""
     if not path.exists():
         return
     text = _read_text(path)
     parsed = _parse_metrics(path, text)
     kept = [line for line, record in parsed if resume_step is None or record["step"] <= resume_step]
     expected = "".join(line + "\n" for line in kept)
-    if text != expected:
-        write_atomic(path, expected.encode("utf-8"))
+    if text == expected:
+        return
+    if resume_step is not None:
+        folder = path.with_name(path.stem + "_after_checkpoint")
+        aside, tries = folder / f"{resume_step}.jsonl", 0
+        while aside.exists():
+            tries += 1
+            aside = folder / f"{resume_step}.{tries}.jsonl"
+        folder.mkdir(exist_ok=True)
+        write_atomic(aside, path.read_bytes())
+    write_atomic(path, expected.encode("utf-8"))
 
 
 def _init_wandb(
@@ -395,7 +420,7 @@ def save_gif(path: pathlib.Path, frames: np.ndarray) -> None:
 
 def _header(step: int, total_steps: int, action_repeat: int, fps: float | None) -> str:
     """'[step 12000/400000 (3%) | frames 48000 | 1:02:03 left]': the total, the share done
-    and the time left (the remaining frames at `fps`) only where known."""
+    and the time left (the remaining frames at `fps`, frames/s) only where known."""
     frames = f"frames {step * action_repeat}"
     if not total_steps:
         return f"[step {step} | {frames}]"

@@ -686,8 +686,13 @@ def _train(
         eval_seeds = [env_seed(s, step, resumed, EVAL_SEED_OFFSET) for s in seeds]
         eval_env = make_env(config, config.eval_envs, eval_seeds)
         opened.callback(eval_env.close)
-        warning = replay_memory_warning(config, env.step_spec, _physical_memory())
-        if warning:
+        notes = [replay_memory_warning(config, env.step_spec, _physical_memory())]
+        if config.steps <= config.prefill and loop["updates"] == 0:
+            notes.append(
+                f"warning: --steps {config.steps} ends within the prefill ({config.prefill} "
+                "random-policy steps): the run collects data and trains no update"
+            )
+        for warning in filter(None, notes):
             print(warning, file=sys.stderr, flush=True)
         run_info = provenance(argv)
         loggers: list[Logger] = []
@@ -847,8 +852,10 @@ def _run_loop(
             due = step >= loop["next_eval"] and learning.updates > 0
             if due and evaluating.run(states, replays, loggers, step, stopping):
                 loop["next_eval"] = (step // config.eval_every + 1) * config.eval_every
-            # A finished run's last row is its last step, whatever `log_every` says.
-            if (step >= loop["next_log"] or step >= config.steps) and learning.updates > 0:
+            # A finished run's last row is its last step, whatever `log_every` says, even
+            # without an update yet (a run within the prefill: its returns and replay size).
+            due_log = step >= loop["next_log"] and learning.updates > 0
+            if due_log or step >= config.steps:
                 logging.write(step, acting, learning, replays)
                 loop["next_log"] = (step // config.log_every + 1) * config.log_every
             logging.tick(step)
@@ -858,7 +865,7 @@ def _run_loop(
                 save_checkpoint()
         loggers[0].end_progress()
         if stop.signum is not None:
-            owed = [f"{learning.owed} updates"] if learning.owed else []
+            owed = [f"{learning.owed} update{'s' * (learning.owed > 1)}"] if learning.owed else []
             owed += ["the evaluation"] if learning.updates and step >= loop["next_eval"] else []
             left = f" ({' and '.join(owed)} left for the resumed run)" if owed else ""
             print(f"stopping on signal {stop.signum} at step {step}{left}", flush=True)

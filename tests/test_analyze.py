@@ -533,6 +533,7 @@ def test_cli_no_runs_exits_2_with_one_line(tmp_path, runs_dir):
     result = _cli(str(tmp_path / runs_dir), "--out", str(tmp_path / "out"))
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
+    assert ("does not exist" in result.stderr) == (runs_dir == "missing")
     assert not (tmp_path / "out").exists()
 
 

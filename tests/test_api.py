@@ -61,6 +61,8 @@ def test_package_attribute_is_the_api_function():
 def test_no_config_is_one_line(tmp_path):
     with pytest.raises(ConfigError, match=r"config.yaml not found: is .* a dreamer-jax run\?$"):
         load(tmp_path)
+    with pytest.raises(ConfigError, match=r"missing does not exist$"):  # a typo in the path
+        load(tmp_path / "missing")
 
 
 def test_no_checkpoints_is_one_line_and_creates_nothing(saved_run, tmp_path):

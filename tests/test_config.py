@@ -101,6 +101,7 @@ def test_text_keys_keep_the_command_line_text_verbatim(tmp_path):
     "argv, fragment",
     [
         (["--rssm.detr", "3"], "unknown config key 'rssm.detr'"),
+        (["--wandb.mode", "disabled", "classic"], "'wandb.mode' takes one value, got 2"),
         (["--nope", "3"], "unknown config key 'nope'"),
         (["--rssm.deter", "abc"], "'rssm.deter' expects int"),
         (["--steps", "1.5"], "'steps' expects int"),

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import termios
 import textwrap
+import types
 
 import numpy as np
 import pytest
@@ -124,6 +125,7 @@ def test_resume_step_drops_later_lines(tmp_path):
         logger.write(step)
     logger.close()
 
+    logged = (tmp_path / "metrics.jsonl").read_bytes()
     logger = _logger(tmp_path, resume_step=3)
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3]
     logger.scalar("loss", 40.0)
@@ -132,6 +134,13 @@ def test_resume_step_drops_later_lines(tmp_path):
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert [(r["step"], r["loss"]) for r in records] == [(1, 1), (2, 2), (3, 3), (4, 40)]
     assert not list(tmp_path.glob(".*.tmp"))
+    # What the interrupted run logged is kept aside, whole; a second rollback to the same
+    # step keeps its own copy.
+    aside = tmp_path / "metrics_after_checkpoint"
+    assert (aside / "3.jsonl").read_bytes() == logged
+    _logger(tmp_path, resume_step=3).close()
+    assert sorted(p.name for p in aside.iterdir()) == ["3.1.jsonl", "3.jsonl"]
+    assert [r["step"] for r in read_metrics(aside / "3.1.jsonl")] == [1, 2, 3, 4]
 
 
 def test_nonfinite_literals_read_as_none(tmp_path):
@@ -176,11 +185,13 @@ def test_malformed_middle_line_is_skipped_with_a_warning(tmp_path):
 def test_resume_over_a_damaged_metrics_file_drops_the_bad_lines(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_bytes(b'{"step": 1}\n{"st\xff\x00ep": \n{"step": 2}\n{"step": 3}\n')
+    damaged = path.read_bytes()
     with pytest.warns(UserWarning, match="metrics.jsonl:2: dropping malformed line"):
         logger = _logger(tmp_path, resume_step=2)
     logger.write(3)
     logger.close()
     assert [r["step"] for r in read_metrics(path)] == [1, 2, 3]
+    assert (tmp_path / "metrics_after_checkpoint" / "2.jsonl").read_bytes() == damaged
 
 
 def test_unwritable_logdir_raises_one_line_before_writing(tmp_path):
@@ -194,13 +205,16 @@ def test_unwritable_logdir_raises_one_line_before_writing(tmp_path):
     assert parent.read_text() == ""
 
 
-def test_non_tty_prints_one_compact_line_per_write(tmp_path, capsys):
+def test_non_tty_prints_one_compact_line_per_write(tmp_path, capsys, monkeypatch):
+    clock = iter([100.0, 102.0, 104.0, 200.0])  # the logger module's clock alone
+    monkeypatch.setattr(logger_module, "time", types.SimpleNamespace(monotonic=lambda: next(clock)))
     # progress=None under capsys: stderr is not a TTY, so no bar.
     logger = _logger(tmp_path, progress=None, action_repeat=4, total_steps=100)
     logger.progress(12, {"train_return": 12.0})
     logger.scalars({"model_loss": 1.234, "fps": 2.2, "train_return": 12})
-    logger.write(12)
-    logger.write(13)
+    logger.write(12)  # the first row: its interval holds the compile, so no time left
+    logger.write(13)  # 4 frames in 2 s since the first row: 87 x 4 frames at 2/s
+    logger.write(15)  # 12 frames in 4 s: 85 x 4 frames at 3/s
     logger.message("seeds 0 1: train_return 12 3")
     logger.close()
     unknown_total = _logger(tmp_path / "b", progress=False, action_repeat=4)
@@ -209,10 +223,10 @@ def test_non_tty_prints_one_compact_line_per_write(tmp_path, capsys):
     unknown_total.close()
 
     captured = capsys.readouterr()
-    # (100 - 12) steps x 4 frames at 2.2 frames/s: 160 s left.
     assert captured.out.splitlines() == [
-        "[step 12/100 (12%) | frames 48 | 0:02:40 left] train_return 12 fps 2.2 model_loss 1.234",
-        "[step 13/100 (13%) | frames 52]",
+        "[step 12/100 (12%) | frames 48] train_return 12 fps 2.2 model_loss 1.234",
+        "[step 13/100 (13%) | frames 52 | 0:02:54 left]",
+        "[step 15/100 (15%) | frames 60 | 0:01:53 left]",
         "seeds 0 1: train_return 12 3",
         "[step 12 | frames 48] fps 2.2",
     ]

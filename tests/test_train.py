@@ -257,9 +257,9 @@ def test_nonfinite_updates_stop_the_run(tmp_path, num_seeds):
         "--model_opt.lr", "1e30", "--max_nonfinite", "3", timeout=600,
     )  # fmt: skip
     assert result.returncode == 1, result.stderr[-2000:]
-    seeds = "0" if num_seeds == "1" else "0, 1"
+    seeds = "seed 0" if num_seeds == "1" else "seeds 0, 1"
     assert "3 consecutive non-finite updates at step" in result.stderr
-    assert f"(seed {seeds}); stopping with the last good checkpoint kept" in result.stderr
+    assert f"({seeds}); stopping with the last good checkpoint kept" in result.stderr
 
 
 class NonFiniteRewards:
@@ -1102,3 +1102,13 @@ def test_the_startup_line_names_many_seeds_as_a_range():
     assert train_module.seeds_text([7]) == "seed 7"
     assert train_module.seeds_text([3, 4, 5, 6, 7]) == "seeds 3, 4, 5, 6, 7"
     assert train_module.seeds_text(list(range(3, 1027))) == "seeds 3-1026 (1024)"
+
+
+def test_a_run_that_ends_within_the_prefill_says_so_and_logs_its_last_step(tmp_path):
+    logdir = tmp_path / "run"
+    result = run_cli(*CLASSIC, "--logdir", str(logdir), "--steps", "100", "--prefill", "300")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "--steps 100 ends within the prefill (300" in result.stderr
+    (row,) = read_metrics(logdir / "metrics.jsonl")
+    assert row["step"] == 100 and row["updates"] == 0 and row["replay_steps"] > 0
+    assert "no return logged yet" not in result.stdout
