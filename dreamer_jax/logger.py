@@ -222,6 +222,15 @@ class Logger:
             print(_plain_line(header, scalars), flush=True)
         return record
 
+    def warning(self, text: str) -> None:
+        """Prints one line on stderr, above the bar when there is one (even when quiet)."""
+        if self._bar is not None:
+            from tqdm import tqdm
+
+            tqdm.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
     def _eta_fps(self, step: int) -> float | None:
         """Frames/s from this process's first row to `step`; None at the first row."""
         now = time.monotonic()

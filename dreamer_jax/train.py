@@ -430,8 +430,9 @@ class Learning:
     from the end of the prefill, once every seed's replay can be sampled, and pays them
     with one jitted update of all seeds on a batch `[N, B, T, ...]` from their replays."""
 
-    def __init__(self, agent, config, replays, sharding, loop):
+    def __init__(self, agent, config, replays, sharding, loop, warn: Callable[[str], None]):
         self.agent, self.config, self.replays, self.sharding = agent, config, replays, sharding
+        self.warn = warn  # one line on stderr, above the progress bar if there is one
         self.datasets = [replay.dataset() for replay in replays]
         self.updates, self.owed = loop["updates"], loop["updates_owed"]
         self.metrics: list[dict] = []  # on device, [N] each, until the next log
@@ -476,12 +477,10 @@ class Learning:
                 "stopping with the last good checkpoint kept"
             )
         for i in np.flatnonzero(streaks == limit):
-            print(
+            self.warn(
                 f"warning: seed {first + i}: {limit} consecutive non-finite updates at step "
                 f"{step}; its updates are skipped while the other seeds go on (the run stops "
-                "if every seed gets there)",
-                file=sys.stderr,
-                flush=True,
+                "if every seed gets there)"
             )
 
     def take_metrics(self) -> list[dict[str, float]]:
@@ -816,7 +815,7 @@ def _run_loop(
         flush=True,
     )
     acting = Acting(agent, config, env, replays, loop["seeds"], sharding)
-    learning = Learning(agent, config, replays, sharding, loop)
+    learning = Learning(agent, config, replays, sharding, loop, loggers[0].warning)
     evaluating = Evaluating(agent, config, eval_env, loop["seeds"], sharding)
     logging = Logging(config, loggers, loop["step"], loop["updates"])
     step = loop["step"]

@@ -281,6 +281,20 @@ def test_progress_bar_counts_frames_and_shows_info(tmp_path, capsys):
     assert "train_return=3" in captured.err and "updates_per_s=5" in captured.err
 
 
+def test_a_warning_gets_a_line_of_its_own_above_the_bar(tmp_path, capsys):
+    logger = _logger(tmp_path, progress=True, total_steps=10)
+    logger.progress(2, {})
+    logger.warning("warning: seed 1 diverged")
+    logger.close()
+    without = _logger(tmp_path / "plain", progress=False)
+    without.warning("warning: seed 2 diverged")
+    without.close()
+    captured = capsys.readouterr()
+    segments = re.split(r"[\r\n]", captured.err)
+    assert "warning: seed 1 diverged" in segments  # not glued to the bar's text
+    assert captured.err.endswith("warning: seed 2 diverged\n") and captured.out == ""
+
+
 def test_the_bar_needs_a_terminal_with_columns(tmp_path):
     leader, follower = pty.openpty()
     try:
