@@ -206,7 +206,7 @@ def test_cli_bad_config_file(tmp_path, text):
 
 
 def test_cli_missing_logdir(tmp_path):
-    assert_one_line_error(run_eval("--logdir", str(tmp_path / "none")), "not found")
+    assert_one_line_error(run_eval("--logdir", str(tmp_path / "none")), "none does not exist")
 
 
 @pytest.fixture(scope="module")
