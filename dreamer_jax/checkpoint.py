@@ -8,9 +8,11 @@ orbax writes each checkpoint to a temporary directory and renames it when comple
 crash mid-save never leaves a checkpoint that is taken for good; a failed save's temporary
 directory is removed. Each checkpoint carries a CRC-32 of every array and of the loop state,
 checked on restore: a flipped bit or an edited file restores otherwise (as NaNs or as another
-run's counters). A checkpoint that fails to restore or to match its checksums is moved aside to
-`<directory>_unreadable/<step>` (kept for inspection, never deleted) in favour of the one
-before it, so the run can save that step again. A checkpoint whose shapes differ from the
+run's counters). The loop state is saved with a mark that checksums exist, so a checkpoint
+that lost them is not taken for one from before checksums. A checkpoint that fails to
+restore or to match its checksums is moved aside to `<directory>_unreadable/<step>` (kept
+for inspection, never deleted) in favour of the one before it, so the run can save that
+step again. A checkpoint whose shapes differ from the
 current networks is a config problem, not damage: `CheckpointError`, and nothing is moved.
 Nothing is deleted except by orbax's keep-the-last-k policy after a successful save.
 """
@@ -41,6 +43,9 @@ from dreamer_jax.paths import ensure_writable
 # orbax's temporary directory of an unfinished save of step N: "N.orbax-checkpoint-tmp...".
 _TMP_MARK = ".orbax-checkpoint-tmp"
 _ORBAX_DIR = os.path.dirname(ocp.__file__)
+# A key the loop state is saved with when checksums are: a checkpoint that has it but no
+# checksums lost them, where one without it is from before checksums (and restores unchecked).
+_CHECKSUMMED = "checksummed"
 # How tensorstore words its errors: an absl status code first ("RESOURCE_EXHAUSTED: ...").
 _TENSORSTORE_ERROR = re.compile(r"[A-Z]+(_[A-Z]+)*: ")
 
@@ -236,11 +241,12 @@ class Checkpointer:
         removes the partial save and raises a one-line CheckpointError."""
         try:
             stored = _to_disk(state)
+            marked = {**loop_state, _CHECKSUMMED: True}
+            checksums = _checksums(stored, marked)
             items = {
                 "state": ocp.args.StandardSave(stored),
-                "loop": ocp.args.JsonSave(loop_state),
+                "loop": ocp.args.JsonSave(loop_state if checksums is None else marked),
             }
-            checksums = _checksums(stored, loop_state)
             if checksums is not None:
                 items["checksums"] = ocp.args.JsonSave(checksums)
             self._manager.save(step, args=ocp.args.Composite(**items), force=True)
@@ -298,23 +304,28 @@ class Checkpointer:
                     "shapes cannot resume"
                 )
             items = {"state": ocp.args.StandardRestore(abstract), "loop": ocp.args.JsonRestore()}
-            # Checkpoints from before checksums were saved restore unchecked.
-            if (self.directory / str(step) / "checksums").is_dir():
+            has_checksums = (self.directory / str(step) / "checksums").is_dir()
+            if has_checksums:
                 items["checksums"] = ocp.args.JsonRestore()
             try:
                 restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-                missing = sorted(set(loop_keys) - set(restored["loop"]))
+                loop_state = restored["loop"]
+                missing = sorted(set(loop_keys) - set(loop_state))
                 if missing:
                     raise ValueError(f"its loop state lacks {', '.join(missing)}")
-                if "checksums" in items:
-                    now = _checksums(restored["state"], restored["loop"])
+                # Checkpoints from before checksums were saved restore unchecked.
+                if loop_state.get(_CHECKSUMMED) and not has_checksums:
+                    raise ValueError("its saved checksums are missing")
+                if has_checksums:
+                    now = _checksums(restored["state"], loop_state)
                     damaged = _checksum_mismatch(restored["checksums"], now)
                     if damaged:
                         raise ValueError(damaged)
             except Exception as error:
                 self._set_aside(step, error)
                 continue
-            return step, _from_disk(restored["state"]), restored["loop"]
+            loop_state = {k: v for k, v in loop_state.items() if k != _CHECKSUMMED}
+            return step, _from_disk(restored["state"]), loop_state
         return None
 
     def _set_aside(self, step: int, error: Exception) -> None:

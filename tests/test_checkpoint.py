@@ -78,6 +78,11 @@ def _edit_the_checksums(checkpoint):
     (checkpoint / "checksums" / "metadata").write_text("[]")
 
 
+def _delete_the_checksums(checkpoint):
+    """Taken for a checkpoint from before checksums, it would restore unchecked."""
+    shutil.rmtree(checkpoint / "checksums")
+
+
 def test_keeps_last_k(tmp_path):
     _, checkpointer = _save_steps(tmp_path / "ckpt", vector_agent(), (1, 2, 3), keep=2)
     assert checkpointer.steps() == [2, 3]
@@ -85,7 +90,14 @@ def test_keeps_last_k(tmp_path):
 
 @pytest.mark.parametrize(
     "damage",
-    [_damage_data, _damage_metadata, _flip_a_bit, _edit_the_loop_state, _edit_the_checksums],
+    [
+        _damage_data,
+        _damage_metadata,
+        _flip_a_bit,
+        _edit_the_loop_state,
+        _edit_the_checksums,
+        _delete_the_checksums,
+    ],
 )
 def test_unreadable_latest_is_moved_aside_and_its_step_can_be_saved_again(tmp_path, damage):
     agent = vector_agent()
@@ -107,6 +119,7 @@ def test_unreadable_latest_is_moved_aside_and_its_step_can_be_saved_again(tmp_pa
         _flip_a_bit: "differs from the checksum saved with it",
         _edit_the_loop_state: "the loop state differs from the checksum saved with it",
         _edit_the_checksums: "its saved checksums are damaged",
+        _delete_the_checksums: "its saved checksums are missing",
     }
     assert named.get(damage, "") in message
     # Kept, whole, outside orbax's directory.
