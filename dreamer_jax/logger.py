@@ -222,15 +222,6 @@ class Logger:
             print(_plain_line(header, scalars), flush=True)
         return record
 
-    def warning(self, text: str) -> None:
-        """Prints one line on stderr, above the bar when there is one (even when quiet)."""
-        if self._bar is not None:
-            from tqdm import tqdm
-
-            tqdm.write(text, file=sys.stderr)
-        else:
-            print(text, file=sys.stderr, flush=True)
-
     def _eta_fps(self, step: int) -> float | None:
         """Frames/s from this process's first row to `step`; None at the first row."""
         now = time.monotonic()
@@ -241,15 +232,22 @@ class Logger:
         return (step - first_step) * self.action_repeat / max(now - first_time, 1e-9)
 
     def message(self, text: str) -> None:
-        """Prints one line for the user, above the bar when there is one (nothing if quiet)."""
-        if self._quiet:
-            return
-        if self._use_bar:
+        """Prints one line for the user on stdout (nothing if quiet)."""
+        if not self._quiet:
+            self._print_line(text, sys.stdout)
+
+    def warning(self, text: str) -> None:
+        """Prints one line on stderr (even when quiet)."""
+        self._print_line(text, sys.stderr)
+
+    def _print_line(self, text: str, stream: Any) -> None:
+        """One line above the bar when there is one, where tqdm redraws the bar below it."""
+        if self._bar is not None:
             from tqdm import tqdm
 
-            tqdm.write(text)
+            tqdm.write(text, file=stream)
         else:
-            print(text, flush=True)
+            print(text, file=stream, flush=True)
 
     def progress(self, step: int, info: dict[str, float]) -> None:
         """Moves the progress bar to `step * action_repeat` frames and shows `info` (e.g.
