@@ -52,6 +52,7 @@ from dreamer_jax.checkpoint import Checkpointer, CheckpointError
 from dreamer_jax.config import (
     Config,
     ConfigError,
+    changed_keys,
     load_run_config,
     parse_cli,
     program_name,
@@ -86,11 +87,6 @@ from dreamer_jax.world_model import open_loop_prediction, preprocess
 
 OPENL_SEQUENCES = 6
 EVAL_SEED_OFFSET = 1_000_000
-# Keys a resumed run may change freely: run length, logging and bookkeeping.
-RESUMABLE_KEYS = (
-    "logdir", "steps", "log_every", "eval_every", "eval_eps", "checkpoint_every",
-    "checkpoint_keep", "wandb", "jit", "resume", "max_nonfinite", "eval_video_frames",
-)  # fmt: skip
 
 
 class RunError(Exception):
@@ -123,13 +119,6 @@ def replay_record(obs: dict[str, np.ndarray], prev_action: np.ndarray, spec: dic
     the first step of an episode), in the replay's dtype (uint8 one-hot when discrete)."""
     action = np.where(obs["is_first"][:, None], 0.0, prev_action)
     return {**obs, "action": action.astype(spec["action"][1])}
-
-
-def changed_keys(saved: Config, config: Config) -> list[str]:
-    """Dotted keys whose values differ from the saved config, except `RESUMABLE_KEYS`."""
-    old, new = saved.flat(), config.flat()
-    free = lambda key: key.split(".")[0] in RESUMABLE_KEYS
-    return sorted(k for k in new if not free(k) and old.get(k) != new[k])
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -546,8 +535,9 @@ class Evaluating:
 
 class Logging:
     """Every `log_every` steps, each seed's train metrics, returns, speed and replay size to
-    its own logger; the first seed's logger shows the progress, followed in a many-seed run
-    by one line of every seed's returns."""
+    its own logger (with the evaluation's results if one ran at that step; one that ran at
+    another step gets a row of its own); the first seed's logger shows the progress,
+    followed in a many-seed run by one line of every seed's returns."""
 
     TICK_SECONDS = 0.5  # how often the progress bar moves between rows
 
@@ -575,7 +565,6 @@ class Logging:
         per_seed = zip(
             self.loggers, learning.take_metrics(), acting.take_returns(), replays, strict=True
         )
-        records = []
         for logger, metrics, returns, replay in per_seed:
             logger.scalars(metrics)
             if returns:
@@ -588,6 +577,14 @@ class Logging:
                     "replay_episodes": replay.stats["num_episodes"],
                 }
             )
+        self.write_rows(step)
+        self.clock, self.clock_step, self.clock_updates = now, step, learning.updates
+
+    def write_rows(self, step: int) -> None:
+        """Each seed's buffered scalars as its row of `step`, shown in the progress (alone,
+        for an evaluation at a step without a log row)."""
+        records = []
+        for logger in self.loggers:
             record = logger.write(step)
             shown = ("fps", "train_return", "eval_return")
             logger.progress(step, {k: record[k] for k in shown if record.get(k) is not None})
@@ -595,7 +592,6 @@ class Logging:
         line = seeds_line(self.seeds, records) if len(records) > 1 else None
         if line:  # the progress shows the first seed only
             self.loggers[0].message(line)
-        self.clock, self.clock_step, self.clock_updates = now, step, learning.updates
 
 
 def train(config: Config, stop: StopSignal, argv: Sequence[str] = ()) -> dict[str, Any]:
@@ -841,15 +837,14 @@ def _run_loop(
             # Step 0 is saved before any data: a run killed in its prefill then resumes,
             # and a logdir with data but no checkpoint can only be a damaged one.
             save_checkpoint()
-        while step < config.steps and stop.signum is None:
-            acting.step(states, prefill=step < config.prefill)
-            step += config.envs
-            learning.owe(step)
+        while True:
+            # This step's work, each part marked done once done: a checkpoint saved on an
+            # error inside one, or a stop request, keeps it owed, and the resumed run does it
+            # at this same step (its restored one) before it acts.
             states = learning.train(states, step, stopping)
-            # Each is marked done once done: a checkpoint saved on an error inside it, or a
-            # stop request, keeps it owed, and the resumed run does it at its first step.
             due = step >= loop["next_eval"] and learning.updates > 0
-            if due and evaluating.run(states, replays, loggers, step, stopping):
+            evaluated = due and evaluating.run(states, replays, loggers, step, stopping)
+            if evaluated:
                 loop["next_eval"] = (step // config.eval_every + 1) * config.eval_every
             # A finished run's last row is its last step, whatever `log_every` says, even
             # without an update yet (a run within the prefill: its returns and replay size).
@@ -857,11 +852,19 @@ def _run_loop(
             if due_log or step >= config.steps:
                 logging.write(step, acting, learning, replays)
                 loop["next_log"] = (step // config.log_every + 1) * config.log_every
+            elif evaluated:  # a row of its own: the next row's would replace its results
+                logging.write_rows(step)
             logging.tick(step)
             if step >= loop["next_checkpoint"]:
                 every = config.checkpoint_every
                 loop["next_checkpoint"] = (step // every + 1) * every
-                save_checkpoint()
+                if step not in checkpointer.steps():  # a resumed run's restored step is
+                    save_checkpoint()
+            if step >= config.steps or stop.signum is not None:
+                break
+            acting.step(states, prefill=step < config.prefill)
+            step += config.envs
+            learning.owe(step)
         loggers[0].end_progress()
         if stop.signum is not None:
             owed = [f"{learning.owed} update{'s' * (learning.owed > 1)}"] if learning.owed else []

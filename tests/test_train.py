@@ -285,7 +285,7 @@ class NonFiniteRewards:
 
 def test_a_log_row_that_fails_stays_owed_after_the_error_checkpoint(tmp_path, monkeypatch):
     """A full disk at the log of step 500: the run saves a checkpoint there and stops; the
-    resumed run still owes that row and writes it at its first step (501), then its last."""
+    resumed run still owes that row and writes it at its restored step, 500, then its last."""
     config = make_config(
         ["classic", "debug"],
         {"task": "classic_cartpole", "logdir": str(tmp_path), "steps": 600, "prefill": 300,
@@ -305,7 +305,7 @@ def test_a_log_row_that_fails_stays_owed_after_the_error_checkpoint(tmp_path, mo
     monkeypatch.setattr(train_module.Logging, "write", write)
     train_module.train(config, types.SimpleNamespace(signum=None))
     # 300: the first step with an update (the prefill ends there).
-    assert [row["step"] for row in read_metrics(tmp_path / "metrics.jsonl")] == [300, 501, 600]
+    assert [row["step"] for row in read_metrics(tmp_path / "metrics.jsonl")] == [300, 500, 600]
 
 
 def test_an_eval_that_fails_is_redone_with_the_same_draws_after_the_error_checkpoint(
@@ -313,7 +313,7 @@ def test_an_eval_that_fails_is_redone_with_the_same_draws_after_the_error_checkp
 ):
     """An error inside the eval of step 500 (after its episodes, in the open-loop report):
     the run saves a checkpoint there and stops; the resumed run still owes that eval and runs
-    it at its first step (501) with the keys and replay draws the failed one had."""
+    it at its restored step, 500, with the keys and replay draws the failed one had."""
     config = make_config(
         ["classic", "debug"],
         {"task": "classic_cartpole", "logdir": str(tmp_path), "steps": 600, "prefill": 300,
@@ -343,7 +343,54 @@ def test_an_eval_that_fails_is_redone_with_the_same_draws_after_the_error_checkp
     np.testing.assert_array_equal(calls[5], calls[3])  # the same report chunks
     assert not np.array_equal(calls[2], calls[0])
     rows = read_metrics(tmp_path / "metrics.jsonl")
-    assert [row["step"] for row in rows if "eval_return" in row] == [300, 501]
+    assert [row["step"] for row in rows if "eval_return" in row] == [300, 500]
+
+
+def test_an_evaluation_between_log_rows_gets_a_row_of_its_own(tmp_path):
+    """Evaluations every 100 steps, rows every 200: the eval of step 500 is a row of its
+    own (a later value of the same name replaced it in the next row), the others share the
+    log row of their step."""
+    config = make_config(
+        ["classic", "debug"],
+        {"task": "classic_cartpole", "logdir": str(tmp_path), "steps": 600, "prefill": 300,
+         "log_every": 200, "eval_every": 100, "wandb.mode": "disabled"},
+    )  # fmt: skip
+    train_module.train(config, types.SimpleNamespace(signum=None))
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [row["step"] for row in rows] == [300, 400, 500, 600]
+    assert all(row["eval_return"] is not None for row in rows)
+    assert "model_loss" not in rows[2] and "model_loss" in rows[3]
+
+
+def test_an_evaluation_a_stop_request_cut_short_is_logged_at_its_step(tmp_path, monkeypatch):
+    """Stopped during the eval of step 400 (after that step's log row): the resumed run runs
+    it at its restored step, 400, before it acts, and logs it there in a row of its own."""
+    config = make_config(
+        ["classic", "debug"],
+        {"task": "classic_cartpole", "logdir": str(tmp_path), "steps": 600, "prefill": 300,
+         "log_every": 100, "eval_every": 100, "wandb.mode": "disabled"},
+    )  # fmt: skip
+    stop = types.SimpleNamespace(signum=None)
+    evaluate = train_module.evaluate
+    steps = []
+
+    def stopped_in_the_second(agent, env, states, *args, **kwargs):
+        steps.append(int(states.updates[0]))
+        if len(steps) == 2:
+            stop.signum = 15
+        return evaluate(agent, env, states, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate", stopped_in_the_second)
+    train_module.train(config, stop)
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [(row["step"], row.get("eval_return") is not None) for row in rows] == [
+        (300, True), (400, False)
+    ]  # fmt: skip
+    train_module.train(config, types.SimpleNamespace(signum=None))
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    evals = [row["step"] for row in rows if row.get("eval_return") is not None]
+    assert evals == [300, 400, 500, 600] and len(steps) == 5
+    assert steps[2] == steps[1]  # the redone eval saw the parameters the cut one had
 
 
 def test_one_diverged_seed_is_reported_and_the_others_train_on(tmp_path, monkeypatch, capsys):
