@@ -9,7 +9,8 @@ is accepted where a float is declared). Anything else raises `ConfigError` with 
 naming the key and what was expected. Every key also has a range in `_RULES`, checked
 before anything is written.
 
-A run's saved config comes back with `load_run_config("<logdir>/config.yaml")`.
+A run's saved config comes back with `load_run_config("<logdir>/config.yaml")`, and
+`changed_keys(saved, config)` names what a resumed run would change beyond `RESUMABLE_KEYS`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,12 @@ import yaml
 from dreamer_jax.paths import write_atomic
 
 CONFIGS_PATH = pathlib.Path(__file__).with_name("configs.yaml")
+
+# Keys a resumed run may change freely: run length, logging and bookkeeping.
+RESUMABLE_KEYS = (
+    "logdir", "steps", "log_every", "eval_every", "eval_eps", "checkpoint_every",
+    "checkpoint_keep", "wandb", "jit", "resume", "max_nonfinite", "eval_video_frames",
+)  # fmt: skip
 
 
 class ConfigError(ValueError):
@@ -257,6 +264,13 @@ def make_config(presets: Sequence[str] = (), overrides: Mapping[str, Any] | None
     config = Config(data)
     _validate(config)
     return config
+
+
+def changed_keys(saved: Config, config: Config) -> list[str]:
+    """Dotted keys whose values differ from the saved config, except `RESUMABLE_KEYS`."""
+    old, new = saved.flat(), config.flat()
+    free = lambda key: key.split(".")[0] in RESUMABLE_KEYS
+    return sorted(k for k in new if not free(k) and old.get(k) != new[k])
 
 
 def load_run_config(path: str | pathlib.Path) -> Config:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import difflib
 import fnmatch
 import os
@@ -39,7 +40,15 @@ from typing import Any
 
 import yaml
 
-from dreamer_jax.config import ConfigError, OneLineParser, load_config, program_name
+from dreamer_jax.config import (
+    Config,
+    ConfigError,
+    OneLineParser,
+    changed_keys,
+    load_config,
+    load_run_config,
+    program_name,
+)
 from dreamer_jax.envs import available_tasks
 from dreamer_jax.paths import DirectoryError, ensure_writable
 from dreamer_jax.startup import quiet_on_broken_pipe
@@ -85,8 +94,9 @@ class Sweep:
 
 @dataclass(frozen=True)
 class Run:
-    """One cell of the grid: its train command and where it logs; `steps` from its config.
-    It trains seeds `seed … seed + num_seeds − 1`."""
+    """One cell of the grid: its train command and where it logs; `steps` from its config
+    (the whole config as `train` will parse the command, None where not built from a sweep
+    file). It trains seeds `seed … seed + num_seeds − 1`."""
 
     task: str
     variant: str
@@ -95,6 +105,7 @@ class Run:
     command: tuple[str, ...]
     steps: int
     num_seeds: int = 1
+    config: Config | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def name(self) -> str:
@@ -289,7 +300,7 @@ def expand(sweep: Sweep) -> list[Run]:
                     name = f"{task}/{variant}/{folder}"
                     raise SweepError(f"{sweep.path}: run {name}: {error}") from None
                 command = (sys.executable, "-m", "dreamer_jax.train", *args)
-                runs.append(Run(task, variant, seed, logdir, command, config.steps, count))
+                runs.append(Run(task, variant, seed, logdir, command, config.steps, count, config))
     return runs
 
 
@@ -327,6 +338,35 @@ def run_state(run: Run) -> str:
     if steps and steps[-1] >= run.steps:
         return "finished"
     return "resume" if run.logdir.exists() else "new"
+
+
+def config_drift(run: Run) -> list[str]:
+    """The keys at which the config `run` saved differs from the one the sweep file gives it
+    now, beyond run length and logging (which a resume may change); [] if it saved none
+    that can be read (or `run` has no config). A finished run with drift is skipped all
+    the same, so its results are not those of the file as it is."""
+    if run.config is None:
+        return []
+    try:
+        saved = load_run_config(run.logdir / "config.yaml")
+    except ConfigError:
+        return []
+    return changed_keys(saved, run.config)
+
+
+def warn_of_drift(runs: Sequence[Run]) -> None:
+    """One line on stderr for each finished run that ran with another config than the
+    sweep file now gives it (an unfinished one fails with train's own message)."""
+    for run in runs:
+        drift = run_state(run) == "finished" and config_drift(run)
+        if drift:
+            print(
+                f"warning: finished run {run.name} ran with another config than the sweep "
+                f"file gives it now (it differs at {', '.join(drift)}); it is skipped as it "
+                "is: give the edited sweep another name to run it",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 # ---------------------------------------------------------------------------- local launcher
@@ -709,6 +749,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _parser().parse_args(argv)
         sweep = load_sweep(args.file)
         runs = select(expand(sweep), args.only)
+        warn_of_drift(runs)
         if args.dry_run:
             print(_plan(sweep, runs, args.launcher))
             return 0

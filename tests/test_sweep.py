@@ -169,6 +169,36 @@ def test_dry_run_prints_states_and_commands_and_creates_nothing(tmp_path, capsys
     assert sorted(root.rglob("*")) == before
 
 
+def test_a_finished_run_with_another_config_than_the_file_is_named_in_a_warning(tmp_path, capsys):
+    """A sweep file edited after its runs finished: they are skipped all the same (nothing
+    is touched), and each that ran with another config says at which keys, on stderr, in
+    `--dry-run` and in a real run alike; run length and logging (`steps`, ...) do not count."""
+    path = write_sweep(
+        tmp_path,
+        f"""
+        configs: [classic, debug]
+        overrides: {{steps: 400}}
+        tasks: [classic_cartpole]
+        seeds: [0, 1, 2]
+        root: {tmp_path / "runs"}
+        """,
+    )
+    runs = expand(load_sweep(path))
+    for run in runs:
+        make_checkpoint(run.logdir, 500)
+    runs[0].config.update({"kl.balance": 0.5, "prefill": 200}).save(runs[0].logdir / "config.yaml")
+    runs[1].config.update({"log_every": 7, "steps": 500}).save(runs[1].logdir / "config.yaml")
+    (runs[2].logdir / "config.yaml").write_text("{unclosed: [")  # train would name it
+    files = lambda: {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("*") if p.is_file()}
+    before = files()
+    for args in (["--dry-run"], []):
+        assert main([str(path), *args]) == 0
+        (line,) = capsys.readouterr().err.splitlines()
+        assert line.startswith("warning: finished run classic_cartpole/base/seed_0 ran with")
+        assert "(it differs at kl.balance, prefill); it is skipped" in line
+    assert files() == before
+
+
 def test_only_filters_runs_by_pattern(tmp_path, capsys):
     path = write_sweep(
         tmp_path,
