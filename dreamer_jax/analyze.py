@@ -291,7 +291,8 @@ def aggregate(
       gamer_median, gamer_mean: median and mean over tasks of the gamer-normalized scores;
       record_mean: mean over tasks of the record-normalized scores;
       clipped_record_mean: mean over tasks of the clipped-record scores (clipped per seed);
-      iqm, iqm_ci: `iqm_with_ci` of the gamer-normalized final returns of every task × seed.
+      iqm, iqm_ci: `iqm_with_ci` of the gamer-normalized final returns of every task × seed
+        (`iqm_ci` None with one seed per task: the bootstrap resamples seeds within tasks).
     Where tasks have different numbers of seeds, the IQM takes each task's lowest
     `iqm_seeds_per_task` seeds (the smallest count), as the bootstrap needs a full matrix."""
     tasks = [task for task, entry in summary.items() if entry["normalized"]]
@@ -305,6 +306,8 @@ def aggregate(
     lowest = {t: list(summary[t]["seed_returns"].values())[:per_task] for t in tasks}
     gamer = np.stack([normalize(lowest[t], baselines[t], "human_gamer") for t in tasks], 1)
     iqm, ci = iqm_with_ci(gamer, reps, seed)
+    if per_task < 2:
+        ci = None  # resampling one seed within each task draws the same scores every time
     return {
         "tasks": len(tasks),
         "gamer_median": float(np.median(scores["gamer"])),
@@ -463,14 +466,14 @@ def plot_aggregate(ax, agg: Mapping[str, Any]) -> None:
     """Draws on `ax` the IQM with its confidence interval and the other four aggregates of
     `agg` (from `aggregate`) as points, against a dashed line at 1 (human level)."""
     names = ["gamer_median", "gamer_mean", "record_mean", "clipped_record_mean"]
-    low, high = agg["iqm_ci"]
+    low, high = agg["iqm_ci"] or (agg["iqm"], agg["iqm"])
     ax.errorbar(
         [agg["iqm"]],
         [0],
         xerr=[[agg["iqm"] - low], [high - agg["iqm"]]],
         fmt="o",
         capsize=4,
-        label=f"IQM, {CONFIDENCE:.0%} CI",
+        label=f"IQM, {CONFIDENCE:.0%} CI" if agg["iqm_ci"] else "IQM (one seed per task: no CI)",
     )
     ax.plot([agg[name] for name in names], range(1, len(names) + 1), "s", color="tab:gray")
     ax.axvline(1.0, ls="--", lw=1, color="black")
@@ -522,9 +525,9 @@ def log_wandb(
     numbers = {}
     if agg is not None:
         numbers = {f"aggregate/{k}": v for k, v in agg.items() if k != "iqm_ci"}
-        numbers.update(
-            {"aggregate/iqm_ci_low": agg["iqm_ci"][0], "aggregate/iqm_ci_high": agg["iqm_ci"][1]}
-        )
+        if agg["iqm_ci"]:
+            low, high = agg["iqm_ci"]
+            numbers.update({"aggregate/iqm_ci_low": low, "aggregate/iqm_ci_high": high})
     run.log(
         {**numbers, "tasks": table, **{f"figures/{p.stem}": wandb.Image(str(p)) for p in images}}
     )
@@ -541,12 +544,14 @@ def _report(summary: Mapping[str, Mapping], agg: Mapping[str, Any] | None) -> st
             f"{entry['final_return']:>13.4g} {'-' if gamer is None else f'{gamer:.4g}':>10}"
         )
     if agg is not None:
-        low, high = agg["iqm_ci"]
+        ci = "(one seed per task: no CI)"
+        if agg["iqm_ci"]:
+            low, high = agg["iqm_ci"]
+            ci = f"[{low:.4g}, {high:.4g}] ({CONFIDENCE:.0%} CI)"
         lines.append(
             f"over {agg['tasks']} Atari tasks: gamer median {agg['gamer_median']:.4g}, "
             f"gamer mean {agg['gamer_mean']:.4g}, record mean {agg['record_mean']:.4g}, "
-            f"clipped record mean {agg['clipped_record_mean']:.4g}, "
-            f"IQM {agg['iqm']:.4g} [{low:.4g}, {high:.4g}] ({CONFIDENCE:.0%} CI)"
+            f"clipped record mean {agg['clipped_record_mean']:.4g}, IQM {agg['iqm']:.4g} {ci}"
         )
     return "\n".join(lines)
 

@@ -188,6 +188,19 @@ def test_iqm_with_unequal_seed_counts_uses_each_tasks_lowest_seeds(tmp_path):
     assert agg["iqm"] == pytest.approx(np.mean([1.0, 2.0, 5.0, 6.0]))
 
 
+def test_one_seed_per_task_gives_an_iqm_without_a_confidence_interval(tmp_path, capsys):
+    """Resampling one seed within each task draws the same scores every time: a zero-width
+    interval would claim a certainty that one seed cannot give."""
+    write_run(tmp_path / "runs", "atari_pong", 0, eval_rows([(10, score("atari_pong", 1.0))]))
+    write_run(tmp_path / "runs", "atari_boxing", 0, eval_rows([(10, score("atari_boxing", 2.0))]))
+    out = tmp_path / "out"
+    assert analyze.main([str(tmp_path / "runs"), "--out", str(out), "--reps", "20"]) == 0
+    agg = json.loads((out / "aggregate.json").read_text())["aggregate"]
+    assert agg["iqm"] == pytest.approx(1.5) and agg["iqm_ci"] is None
+    assert "IQM 1.5 (one seed per task: no CI)" in capsys.readouterr().out
+    assert (out / "aggregate.png").is_file()
+
+
 def test_no_atari_task_means_no_aggregate(tmp_path):
     write_run(tmp_path, "classic_cartpole", 0, eval_rows([(10, 1.0)]))
     summary = analyze.task_summary(analyze.load_runs(tmp_path), analyze.load_baselines())
