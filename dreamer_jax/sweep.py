@@ -34,7 +34,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections import Counter
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -139,11 +140,31 @@ class SlurmJob:
 # ---------------------------------------------------------------------------- sweep file
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, but a key given twice in one mapping is an error (YAML keeps the
+    last value without a word; in a sweep file that silently drops a setting)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):
+                continue  # the base loader names an unhashable key
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_sweep(path: str | pathlib.Path) -> Sweep:
     """The sweep file at `path`, its fields type-checked and its tasks known (SweepError)."""
     path = pathlib.Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except FileNotFoundError:
         raise SweepError(f"sweep file {path} not found") from None
     except (OSError, UnicodeDecodeError) as error:
@@ -242,19 +263,25 @@ def _overrides(tree: Any, where: str, fail) -> dict[str, Any]:
     if not isinstance(tree, dict):
         raise fail(f"{where} must be a mapping of config keys to values, got {tree!r}")
     flat = _flatten(tree)
+    twice = sorted(key for key, count in Counter(key for key, _ in flat).items() if count > 1)
+    if twice:
+        raise fail(f"{where} sets {', '.join(twice)} twice (nested and dotted)")
+    flat = dict(flat)
     grid = [key for key in flat if key in GRID_KEYS]
     if grid:
         raise fail(f"{where} sets {', '.join(grid)}, which the grid sets for each run")
     return flat
 
 
-def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
-    flat = {}
+def _flatten(tree: Mapping, prefix: str = "") -> list[tuple[str, Any]]:
+    """`(dotted key, value)` of every leaf, in order; a key set both nested and dotted
+    (`kl: {balance: 0.5}` and `kl.balance: 0.6`) comes twice."""
+    flat = []
     for key, value in tree.items():
         if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat += _flatten(value, f"{prefix}{key}.")
         else:
-            flat[f"{prefix}{key}"] = value
+            flat.append((f"{prefix}{key}", value))
     return flat
 
 
@@ -757,7 +784,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ensure_writable(sweep.root / sweep.name, "sweep folder")
         if args.launcher == "slurm":
             todo = [run for run in runs if run_state(run) != "finished"]
-            ids = submit_slurm(sweep, slurm_jobs(sweep, todo))
+            # Nothing to submit needs no submitit.
+            ids = submit_slurm(sweep, slurm_jobs(sweep, todo)) if todo else []
             print(f"sweep {sweep.name}: {len(ids)} job(s) submitted, "
                   f"{len(runs) - len(todo)} finished run(s) skipped")  # fmt: skip
             return 0

@@ -242,6 +242,13 @@ BAD_SWEEPS = [
      "run classic_cartpole/kl_off/seed_0: config key 'kl.balance' expects a number in [0, 1]"),
     ("tasks: [classic_cartpole]\nseeds: [0]\nvariants: {off: {}}\n",
      "variant name False is not a string; quote it"),
+    ("tasks: [classic_cartpole]\nseeds: [0]\noverrides: {steps: 5, steps: 6}\n",
+     "not valid YAML at line 3: key 'steps' appears twice"),
+    ("tasks: [classic_cartpole]\nseeds: [0]\nseeds: [1]\n",
+     "not valid YAML at line 3: key 'seeds' appears twice"),
+    ("tasks: [classic_cartpole]\nseeds: [0]\n"
+     "variants: {v: {kl: {balance: 0.5}, kl.balance: 0.6}}\n",
+     "variant 'v' sets kl.balance twice (nested and dotted)"),
     ("tasks: [classic_cartpole]\nseeds: [0]\nvariants: {x: {rssm: {detr: 3}}}\n",
      "run classic_cartpole/x/seed_0: unknown config key 'rssm.detr'"),
     # A folder name past the file system's 255 bytes would fail only when a run starts.
@@ -616,6 +623,11 @@ def test_slurm_without_submitit_is_one_line(tmp_path, monkeypatch, capsys):
         "error: --launcher slurm needs the submitit package, which is not installed: pip "
         "install submitit (or dreamer-jax[slurm])\n"
     )
+    # Once every run is finished there is nothing to submit, and no need of submitit.
+    for run in expand(load_sweep(path)):
+        make_checkpoint(run.logdir, 400)
+    assert main([str(path), "--launcher", "slurm"]) == 0
+    assert "0 job(s) submitted, 2 finished run(s) skipped" in capsys.readouterr().out
 
 
 # A Slurm job's body as submitit runs it: its SIGUSR2 handler raises (the job timed out).
