@@ -283,6 +283,8 @@ def load_run_config(path: str | pathlib.Path) -> Config:
         if not path.parent.exists():
             raise ConfigError(f"{path.parent} does not exist") from None
         raise ConfigError(f"{path} not found: is {path.parent} a dreamer-jax run?") from None
+    except NotADirectoryError:
+        raise ConfigError(f"{path.parent} is not a directory: a run's logdir is one") from None
     except (OSError, UnicodeDecodeError) as error:
         reason = getattr(error, "strerror", None) or error
         raise ConfigError(f"{path} cannot be read: {reason}") from None

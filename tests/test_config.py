@@ -283,6 +283,13 @@ def test_load_run_config_errors_name_the_file_in_one_line(tmp_path, text, fragme
     assert str(path) in message and fragment in message and "\n" not in message
 
 
+def test_a_file_given_as_a_runs_logdir_is_named_as_not_a_directory(tmp_path):
+    (tmp_path / "seed_0.log").write_text("a sweep's log, next to its run's folder")
+    with pytest.raises(ConfigError) as info:
+        load_run_config(tmp_path / "seed_0.log" / "config.yaml")
+    assert str(info.value) == f"{tmp_path / 'seed_0.log'} is not a directory: a run's logdir is one"
+
+
 def test_save_that_fails_midway_keeps_the_previous_file(tmp_path, monkeypatch):
     path = tmp_path / "config.yaml"
     make_config(["debug"]).save(path)
