@@ -42,6 +42,8 @@ from dreamer_jax.paths import ensure_writable
 
 # orbax's temporary directory of an unfinished save of step N: "N.orbax-checkpoint-tmp...".
 _TMP_MARK = ".orbax-checkpoint-tmp"
+# Where checkpoint N waits while a save replaces it (orbax reads integer names only).
+_REPLACED = ".replaced"
 _ORBAX_DIR = os.path.dirname(ocp.__file__)
 # A key the loop state is saved with when checksums are: a checkpoint that has it but no
 # checksums lost them, where one without it is from before checksums (and restores unchecked).
@@ -238,8 +240,18 @@ class Checkpointer:
 
     def save(self, step: int, state: TrainState, loop_state: dict[str, Any]) -> None:
         """Blocks until the checkpoint is complete on disk. On failure (e.g. a full disk)
-        removes the partial save and raises a one-line CheckpointError."""
+        removes the partial save and raises a one-line CheckpointError.
+
+        A checkpoint of `step` that exists already (a resumed run's restored step, once the
+        work it owed is done) is replaced: moved to `<step>.replaced` first, deleted once
+        the new one is complete, and put back if the save fails (or, after a crash, when
+        the checkpoints are next read)."""
+        replaced = self.directory / f"{step}{_REPLACED}" if step in self.steps() else None
         try:
+            if replaced is not None:
+                shutil.rmtree(replaced, ignore_errors=True)
+                os.replace(self.directory / str(step), replaced)
+                self._manager.reload()
             stored = _to_disk(state)
             marked = {**loop_state, _CHECKSUMMED: True}
             checksums = _checksums(stored, marked)
@@ -253,10 +265,24 @@ class Checkpointer:
             self._manager.wait_until_finished()
         except Exception as error:  # orbax wraps OS errors in several types
             self._remove_partial(step)
+            self._put_back_replaced()
             raise CheckpointError(
                 f"could not save checkpoint {step} in {self.directory}: {_reason(error)} "
                 "(the previous checkpoints are intact)"
             ) from error
+        if replaced is not None:
+            shutil.rmtree(replaced, ignore_errors=True)
+
+    def _put_back_replaced(self) -> None:
+        """Puts back each checkpoint moved aside to be replaced whose replacement is not
+        complete (a failed save, or a crash during it); drops it where it is."""
+        for aside in self.directory.glob(f"*{_REPLACED}"):
+            target = self.directory / aside.name.removesuffix(_REPLACED)
+            if target.exists():
+                shutil.rmtree(aside, ignore_errors=True)
+            else:
+                os.replace(aside, target)
+        self._manager.reload()
 
     def _remove_partial(self, step: int) -> None:
         """Removes the temporary directory of a failed save of `step`: it holds disk space and
@@ -282,6 +308,8 @@ class Checkpointer:
         the module docstring). Raises CheckpointError if a checkpoint's shapes or dtypes differ
         from `template`'s: a config change that alters the networks cannot resume."""
         if self.directory.is_dir():
+            if not self.read_only:
+                self._put_back_replaced()
             for entry in sorted(self.directory.iterdir()):
                 if entry.name.isdigit() and not entry.is_dir():
                     self._set_aside(int(entry.name), NotADirectoryError("a file, not a directory"))

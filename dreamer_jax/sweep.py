@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import difflib
 import fnmatch
+import json
 import os
 import pathlib
 import re
@@ -359,12 +360,24 @@ def checkpoint_steps(logdir: pathlib.Path) -> list[int]:
 
 
 def run_state(run: Run) -> str:
-    """`finished` (a checkpoint at `run.steps` or later), `resume` (the logdir exists) or
-    `new`."""
+    """`finished` (a checkpoint at `run.steps` or later that owes no work: a run stopped
+    during its last evaluation is not), `resume` (the logdir exists) or `new`."""
     steps = checkpoint_steps(run.logdir)
-    if steps and steps[-1] >= run.steps:
+    if steps and steps[-1] >= run.steps and not _owes_work(run.logdir, steps[-1]):
         return "finished"
     return "resume" if run.logdir.exists() else "new"
+
+
+def _owes_work(logdir: pathlib.Path, step: int) -> bool:
+    """Whether checkpoint `step` of a run owes updates or an evaluation (as train reads its
+    loop state, orbax's JSON); False if that cannot be read (train's resume then says why)."""
+    from dreamer_jax.train import owed_work  # jax and flax: only for a run at its end
+
+    try:
+        loop = json.loads((logdir / "checkpoints" / str(step) / "loop" / "metadata").read_text())
+        return bool(owed_work(loop))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def config_drift(run: Run) -> list[str]:

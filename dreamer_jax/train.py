@@ -218,7 +218,6 @@ class StopSignal:
 
     def __init__(self):
         self.signum: int | None = None
-        self._previous: dict = {}
 
     def __enter__(self):
         self._reader, self._writer = socket.socketpair()
@@ -226,7 +225,7 @@ class StopSignal:
         self._previous_fd = signal.set_wakeup_fd(self._writer.fileno(), warn_on_full_buffer=False)
         for signum in self.SIGNALS:
             # The watcher acts; the handler only keeps Python from raising KeyboardInterrupt.
-            self._previous[signum] = signal.signal(signum, lambda *_: None)
+            signal.signal(signum, lambda *_: None)
         self._watcher = threading.Thread(target=self._watch, name="stop-signal", daemon=True)
         self._watcher.start()
         return self
@@ -251,12 +250,19 @@ class StopSignal:
                     os._exit(128 + signum)
 
     def __exit__(self, *exc):
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+        for signum in self.SIGNALS:
+            signal.signal(signum, _quit_after_the_run)
         signal.set_wakeup_fd(self._previous_fd)
         self._writer.close()  # the watcher's recv() returns b"" and it ends
         self._watcher.join(timeout=5)
         self._reader.close()
+
+
+def _quit_after_the_run(signum: int, frame: object) -> None:
+    """A signal once the run has ended (its last lines, the exit) quits at once: what the
+    run writes is written by then."""
+    print(f"\nsignal {signum}: quitting; the run had already ended", file=sys.stderr, flush=True)
+    os._exit(128 + signum)
 
 
 def replay_memory_warning(config: Config, spec: dict, memory_bytes: int) -> str | None:
@@ -664,7 +670,7 @@ def _train(
         opened.callback(checkpointer.close)
         states, loop, resumed = _restore(config, agent, logdir, checkpointer, seed_dirs)
         step = loop["step"]
-        if resumed and step >= config.steps:
+        if resumed and step >= config.steps and not owed_work(loop):
             # Before any env, logger or run.json entry: a finished run stays as it was.
             print(
                 f"the run is at step {step} (--steps {config.steps}): nothing to train; a "
@@ -816,8 +822,14 @@ def _run_loop(
     logging = Logging(config, loggers, loop["step"], loop["updates"])
     step = loop["step"]
     stopping = lambda: stop.signum is not None
+    # The restored step's log row was written by the run that saved it (owed work may add a
+    # row for its evaluation); the loop state saved last, to save only what changed.
+    restored_step = step if resumed else None
+    counters = ("step", "updates", "updates_owed", "next_eval", "next_log")
+    saved = {key: loop[key] for key in counters} if resumed else None
 
     def save_checkpoint():
+        nonlocal saved
         parts = zip(acting.seed_loops(), evaluating.seed_loops(), replays, strict=True)
         loop.update(
             step=step,
@@ -831,6 +843,11 @@ def _run_loop(
             ],
         )  # fmt: skip
         checkpointer.save(step, states, loop)
+        saved = {key: loop[key] for key in counters}
+
+    def unsaved() -> bool:
+        now = dict(step=step, updates=learning.updates, updates_owed=learning.owed)
+        return saved != {**{key: loop[key] for key in counters}, **now}
 
     try:
         if not resumed:
@@ -849,7 +866,7 @@ def _run_loop(
             # A finished run's last row is its last step, whatever `log_every` says, even
             # without an update yet (a run within the prefill: its returns and replay size).
             due_log = step >= loop["next_log"] and learning.updates > 0
-            if due_log or step >= config.steps:
+            if due_log or (step >= config.steps and step != restored_step):
                 logging.write(step, acting, learning, replays)
                 loop["next_log"] = (step // config.log_every + 1) * config.log_every
             elif evaluated:  # a row of its own: the next row's would replace its results
@@ -858,7 +875,7 @@ def _run_loop(
             if step >= loop["next_checkpoint"]:
                 every = config.checkpoint_every
                 loop["next_checkpoint"] = (step // every + 1) * every
-                if step not in checkpointer.steps():  # a resumed run's restored step is
+                if unsaved():  # a resumed run's restored step may be saved as it is
                     save_checkpoint()
             if step >= config.steps or stop.signum is not None:
                 break
@@ -866,13 +883,12 @@ def _run_loop(
             step += config.envs
             learning.owe(step)
         loggers[0].end_progress()
+        if unsaved():  # the periodic save may have just written it
+            save_checkpoint()
         if stop.signum is not None:
-            owed = [f"{learning.owed} update{'s' * (learning.owed > 1)}"] if learning.owed else []
-            owed += ["the evaluation"] if learning.updates and step >= loop["next_eval"] else []
+            owed = owed_work(loop)
             left = f" ({' and '.join(owed)} left for the resumed run)" if owed else ""
             print(f"stopping on signal {stop.signum} at step {step}{left}", flush=True)
-        if step not in checkpointer.steps():  # the periodic save may have just written it
-            save_checkpoint()
         print(f"checkpoint saved at step {step} in {checkpointer.directory}", flush=True)
         for seed, logger in zip(run_seeds(config), loggers, strict=True):
             print(latest_returns(seed, logger.metrics_path), flush=True)
@@ -885,6 +901,16 @@ def _run_loop(
             raise RunError(out_of_memory_message(config, asked)) from error
         raise
     return loop
+
+
+def owed_work(loop: dict) -> list[str]:
+    """What a loop state still owes at its step, in words ([] for nothing): the updates a
+    stop request left, and the evaluation due there (`["3 updates", "the evaluation"]`)."""
+    owed = loop["updates_owed"]
+    words = [f"{owed} update{'s' * (owed > 1)}"] if owed else []
+    if loop["updates"] and loop["step"] >= loop["next_eval"]:
+        words.append("the evaluation")
+    return words
 
 
 def seeds_text(seeds: list[int]) -> str:

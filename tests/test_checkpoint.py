@@ -131,6 +131,29 @@ def test_unreadable_latest_is_moved_aside_and_its_step_can_be_saved_again(tmp_pa
     assert step == 2 and int(restored.updates) == 20
 
 
+def test_saving_an_existing_step_replaces_it_and_a_failed_save_puts_it_back(tmp_path, monkeypatch):
+    """A resumed run saves its restored step again once the work it owed is done."""
+    state, checkpointer = _save_steps(tmp_path / "ckpt", vector_agent(), (1, 2))
+    checkpointer.save(2, state.replace(updates=state.updates + 20), {"step": 20})
+    step, restored, loop = Checkpointer(tmp_path / "ckpt").restore_latest(state)
+    assert (step, int(restored.updates), loop) == (2, 20, {"step": 20})
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["1", "2"]
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpointer._manager, "save", full_disk)
+    with pytest.raises(CheckpointError, match="No space left"):
+        checkpointer.save(2, state, {"step": 30})
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["1", "2"]
+    assert Checkpointer(tmp_path / "ckpt").restore_latest(state)[2] == {"step": 20}
+    # A crash during the replacing save: the replaced one comes back when next read.
+    os.replace(tmp_path / "ckpt" / "2", tmp_path / "ckpt" / "2.replaced")
+    assert Checkpointer(tmp_path / "ckpt").restore_latest(state)[2] == {"step": 20}
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["1", "2"]
+
+
 def test_a_loop_state_without_the_runs_keys_or_a_file_for_a_step_is_set_aside(tmp_path):
     agent = vector_agent()
     state = agent.init(jax.random.key(0))

@@ -3,6 +3,7 @@ the local launcher with stand-in commands (concurrency, GPU assignment, Ctrl-C) 
 on tiny cartpole runs; the Slurm launcher by the jobs it would submit to a fake submitit."""
 
 import errno
+import json
 import os
 import pathlib
 import shlex
@@ -138,6 +139,14 @@ def test_run_state_new_resume_finished(tmp_path):
     (logdir / "checkpoints" / "200").write_text("")
     assert run_state(run) == "resume"
     make_checkpoint(logdir, 100)
+    assert run_state(run) == "finished"
+    # Stopped during its last evaluation: train's resume does it, so the sweep resumes it.
+    loop = {"step": 100, "updates": 9, "updates_owed": 0, "next_eval": 100}
+    (logdir / "checkpoints" / "100" / "loop").mkdir()
+    (logdir / "checkpoints" / "100" / "loop" / "metadata").write_text(json.dumps(loop))
+    assert run_state(run) == "resume"
+    loop["next_eval"] = 200
+    (logdir / "checkpoints" / "100" / "loop" / "metadata").write_text(json.dumps(loop))
     assert run_state(run) == "finished"
 
 

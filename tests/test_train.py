@@ -22,6 +22,7 @@ from dreamer_jax.logger import read_metrics, seeds_line
 from dreamer_jax.seeds import init_keys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+METRICS = "metrics.jsonl"
 
 
 def run_cli(*args, timeout=900):
@@ -391,6 +392,43 @@ def test_an_evaluation_a_stop_request_cut_short_is_logged_at_its_step(tmp_path, 
     evals = [row["step"] for row in rows if row.get("eval_return") is not None]
     assert evals == [300, 400, 500, 600] and len(steps) == 5
     assert steps[2] == steps[1]  # the redone eval saw the parameters the cut one had
+
+
+def test_a_stop_during_the_last_evaluation_leaves_it_to_the_same_command(
+    tmp_path, monkeypatch, capsys
+):
+    """Stopped during the eval of its last step: running the same command again does that
+    eval (not "nothing to train"), logs it at that step and saves the step again, now owing
+    nothing; a third run has nothing to train."""
+    config = make_config(
+        ["classic", "debug"],
+        {"task": "classic_cartpole", "logdir": str(tmp_path), "steps": 400, "prefill": 300,
+         "log_every": 100, "eval_every": 100, "wandb.mode": "disabled"},
+    )  # fmt: skip
+    stop = types.SimpleNamespace(signum=None)
+    evaluate = train_module.evaluate
+    calls = []
+
+    def stopped_in_the_second(*args, **kwargs):
+        calls.append(1)
+        stop.signum = 15 if len(calls) == 2 else None
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate", stopped_in_the_second)
+    train_module.train(config, stop)
+    assert "at step 400 (the evaluation left for the resumed run)" in capsys.readouterr().out
+    monkeypatch.undo()
+    loop = train_module.train(config, types.SimpleNamespace(signum=None))
+    assert "nothing to train" not in capsys.readouterr().out and not train_module.owed_work(loop)
+    rows = read_metrics(tmp_path / METRICS)
+    assert [(row["step"], row.get("eval_return") is not None) for row in rows] == [
+        (300, True), (400, False), (400, True)
+    ]  # fmt: skip
+    assert set(rows[2]) == {"step", "frames", "eval_return", "eval_length"}  # no second log row
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir())[-1] == "400"
+    train_module.train(config, types.SimpleNamespace(signum=None))
+    assert "nothing to train" in capsys.readouterr().out
+    assert read_metrics(tmp_path / METRICS) == rows
 
 
 def test_one_diverged_seed_is_reported_and_the_others_train_on(tmp_path, monkeypatch, capsys):
@@ -862,6 +900,20 @@ def test_a_signal_sent_twice_within_a_second_is_one_stop_request():
     assert process.returncode == 0, output
     assert "stopped 15" in output and "quitting now" not in output
     assert output.count("stopping after this step") == 1
+
+
+def test_a_signal_after_the_run_has_ended_says_so():
+    """Not the start-up handler's "nothing written yet": by then everything is written."""
+    program = (
+        "import os, signal, time\nfrom dreamer_jax.train import StopSignal\n"
+        "with StopSignal():\n    pass\n"
+        "os.kill(os.getpid(), signal.SIGINT)\ntime.sleep(30)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 130
+    assert result.stderr.strip() == "signal 2: quitting; the run had already ended"
 
 
 def test_a_stop_request_leaves_the_pretraining_and_the_evaluation_owed(tmp_path):
