@@ -895,7 +895,7 @@ def _run_loop(
     except Exception as error:
         loggers[0].end_progress()
         if not isinstance(error, CheckpointError | NonFiniteError):
-            _save_after_error(save_checkpoint, states, step, checkpointer)
+            _save_after_error(save_checkpoint, unsaved, states, step)
         asked = out_of_memory(error)
         if asked is not None:
             raise RunError(out_of_memory_message(config, asked)) from error
@@ -935,10 +935,13 @@ def latest_returns(seed: int, metrics_path: pathlib.Path) -> str:
     return f"seed {seed}: {', '.join(parts) or 'no return logged yet'}"
 
 
-def _save_after_error(save_checkpoint, state: TrainState, step: int, checkpointer) -> None:
-    """An unexpected error still keeps the steps since the last checkpoint, when the state
-    is intact (not donated to the failed update, all finite)."""
-    if step in checkpointer.steps() or not _restorable(state):
+def _save_after_error(
+    save_checkpoint, unsaved: Callable[[], bool], state: TrainState, step: int
+) -> None:
+    """An unexpected error still keeps the work done since the last checkpoint (steps, or
+    the owed updates of a resumed run's restored step), when the state is intact (not
+    donated to the failed update, all finite)."""
+    if not unsaved() or not _restorable(state):
         return
     try:
         save_checkpoint()

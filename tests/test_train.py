@@ -431,6 +431,39 @@ def test_a_stop_during_the_last_evaluation_leaves_it_to_the_same_command(
     assert read_metrics(tmp_path / METRICS) == rows
 
 
+def test_an_error_after_a_resumed_runs_owed_updates_keeps_them(tmp_path, monkeypatch):
+    """Stopped before the updates of step 300 (all owed), resumed, and an error in that
+    step's eval: the checkpoint of 300 is saved again with the updates done, so the next
+    resume does not redo them."""
+    config = make_config(
+        ["classic", "debug"],
+        {"task": "classic_cartpole", "logdir": str(tmp_path), "steps": 400, "prefill": 300,
+         "pretrain": 5, "log_every": 100, "eval_every": 100, "wandb.mode": "disabled"},
+    )  # fmt: skip
+    stop = types.SimpleNamespace(signum=None)
+    train = train_module.Learning.train
+
+    def stopped_before_the_first_updates(self, states, step, stopping):
+        stop.signum = 15 if self.owed else None
+        return train(self, states, step, stopping)
+
+    monkeypatch.setattr(train_module.Learning, "train", stopped_before_the_first_updates)
+    train_module.train(config, stop)
+    loop_file = tmp_path / "checkpoints" / "300" / "loop" / "metadata"
+    assert json.loads(loop_file.read_text())["updates_owed"] > 5
+    monkeypatch.undo()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(train_module, "evaluate", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        train_module.train(config, types.SimpleNamespace(signum=None))
+    loop = json.loads(loop_file.read_text())
+    assert loop["updates_owed"] == 0 and loop["updates"] > 5 and loop["next_eval"] == 0
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["0", "300"]
+
+
 def test_one_diverged_seed_is_reported_and_the_others_train_on(tmp_path, monkeypatch, capsys):
     config = make_config(
         ["classic", "debug"],
