@@ -370,7 +370,8 @@ def run_state(run: Run) -> str:
 
 def _owes_work(logdir: pathlib.Path, step: int) -> bool:
     """Whether checkpoint `step` of a run owes updates or an evaluation (as train reads its
-    loop state, orbax's JSON); False if that cannot be read (train's resume then says why)."""
+    loop state, orbax's JSON); False if that cannot be read (the run counts as finished by
+    its step, as a checkpoint's loop state is not the sweep's to judge)."""
     from dreamer_jax.train import owed_work  # jax and flax: only for a run at its end
 
     try:
