@@ -363,6 +363,21 @@ def test_an_evaluation_between_log_rows_gets_a_row_of_its_own(tmp_path):
     assert "model_loss" not in rows[2] and "model_loss" in rows[3]
 
 
+def _stop_in_the_second_eval(monkeypatch, stop) -> list[int]:
+    """Patches the run's `evaluate` to request a stop (`stop.signum` 15) as its second call
+    starts; returns the updates counter each call saw, filled as the run goes."""
+    evaluate, updates = train_module.evaluate, []
+
+    def stopping_in_the_second(agent, env, states, *args, **kwargs):
+        updates.append(int(states.updates[0]))
+        if len(updates) == 2:
+            stop.signum = 15
+        return evaluate(agent, env, states, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate", stopping_in_the_second)
+    return updates
+
+
 def test_an_evaluation_a_stop_request_cut_short_is_logged_at_its_step(tmp_path, monkeypatch):
     """Stopped during the eval of step 400 (after that step's log row): the resumed run runs
     it at its restored step, 400, before it acts, and logs it there in a row of its own."""
@@ -372,16 +387,7 @@ def test_an_evaluation_a_stop_request_cut_short_is_logged_at_its_step(tmp_path, 
          "log_every": 100, "eval_every": 100, "wandb.mode": "disabled"},
     )  # fmt: skip
     stop = types.SimpleNamespace(signum=None)
-    evaluate = train_module.evaluate
-    steps = []
-
-    def stopped_in_the_second(agent, env, states, *args, **kwargs):
-        steps.append(int(states.updates[0]))
-        if len(steps) == 2:
-            stop.signum = 15
-        return evaluate(agent, env, states, *args, **kwargs)
-
-    monkeypatch.setattr(train_module, "evaluate", stopped_in_the_second)
+    steps = _stop_in_the_second_eval(monkeypatch, stop)
     train_module.train(config, stop)
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert [(row["step"], row.get("eval_return") is not None) for row in rows] == [
@@ -406,15 +412,7 @@ def test_a_stop_during_the_last_evaluation_leaves_it_to_the_same_command(
          "log_every": 100, "eval_every": 100, "wandb.mode": "disabled"},
     )  # fmt: skip
     stop = types.SimpleNamespace(signum=None)
-    evaluate = train_module.evaluate
-    calls = []
-
-    def stopped_in_the_second(*args, **kwargs):
-        calls.append(1)
-        stop.signum = 15 if len(calls) == 2 else None
-        return evaluate(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "evaluate", stopped_in_the_second)
+    _stop_in_the_second_eval(monkeypatch, stop)
     train_module.train(config, stop)
     assert "at step 400 (the evaluation left for the resumed run)" in capsys.readouterr().out
     monkeypatch.undo()
