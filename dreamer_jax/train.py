@@ -384,7 +384,11 @@ class Acting:
         self.obs = env.reset()
         self.prev_action = np.zeros((env.num_envs, env.num_actions), np.float32)
         self.carry = jax.device_put(agent.initial_carry(self.envs, self.num_seeds), sharding)
-        self.episode_returns: list[list[float]] = [[] for _ in replays]
+        # Returns of the episodes finished since the last row; checkpointed, so that a row
+        # after a stop and resume still counts those finished before the stop.
+        self.episode_returns = [
+            list(seed_loop.get("pending_returns", [])) for seed_loop in seed_loops
+        ]
 
     def step(self, states: TrainState, prefill: bool) -> None:
         record = replay_record(self.obs, self.prev_action, self.spec)
@@ -414,9 +418,14 @@ class Acting:
         return returns
 
     def seed_loops(self) -> list[dict]:
+        parts = zip(_key_data(self.act_keys), self.random_rngs, self.episode_returns, strict=True)
         return [
-            {"act_key": key, "random_rng": rng.bit_generator.state}
-            for key, rng in zip(_key_data(self.act_keys), self.random_rngs, strict=True)
+            {
+                "act_key": key,
+                "random_rng": rng.bit_generator.state,
+                "pending_returns": list(returns),
+            }
+            for key, rng, returns in parts
         ]
 
 
@@ -430,7 +439,11 @@ class Learning:
         self.warn = warn  # one line on stderr, above the progress bar if there is one
         self.datasets = [replay.dataset() for replay in replays]
         self.updates, self.owed = loop["updates"], loop["updates_owed"]
-        self.metrics: list[dict] = []  # on device, [N] each, until the next log
+        self.metrics: list[dict] = []  # on device, [N] each, until they are summed
+        # Each seed's sums and count of the metrics since the last row, on the host;
+        # checkpointed, so that a row after a stop and resume averages all its updates.
+        empty = {"count": 0, "sums": {}}
+        self.sums = [seed_loop.get("pending_metrics", empty) for seed_loop in loop["seeds"]]
         self.last: dict | None = None
 
     def owe(self, step: int) -> None:
@@ -480,13 +493,31 @@ class Learning:
 
     def take_metrics(self) -> list[dict[str, float]]:
         """Each seed's mean of every train metric since the last call ({} if none)."""
-        if not self.metrics:
-            return [{} for _ in self.replays]
-        host, self.metrics = jax.device_get(self.metrics), []
-        return [
-            {k: float(np.mean([m[k][i] for m in host])) for k in host[0]}
-            for i in range(len(self.replays))
+        means = [
+            {k: total / sums["count"] for k, total in sums["sums"].items()}
+            for sums in self.pending_sums()
         ]
+        self.sums = [{"count": 0, "sums": {}} for _ in self.sums]
+        return means
+
+    def pending_sums(self) -> list[dict]:
+        """Each seed's `{"count": updates, "sums": {metric: sum}}` since the last row."""
+        if self.metrics:
+            host, self.metrics = jax.device_get(self.metrics), []
+            self.sums = [
+                {
+                    "count": sums["count"] + len(host),
+                    "sums": {
+                        k: sums["sums"].get(k, 0.0) + float(sum(float(m[k][i]) for m in host))
+                        for k in host[0]
+                    },
+                }
+                for i, sums in enumerate(self.sums)
+            ]
+        return self.sums
+
+    def seed_loops(self) -> list[dict]:
+        return [{"pending_metrics": sums} for sums in self.pending_sums()]
 
 
 class Evaluating:
@@ -830,16 +861,19 @@ def _run_loop(
 
     def save_checkpoint():
         nonlocal saved
-        parts = zip(acting.seed_loops(), evaluating.seed_loops(), replays, strict=True)
+        parts = zip(
+            acting.seed_loops(), learning.seed_loops(), evaluating.seed_loops(), replays,
+            strict=True,
+        )  # fmt: skip
         loop.update(
             step=step,
             updates=learning.updates,
             updates_owed=learning.owed,
             seeds=[
-                {**act, **ev, "replay_rng": replay.get_rng_state(),
+                {**act, **learn, **ev, "replay_rng": replay.get_rng_state(),
                  "replay_episodes": replay.stats["num_episodes"],
                  "replay_next_index": replay.next_index}
-                for act, ev, replay in parts
+                for act, learn, ev, replay in parts
             ],
         )  # fmt: skip
         checkpointer.save(step, states, loop)

@@ -462,6 +462,55 @@ def test_an_error_after_a_resumed_runs_owed_updates_keeps_them(tmp_path, monkeyp
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["0", "300"]
 
 
+def test_a_row_after_a_stop_and_resume_counts_the_updates_and_episodes_before_the_stop(
+    tmp_path, monkeypatch
+):
+    """Stopped at step 350 between the rows of 300 and 400, resumed: the row of 400 is the
+    mean of every update after the row of 300, those before the stop too (recorded one by
+    one here), and counts the episodes finished on both sides of the stop (the replay's)."""
+    config = make_config(
+        ["classic", "debug"],
+        {"task": "classic_cartpole", "logdir": str(tmp_path), "steps": 400, "prefill": 300,
+         "log_every": 100, "eval_every": 10000, "wandb.mode": "disabled"},
+    )  # fmt: skip
+    model_losses, check_inputs = [], train_module.check_inputs
+
+    def recording_agent(*args):
+        agent = check_inputs(*args)
+        train_seeds = agent.train_seeds
+
+        def recording(states, batch):
+            states, metrics = train_seeds(states, batch)
+            model_losses.append(float(metrics["model_loss"][0]))
+            return states, metrics
+
+        agent.train_seeds = recording
+        return agent
+
+    monkeypatch.setattr(train_module, "check_inputs", recording_agent)
+    stop, train = types.SimpleNamespace(signum=None), train_module.Learning.train
+
+    def stopping_after_step_350(self, states, step, stopping):
+        states = train(self, states, step, stopping)
+        stop.signum = 15 if step == 350 else None
+        return states
+
+    monkeypatch.setattr(train_module.Learning, "train", stopping_after_step_350)
+    train_module.train(config, stop)
+    assert [row["step"] for row in read_metrics(tmp_path / METRICS)] == [300]
+    train_module.train(config, types.SimpleNamespace(signum=None))
+    row_300, row_400 = read_metrics(tmp_path / METRICS)
+    before_stop = json.loads((tmp_path / "checkpoints/350/loop/metadata").read_text())["updates"]
+    assert row_300["updates"] < before_stop < row_400["updates"] == len(model_losses)
+    expected = np.mean(model_losses[int(row_300["updates"]) : int(row_400["updates"])])
+    assert row_400["model_loss"] == pytest.approx(expected, rel=1e-6)
+    episodes = sorted((tmp_path / "replay").glob("*.npz"))
+    assert len(episodes) == row_400["replay_episodes"]
+    returns = [np.load(f)["reward"].sum() for f in episodes[int(row_300["replay_episodes"]) :]]
+    assert row_400["train_episodes"] == len(returns) > 1
+    assert row_400["train_return"] == pytest.approx(np.mean(returns), rel=1e-6)
+
+
 def test_one_diverged_seed_is_reported_and_the_others_train_on(tmp_path, monkeypatch, capsys):
     config = make_config(
         ["classic", "debug"],
