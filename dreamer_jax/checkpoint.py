@@ -165,8 +165,34 @@ def _checksums(state: TrainState, loop_state: dict[str, Any]) -> dict[str, Any] 
             path: zlib.crc32(np.ascontiguousarray(leaf))
             for path, (_, leaf) in zip(paths, leaves, strict=True)
         },
-        "loop": zlib.crc32(json.dumps(loop_state, sort_keys=True).encode()),
+        "loop": _loop_checksum(loop_state),
     }
+
+
+def _loop_checksum(loop_state: dict[str, Any]) -> int:
+    return zlib.crc32(json.dumps(loop_state, sort_keys=True).encode())
+
+
+def saved_loop_state(step_directory: pathlib.Path) -> dict[str, Any] | None:
+    """The loop state of checkpoint directory `<checkpoints>/<step>` read as saved (orbax's
+    JSON, no arrays, no orbax), if it matches the checksum saved with it; None if it cannot
+    be read or does not. A cheap check for tools that only read counters (dreamer-sweep):
+    the arrays are checked when a run restores the checkpoint."""
+    try:
+        loop_state = json.loads((step_directory / "loop" / "metadata").read_text())
+        has_checksums = (step_directory / "checksums").is_dir()
+        # As a restore checks it: unchecked only if from before checksums.
+        if not isinstance(loop_state, dict) or (loop_state.get(_CHECKSUMMED) and not has_checksums):
+            return None
+        if has_checksums:
+            checksums = json.loads((step_directory / "checksums" / "metadata").read_text())
+            if not isinstance(checksums, dict) or checksums.get("loop") != _loop_checksum(
+                loop_state
+            ):
+                return None
+    except (OSError, ValueError):
+        return None
+    return {k: v for k, v in loop_state.items() if k != _CHECKSUMMED}
 
 
 def _checksum_mismatch(saved: dict[str, Any], now: dict[str, Any] | None) -> str | None:

@@ -25,7 +25,6 @@ import contextlib
 import dataclasses
 import difflib
 import fnmatch
-import json
 import os
 import pathlib
 import re
@@ -360,25 +359,26 @@ def checkpoint_steps(logdir: pathlib.Path) -> list[int]:
 
 
 def run_state(run: Run) -> str:
-    """`finished` (a checkpoint at `run.steps` or later that owes no work: a run stopped
-    during its last evaluation is not), `resume` (the logdir exists) or `new`."""
+    """`finished` (its latest checkpoint at `run.steps` or later, readable and owing no
+    work: a run stopped during its last evaluation is not), `resume` (the logdir exists) or
+    `new`."""
     steps = checkpoint_steps(run.logdir)
-    if steps and steps[-1] >= run.steps and not _owes_work(run.logdir, steps[-1]):
+    if steps and steps[-1] >= run.steps and _done_at(run.logdir, steps[-1]):
         return "finished"
     return "resume" if run.logdir.exists() else "new"
 
 
-def _owes_work(logdir: pathlib.Path, step: int) -> bool:
-    """Whether checkpoint `step` of a run owes updates or an evaluation (as train reads its
-    loop state, orbax's JSON); False if that cannot be read (the run counts as finished by
-    its step, as a checkpoint's loop state is not the sweep's to judge)."""
-    from dreamer_jax.train import owed_work  # jax and flax: only for a run at its end
+def _done_at(logdir: pathlib.Path, step: int) -> bool:
+    """Whether checkpoint `step` of a run has a loop state that matches its checksum and
+    owes no updates or evaluation. One that does not read is not done: resumed, the run sets
+    it aside and redoes its steps from the checkpoint before (its arrays are not read here,
+    a whole sweep's would take minutes)."""
+    # jax and flax: only for a run at its end.
+    from dreamer_jax.checkpoint import saved_loop_state
+    from dreamer_jax.train import owed_work
 
-    try:
-        loop = json.loads((logdir / "checkpoints" / str(step) / "loop" / "metadata").read_text())
-        return bool(owed_work(loop))
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+    loop = saved_loop_state(logdir / "checkpoints" / str(step))
+    return loop is not None and not owed_work(loop)
 
 
 def config_drift(run: Run) -> list[str]:

@@ -293,6 +293,14 @@ def check_inputs(config: Config, logdir: pathlib.Path) -> Agent:
             f"that run (--logdir {run[0]}), or evaluate this seed (dreamer-eval --logdir {logdir})"
         )
     config_path = logdir / "config.yaml"
+    checkpoints = logdir / "checkpoints"
+    if not config_path.exists() and checkpoints.is_dir() and any(checkpoints.iterdir()):
+        # A run saves its config before its first checkpoint: without it, neither its seeds
+        # nor a config change could be checked.
+        raise RunError(
+            f"{logdir} holds checkpoints but no config.yaml, so this config cannot be checked "
+            "against the run's: put the run's config.yaml back, or train in a new --logdir"
+        )
     if config_path.exists():
         saved = load_run_config(config_path)
         if (saved.seed, saved.num_seeds) != (config.seed, config.num_seeds):
@@ -695,7 +703,7 @@ def _train(
     seeds = run_seeds(config)
     seed_dirs = [seed_logdir(logdir, config, seed) for seed in seeds]
     for folder in seed_dirs:  # found before anything is written (one seed: the logdir)
-        ensure_writable(folder, "log directory", LogdirError)
+        _check_run_files(folder)
     with contextlib.ExitStack() as opened:  # each closed on the way out, last opened first
         checkpointer = Checkpointer(logdir / "checkpoints", keep=config.checkpoint_keep)
         opened.callback(checkpointer.close)
@@ -742,6 +750,18 @@ def _train(
             config, agent, states, loop, env, eval_env, replays, loggers, checkpointer,
             sharding, stop, resumed,
         )  # fmt: skip
+
+
+def _check_run_files(folder: pathlib.Path) -> None:
+    """A seed's folder and what a resume writes in it, checked before anything is written
+    (a restore may move a damaged checkpoint aside, and a resume sets episodes aside)."""
+    ensure_writable(folder, "log directory", LogdirError)
+    replay = folder / "replay"
+    if replay.exists():
+        ensure_writable(replay, "replay directory", LogdirError)
+    metrics = folder / METRICS_FILE
+    if metrics.exists() and not metrics.is_file():
+        raise LogdirError(f"{metrics} is not a file")
 
 
 def _restore(

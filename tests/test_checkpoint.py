@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from helpers import structured_batch, tiny_config, vector_agent
 
-from dreamer_jax.checkpoint import Checkpointer, CheckpointError
+from dreamer_jax.checkpoint import Checkpointer, CheckpointError, saved_loop_state
 
 TESTS = pathlib.Path(__file__).resolve().parent
 
@@ -129,6 +129,20 @@ def test_unreadable_latest_is_moved_aside_and_its_step_can_be_saved_again(tmp_pa
     checkpointer.save(2, state.replace(updates=state.updates + 20), {"step": 2})
     step, restored, _ = Checkpointer(tmp_path / "ckpt").restore_latest(state)
     assert step == 2 and int(restored.updates) == 20
+
+
+@pytest.mark.parametrize(
+    "damage", [None, _edit_the_loop_state, _edit_the_checksums, _delete_the_checksums]
+)
+def test_saved_loop_state_reads_a_saved_loop_only_as_saved(tmp_path, damage):
+    """What dreamer-sweep reads of a checkpoint without orbax: the loop state as saved (an
+    edited one, or one whose checksums are damaged or gone, is None)."""
+    loop = {"step": 2, "updates": 5, "seeds": [{"act_key": [1, 2], "random_rng": 2**100}]}
+    state = vector_agent().init(jax.random.key(0))
+    Checkpointer(tmp_path / "ckpt").save(2, state, loop)
+    if damage is not None:
+        damage(tmp_path / "ckpt" / "2")
+    assert saved_loop_state(tmp_path / "ckpt" / "2") == (loop if damage is None else None)
 
 
 def test_saving_an_existing_step_replaces_it_and_a_failed_save_puts_it_back(tmp_path, monkeypatch):
@@ -285,7 +299,7 @@ FULL_DISK_SCRIPT = textwrap.dedent(
     import resource, signal, sys, jax
     sys.path.insert(0, {tests!r})
     from helpers import vector_agent
-    from dreamer_jax.checkpoint import Checkpointer, CheckpointError
+    from dreamer_jax.checkpoint import Checkpointer, CheckpointError, saved_loop_state
     state = vector_agent().init(jax.random.key(0))
     checkpointer = Checkpointer({ckpt!r})
     checkpointer.save(1, state, {{"step": 1}})
@@ -325,7 +339,7 @@ def test_a_directory_that_refuses_writes_is_found_when_opened(tmp_path):
     script = textwrap.dedent(
         f"""
         import resource, signal
-        from dreamer_jax.checkpoint import Checkpointer, CheckpointError
+        from dreamer_jax.checkpoint import Checkpointer, CheckpointError, saved_loop_state
         Checkpointer({str(tmp_path / "ro")!r}, read_only=True)  # nothing written: no error
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # then writes fail as on a full disk
         resource.setrlimit(resource.RLIMIT_FSIZE, (16, resource.RLIM_INFINITY))

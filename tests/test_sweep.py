@@ -7,12 +7,14 @@ import json
 import os
 import pathlib
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
 import types
+import zlib
 
 import pytest
 import yaml
@@ -50,8 +52,19 @@ def run_config(run):
     return load_config(run.command[3:])
 
 
-def make_checkpoint(logdir, step):
-    (logdir / "checkpoints" / str(step)).mkdir(parents=True)
+def make_checkpoint(logdir, step, next_eval=None, checksum=True):
+    """Checkpoint `step` as far as the sweep reads it: its loop state (owing nothing unless
+    `next_eval` says so) marked as checksummed, with its CRC-32 as the format defines it
+    (`checksum=False`: a checkpoint from before checksums, neither mark nor checksums)."""
+    folder = logdir / "checkpoints" / str(step)
+    loop = {"step": step, "updates": 9, "updates_owed": 0, "next_eval": next_eval or step + 1}
+    if checksum:
+        loop["checksummed"] = True
+        crc = zlib.crc32(json.dumps(loop, sort_keys=True).encode())
+        (folder / "checksums").mkdir(parents=True)
+        (folder / "checksums" / "metadata").write_text(json.dumps({"state": {}, "loop": crc}))
+    (folder / "loop").mkdir(parents=True)
+    (folder / "loop" / "metadata").write_text(json.dumps(loop))
 
 
 # ---------------------------------------------------------------------------- the grid
@@ -140,14 +153,35 @@ def test_run_state_new_resume_finished(tmp_path):
     assert run_state(run) == "resume"
     make_checkpoint(logdir, 100)
     assert run_state(run) == "finished"
+    latest = logdir / "checkpoints" / "100"
     # Stopped during its last evaluation: train's resume does it, so the sweep resumes it.
-    loop = {"step": 100, "updates": 9, "updates_owed": 0, "next_eval": 100}
-    (logdir / "checkpoints" / "100" / "loop").mkdir()
-    (logdir / "checkpoints" / "100" / "loop" / "metadata").write_text(json.dumps(loop))
+    shutil.rmtree(latest)
+    make_checkpoint(logdir, 100, next_eval=100)
     assert run_state(run) == "resume"
-    loop["next_eval"] = 200
-    (logdir / "checkpoints" / "100" / "loop" / "metadata").write_text(json.dumps(loop))
+    shutil.rmtree(latest)
+    make_checkpoint(logdir, 100, checksum=False)  # from before checksums: read unchecked
     assert run_state(run) == "finished"
+
+
+@pytest.mark.parametrize("damage", ["edited", "checksums deleted", "loop deleted", "garbled"])
+def test_a_run_whose_latest_checkpoint_is_damaged_is_resumed_not_finished(tmp_path, damage):
+    """Resumed, train sets that checkpoint aside and redoes its steps from the one before;
+    skipped as finished, the run would stay without a usable last checkpoint."""
+    logdir = tmp_path / "run"
+    run = Run("classic_cartpole", "base", 0, logdir, ("true",), steps=100)
+    make_checkpoint(logdir, 50)
+    make_checkpoint(logdir, 100)
+    latest = logdir / "checkpoints" / "100"
+    loop_file = latest / "loop" / "metadata"
+    if damage == "edited":
+        loop_file.write_text(loop_file.read_text().replace('"updates": 9', '"updates": 8'))
+    elif damage == "checksums deleted":
+        shutil.rmtree(latest / "checksums")
+    elif damage == "loop deleted":
+        loop_file.unlink()
+    else:
+        loop_file.write_text(loop_file.read_text()[:-5])
+    assert run_state(run) == "resume"
 
 
 def test_dry_run_prints_states_and_commands_and_creates_nothing(tmp_path, capsys):

@@ -825,6 +825,42 @@ def test_corrupt_config_yaml_is_one_line(finished_run, tmp_path, text):
     assert _files(logdir) == before
 
 
+def test_a_run_without_its_config_yaml_is_refused(finished_run, tmp_path):
+    """Without the saved config neither a seed change nor a config change could be found:
+    this would resume the run as seed 5 and write that into a new config.yaml."""
+    logdir = _copy_run(finished_run, tmp_path)
+    (logdir / "config.yaml").unlink()
+    before = _files(logdir)
+    result = run_cli(*CLASSIC, "--logdir", str(logdir), "--seed", "5", timeout=300)
+    _one_error_line(result, "holds checkpoints but no config.yaml")
+    assert _files(logdir) == before
+
+
+@pytest.mark.parametrize("damage", ["replay is a file", "metrics.jsonl is a directory"])
+def test_a_resume_that_cannot_write_its_files_is_refused_before_anything_moves(
+    finished_run, tmp_path, damage
+):
+    """Found before the restore, which would otherwise set the damaged latest checkpoint
+    aside (and cut metrics.jsonl back) before failing on the replay or the metrics."""
+    import shutil
+
+    logdir = _copy_run(finished_run, tmp_path)
+    loop_file = logdir / "checkpoints" / "800" / "loop" / "metadata"
+    loop_file.write_text(loop_file.read_text().replace('"step": 800', '"step": 801'))
+    if damage == "replay is a file":
+        shutil.rmtree(logdir / "replay")
+        (logdir / "replay").write_text("")
+        fragment = f"replay directory {logdir / 'replay'} is a file"
+    else:
+        (logdir / METRICS).unlink()
+        (logdir / METRICS).mkdir()
+        fragment = f"{logdir / METRICS} is not a file"
+    before = _files(logdir)
+    result = run_cli(*CLASSIC, "--logdir", str(logdir), "--steps", "1200", timeout=300)
+    _one_error_line(result, fragment)
+    assert _files(logdir) == before and not (logdir / "checkpoints_unreadable").exists()
+
+
 def test_malformed_metrics_line_in_the_middle_is_skipped(finished_run, tmp_path):
     logdir = _copy_run(finished_run, tmp_path)
     path = logdir / "metrics.jsonl"
