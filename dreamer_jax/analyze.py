@@ -395,14 +395,14 @@ def plot_task(
     random and human-gamer lines when `baseline` is given."""
     edges = frame_edges(runs, bins)
     x, mean, low, high = curve_band([(run.frames, run.returns) for run in runs], edges)
-    (line,) = ax.plot(x, mean, marker=_marker(x), label=f"dreamer-jax ({len(runs)} seeds)")
+    (line,) = ax.plot(x, mean, marker=_marker(x), label=f"dreamer-jax ({_seeds(len(runs))})")
     if len(x) == 1:  # a band one point wide would not show: the seeds' min-max as a bar
         ax.errorbar(x, mean, yerr=[mean - low, high - mean], color=line.get_color(), capsize=4)
     else:
         ax.fill_between(x, low, high, color=line.get_color(), alpha=0.25, linewidth=0)
     if reference:
         ref_x, ref_mean, _, _ = curve_band(reference, edges)
-        label = f"DreamerV2 official ({len(reference)} seeds)"
+        label = f"DreamerV2 official ({_seeds(len(reference))})"
         if len(ref_x):
             ax.plot(ref_x, ref_mean, marker=_marker(ref_x), color="gray", label=label)
         else:  # said in the legend, not left out silently
@@ -414,6 +414,10 @@ def plot_task(
     ax.set_xlabel("frames")
     ax.set_ylabel("eval return")
     ax.legend(fontsize="x-small")
+
+
+def _seeds(count: int) -> str:
+    return f"{count} seed{'s' * (count != 1)}"
 
 
 def _marker(x: np.ndarray) -> str | None:

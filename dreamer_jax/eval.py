@@ -176,7 +176,7 @@ def _main(argv) -> int:
     mean, std = float(np.mean(returns)), float(np.std(returns))
     print(
         f"{config.task} seed {config.seed} step {step}: return {mean:.2f} ± {std:.2f} over "
-        f"{len(returns)} episodes"
+        f"{len(returns)} episodes (eval seed {seed})"
     )
     if result.frames:
         path = logdir / f"eval_{step}.gif"
@@ -184,7 +184,8 @@ def _main(argv) -> int:
         print(f"video: {path}")
     elif args.video:
         print(f"video: none, {config.task} has no image observations")
-    print(json.dumps({"seed": config.seed, "step": step, "episodes": len(returns),
+    print(json.dumps({"seed": config.seed, "eval_seed": seed, "step": step,
+                      "episodes": len(returns),
                       "mean": mean, "std": std,
                       "returns": returns, "lengths": result.lengths}))  # fmt: skip
     return 0

@@ -698,9 +698,8 @@ def run_logged(command: Sequence[str], log: str, cwd: str) -> int:
     return code
 
 
-def submit_slurm(sweep: Sweep, jobs: Sequence[SlurmJob]) -> list[str]:
-    """Submits each job through submitit (imported here: an optional dependency); returns
-    the Slurm job ids. submitit's own files go to `<root>/<name>/.submitit`."""
+def _submitit():
+    """The submitit module (an optional dependency, imported only for `--launcher slurm`)."""
     try:
         import submitit
     except ImportError:
@@ -708,6 +707,13 @@ def submit_slurm(sweep: Sweep, jobs: Sequence[SlurmJob]) -> list[str]:
             "--launcher slurm needs the submitit package, which is not installed: pip install "
             "submitit (or dreamer-jax[slurm])"
         ) from None
+    return submitit
+
+
+def submit_slurm(sweep: Sweep, jobs: Sequence[SlurmJob]) -> list[str]:
+    """Submits each job through submitit; returns the Slurm job ids. submitit's own files
+    go to `<root>/<name>/.submitit`."""
+    submitit = _submitit()
     folder = sweep.root / sweep.name / ".submitit" / "%j"
     ids = []
     for job in jobs:
@@ -794,11 +800,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.dry_run:
             print(_plan(sweep, runs, args.launcher))
             return 0
+        slurm = args.launcher == "slurm"
+        todo = [run for run in runs if run_state(run) != "finished"] if slurm else []
+        if todo:  # nothing to submit needs no submitit; checked before anything is created
+            _submitit()
         # A root that cannot hold the sweep (under a file, read-only, full) fails every run.
         ensure_writable(sweep.root / sweep.name, "sweep folder")
-        if args.launcher == "slurm":
-            todo = [run for run in runs if run_state(run) != "finished"]
-            # Nothing to submit needs no submitit.
+        if slurm:
             ids = submit_slurm(sweep, slurm_jobs(sweep, todo)) if todo else []
             print(f"sweep {sweep.name}: {len(ids)} job(s) submitted, "
                   f"{len(runs) - len(todo)} finished run(s) skipped")  # fmt: skip

@@ -442,9 +442,10 @@ class Learning:
     from the end of the prefill, once every seed's replay can be sampled, and pays them
     with one jitted update of all seeds on a batch `[N, B, T, ...]` from their replays."""
 
-    def __init__(self, agent, config, replays, sharding, loop, warn: Callable[[str], None]):
+    def __init__(self, agent, config, replays, sharding, loop, logger: Logger):
         self.agent, self.config, self.replays, self.sharding = agent, config, replays, sharding
-        self.warn = warn  # one line on stderr, above the progress bar if there is one
+        self.logger = logger  # the first seed's: its lines go above the progress bar
+        self.compiled = False  # whether this process has run an update yet
         self.datasets = [replay.dataset() for replay in replays]
         self.updates, self.owed = loop["updates"], loop["updates_owed"]
         self.metrics: list[dict] = []  # on device, [N] each, until they are summed
@@ -467,6 +468,10 @@ class Learning:
     def train(self, states: TrainState, step: int, stop: Callable[[], bool]) -> TrainState:
         """Pays the owed updates; those left when `stop()` turns true stay owed (and
         checkpointed): the one-off pretraining is minutes of updates on a CPU."""
+        if self.owed > 0 and not self.compiled:
+            # The first update compiles first: on a CPU, a minute without progress otherwise.
+            self.logger.message(f"step {step}: compiling the update (once per start)")
+            self.compiled = True
         while self.owed > 0 and not stop():
             # Checked one update late, so the host never waits on the update in flight.
             if self.last is not None:
@@ -493,7 +498,7 @@ class Learning:
                 "stopping with the last good checkpoint kept"
             )
         for i in np.flatnonzero(streaks == limit):
-            self.warn(
+            self.logger.warning(
                 f"warning: seed {first + i}: {limit} consecutive non-finite updates at step "
                 f"{step}; its updates are skipped while the other seeds go on (the run stops "
                 "if every seed gets there)"
@@ -680,9 +685,12 @@ def _make_logger(config, logdir, run_info, step, resumed, index) -> Logger:
     group = config.wandb.group
     if config.num_seeds > 1 and not group:
         group = f"{config.task}-{logdir.name}"  # the N seeds of one run together in wandb
+    folder = seed_logdir(logdir, config, seed)
+    # What the seed's own config.yaml says, with the wandb group it is logged in.
+    logged = seed_config(config, seed, folder) if config.num_seeds > 1 else config
     return Logger(
-        seed_logdir(logdir, config, seed),
-        {**seed_config(config, seed, logdir).flat(), "run": run_info},
+        folder,
+        {**logged.update({"wandb.group": group}).flat(), "run": run_info},
         wandb_mode=config.wandb.mode,
         wandb_project=config.wandb.project,
         wandb_entity=config.wandb.entity,
@@ -868,7 +876,7 @@ def _run_loop(
         flush=True,
     )
     acting = Acting(agent, config, env, replays, loop["seeds"], sharding)
-    learning = Learning(agent, config, replays, sharding, loop, loggers[0].warning)
+    learning = Learning(agent, config, replays, sharding, loop, loggers[0])
     evaluating = Evaluating(agent, config, eval_env, loop["seeds"], sharding)
     logging = Logging(config, loggers, loop["step"], loop["updates"])
     step = loop["step"]

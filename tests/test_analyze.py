@@ -325,12 +325,12 @@ def test_plot_task_draws_reference_and_baselines_only_when_given(tmp_path):
     lines = {line.get_label(): line for line in ax.get_lines()}
     assert set(lines) == {
         "dreamer-jax (2 seeds)",
-        "DreamerV2 official (1 seeds)",
+        "DreamerV2 official (1 seed)",
         "random",
         "human gamer",
     }
     np.testing.assert_array_equal(lines["dreamer-jax (2 seeds)"].get_ydata(), [-20.5, 1.0])
-    np.testing.assert_array_equal(lines["DreamerV2 official (1 seeds)"].get_ydata(), [-19.0, 5.0])
+    np.testing.assert_array_equal(lines["DreamerV2 official (1 seed)"].get_ydata(), [-19.0, 5.0])
     assert lines["random"].get_ydata()[0] == PONG["random"]
     assert lines["human gamer"].get_ydata()[0] == PONG["human_gamer"]
     ax = Figure().add_subplot()
@@ -348,7 +348,7 @@ def test_plot_task_draws_reference_and_baselines_only_when_given(tmp_path):
     lines = ax.get_lines()
     assert [len(line.get_xdata()) for line in lines] == [2, 0]
     end = analyze.frame_edges(runs, 2)[-1]
-    label = f"DreamerV2 official (1 seeds): no evaluation by {end:.3g} frames"
+    label = f"DreamerV2 official (1 seed): no evaluation by {end:.3g} frames"
     assert lines[1].get_label() == label
     assert label in [text.get_text() for text in ax.get_legend().get_texts()]
 

@@ -231,7 +231,9 @@ def test_cli_evaluates_a_run_read_only(trained_run):
     assert "video: none, classic_cartpole has no image observations\n" in result.stdout
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["seed"] == 0 and summary["step"] == 400 and summary["episodes"] == 3
+    assert summary["eval_seed"] == 2_000_000  # the run's seed + 2e6 by default
     assert "classic_cartpole seed 0 step 400: return " in result.stdout
+    assert "over 3 episodes (eval seed 2000000)" in result.stdout
     assert len(summary["returns"]) == 3 and len(summary["lengths"]) == 3
     assert np.isfinite(summary["mean"])
     assert np.isclose(summary["mean"], np.mean(summary["returns"]))

@@ -666,6 +666,7 @@ def test_slurm_without_submitit_is_one_line(tmp_path, monkeypatch, capsys):
         "error: --launcher slurm needs the submitit package, which is not installed: pip "
         "install submitit (or dreamer-jax[slurm])\n"
     )
+    assert not (tmp_path / load_sweep(path).name).exists()  # found before anything is made
     # Once every run is finished there is nothing to submit, and no need of submitit.
     for run in expand(load_sweep(path)):
         make_checkpoint(run.logdir, 400)

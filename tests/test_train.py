@@ -42,6 +42,8 @@ def test_classic_debug_run_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     saved = yaml.safe_load((logdir / "config.yaml").read_text())
     assert saved["task"] == "classic_cartpole" and saved["envs"] == 2
+    # One sign of life before the first update's compile, which is silent otherwise.
+    assert len(re.findall(r"^step \d+: compiling the update", result.stdout, re.M)) == 1
 
     rows = read_metrics(logdir / "metrics.jsonl")
     steps = [row["step"] for row in rows]
@@ -1129,6 +1131,20 @@ def test_each_seed_has_the_folder_of_a_single_run(two_seed_run):
         assert read_metrics(folder / "metrics.jsonl")
         assert list(folder.glob("events.out.tfevents.*")) and list(folder.glob("openl_*.gif"))
         assert list((folder / "replay").glob("*.npz"))
+
+
+def test_each_seeds_wandb_config_is_its_config_yaml_with_its_group(tmp_path, monkeypatch):
+    config = make_config(
+        ["classic", "debug"],
+        {"task": "classic_cartpole", "logdir": str(tmp_path / "two"), "num_seeds": 2, "seed": 3},
+    )  # fmt: skip
+    opened = []
+    monkeypatch.setattr(train_module, "Logger", lambda *args, **kwargs: opened.append(args))
+    train_module._make_logger(config, tmp_path / "two", {}, 0, False, 1)
+    (folder, logged), group = opened[0], "classic_cartpole-two"
+    assert folder == tmp_path / "two" / "seed_4"
+    assert logged["logdir"] == str(folder) and logged["seed"] == 4 and logged["num_seeds"] == 1
+    assert logged["wandb.group"] == group
 
 
 def test_the_run_ends_with_each_seeds_latest_returns(two_seed_run):
