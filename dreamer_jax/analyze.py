@@ -34,9 +34,11 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from dreamer_jax.config import (
+    Config,
     ConfigError,
     OneLineParser,
     load_run_config,
+    make_config,
     program_name,
     warn_in_one_line,
 )
@@ -168,6 +170,14 @@ def _load_run(path: pathlib.Path) -> Run | None:
     if not evals:
         warnings.warn(f"skipping {path}: no finite eval_return logged yet", stacklevel=2)
         return None
+    differs = atari_protocol_differences(config)
+    if differs:
+        warnings.warn(
+            f"{path}: {', '.join(differs)}: its returns are of other episodes than the "
+            "paper's Atari protocol, so its normalized scores do not compare with the "
+            "baselines or published curves",
+            stacklevel=2,
+        )
     since = stopped_learning(rows)
     if since is not None:
         warnings.warn(
@@ -183,6 +193,23 @@ def _load_run(path: pathlib.Path) -> Run | None:
         returns=np.array([row["eval_return"] for row in evals], float),
         last_frames=rows[-1]["frames"],
     )
+
+
+def atari_protocol_differences(config: Config) -> list[str]:
+    """How an Atari run's episodes differ from the paper's (SPEC §5: episodes of at most
+    27,000 policy steps of 4 frames; the other settings are fixed in `envs`), in words, e.g.
+    `["time_limit 100 (paper 27000)"]` for the debug preset; [] for any other task."""
+    if not config.task.startswith("atari_"):
+        return []
+    paper = make_config(["atari"])
+    # time_limit 0 is the suite's own limit, which for Atari is the paper's.
+    ran = {
+        "time_limit": config.time_limit or paper.time_limit,
+        "action_repeat": config.action_repeat,
+    }
+    return [
+        f"{key} {value} (paper {paper[key]})" for key, value in ran.items() if value != paper[key]
+    ]
 
 
 def _finite(value: Any) -> bool:

@@ -31,11 +31,14 @@ GAMER = {
 }
 
 
-def write_run(root, task, seed, rows, name=None):
-    """A run folder as train.py leaves it: config.yaml and metrics.jsonl of `rows`."""
+def write_run(root, task, seed, rows, name=None, presets=None):
+    """A run folder as train.py leaves it: config.yaml (of the `atari` preset for an Atari
+    task unless `presets` says otherwise) and metrics.jsonl of `rows`."""
     path = root / (name or f"{task}/seed_{seed}")
     path.mkdir(parents=True)
-    make_config([], {"task": task, "seed": seed}).save(path / "config.yaml")
+    if presets is None:
+        presets = ["atari"] if task.startswith("atari_") else []
+    make_config(presets, {"task": task, "seed": seed}).save(path / "config.yaml")
     (path / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
 
@@ -249,6 +252,26 @@ def test_a_run_that_stopped_learning_is_kept_with_a_warning(tmp_path):
     with pytest.warns(UserWarning, match=f"{stuck}: every update logged since frames 800 was"):
         runs = analyze.load_runs(tmp_path)
     assert [run.seed for run in runs] == [0, 1]
+
+
+def test_an_atari_run_off_the_papers_protocol_is_kept_with_a_warning(tmp_path):
+    """The debug preset's 100-step episodes would read as a share of full-episode human
+    scores; a run with the suite's own limit (time_limit 0) is on protocol."""
+    pairs = [(1000, 1.0)]
+    write_run(tmp_path, "atari_pong", 0, eval_rows(pairs), presets=["atari", "debug"])
+    write_run(tmp_path, "atari_boxing", 0, eval_rows(pairs), presets=["atari"])
+    path = write_run(tmp_path, "atari_breakout", 0, eval_rows(pairs), presets=["atari"])
+    config = (path / "config.yaml").read_text()
+    (path / "config.yaml").write_text(config.replace("time_limit: 27000", "time_limit: 0"))
+    with pytest.warns(UserWarning) as record:
+        runs = analyze.load_runs(tmp_path)
+    assert len(runs) == 3 and [str(w.message) for w in record] == [
+        f"{tmp_path / 'atari_pong/seed_0'}: time_limit 100 (paper 27000): its returns are of "
+        "other episodes than the paper's Atari protocol, so its normalized scores do not "
+        "compare with the baselines or published curves"
+    ]
+    no_repeat = make_config(["atari"], {"action_repeat": 1})
+    assert analyze.atari_protocol_differences(no_repeat) == ["action_repeat 1 (paper 4)"]
 
 
 def test_two_runs_of_one_task_and_seed_are_an_error(tmp_path):

@@ -322,3 +322,12 @@ def test_inactive_envs_do_not_move(make_env, task, repeat):
             resets += int(want["is_first"][1])
         last = step
     assert resets >= 1
+
+
+def test_an_atari_envs_own_time_limit_is_the_atari_presets():
+    """`time_limit: 0` on Atari is the paper's limit: dreamer-analyze counts such a run as
+    on protocol."""
+    from dreamer_jax import envs
+    from dreamer_jax.config import make_config
+
+    assert envs._ATARI_TIME_LIMIT == make_config(["atari"]).time_limit == 27000
