@@ -123,8 +123,9 @@ def load_runs(runs_dir: str | pathlib.Path, only: str | None = None) -> list[Run
 
 
 def _metrics_folders(runs_dir: pathlib.Path) -> list[pathlib.Path]:
-    """The folders under `runs_dir` that hold a metrics file, sorted, following links to
-    folders (run folders gathered from several places) but entering each folder once."""
+    """The folders under `runs_dir` that hold a metrics file or a run's config, sorted,
+    following links to folders (run folders gathered from several places) but entering each
+    folder once."""
     folders, seen = [], set()
     for root, dirs, files in os.walk(runs_dir, followlinks=True):
         real = os.path.realpath(root)
@@ -132,7 +133,7 @@ def _metrics_folders(runs_dir: pathlib.Path) -> list[pathlib.Path]:
             dirs.clear()
             continue
         seen.add(real)
-        if METRICS_FILE in files:
+        if METRICS_FILE in files or CONFIG_FILE in files:
             folders.append(pathlib.Path(root))
     return sorted(folders)
 
@@ -157,6 +158,11 @@ def _load_run(path: pathlib.Path) -> Run | None:
         return None  # a metrics.jsonl of something else, not a run
     try:
         config = load_run_config(path / CONFIG_FILE)
+        if not (path / METRICS_FILE).exists():
+            # A many-seed run's own folder: its seeds' folders are the runs.
+            if config.num_seeds == 1:
+                warnings.warn(f"skipping {path}: no {METRICS_FILE} yet", stacklevel=2)
+            return None
         rows = read_metrics(path / METRICS_FILE)
     except (ConfigError, OSError) as error:
         warnings.warn(f"skipping a run: {error}", stacklevel=2)

@@ -14,7 +14,9 @@ restore or to match its checksums is moved aside to `<directory>_unreadable/<ste
 for inspection, never deleted) in favour of the one before it, so the run can save that
 step again. A checkpoint whose shapes differ from the
 current networks is a config problem, not damage: `CheckpointError`, and nothing is moved.
-Nothing is deleted except by orbax's keep-the-last-k policy after a successful save.
+Nothing is deleted except by orbax's keep-the-last-k policy after a successful save, and
+the temporary directory of a save a crash interrupted (never a checkpoint) when the
+checkpoints are next opened.
 """
 
 from __future__ import annotations

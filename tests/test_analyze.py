@@ -229,6 +229,19 @@ def test_run_without_evals_is_skipped_and_other_folders_ignored(tmp_path):
     assert [run.seed for run in runs] == [0]
 
 
+def test_a_run_without_metrics_yet_is_named_but_a_many_seed_runs_own_folder_is_not(tmp_path):
+    write_run(tmp_path, "atari_pong", 0, eval_rows([(10, 1.0)]))
+    started = write_run(tmp_path, "atari_pong", 1, [])
+    (started / "metrics.jsonl").unlink()  # started, killed before its first row
+    seeds = tmp_path / "atari_boxing"  # a --num_seeds 2 run: its seed folders are the runs
+    seeds.mkdir()
+    make_config(["atari"], {"task": "atari_boxing", "num_seeds": 2}).save(seeds / "config.yaml")
+    with pytest.warns(UserWarning) as record:
+        runs = analyze.load_runs(tmp_path)
+    assert [run.seed for run in runs] == [0]
+    assert [str(w.message) for w in record] == [f"skipping {started}: no metrics.jsonl yet"]
+
+
 def test_stopped_learning_is_the_start_of_the_final_all_nonfinite_rows():
     def rows(fractions):
         return [{"step": 100 * i, "frames": 400 * i, "nonfinite": f} for i, f in fractions]
