@@ -138,6 +138,16 @@ def _environ_of(pid: int, name: str) -> str | None:
     return values[0].decode() if values else ""
 
 
+def _catches(pid: int, signum: int) -> bool:
+    """Whether process `pid` has a handler of its own for `signum` (its `SigCgt` mask)."""
+    try:
+        status = pathlib.Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    caught = next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:"))
+    return bool(int(caught, 16) >> (signum - 1) & 1)
+
+
 def _command(program: str, form: str, logdir: pathlib.Path) -> list[str]:
     """`dreamer-<program>` as a console script or as `python -m`, on a tiny cartpole run in
     `logdir` (evaluation: a run to evaluate, none here)."""
@@ -189,12 +199,15 @@ def test_a_signal_during_the_imports_quits_in_one_line(tmp_path, program, form):
     process = subprocess.Popen(command, env=environ, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
-        # Once re-executed with the tunables (`prepare`), the handler is in place at once,
-        # and importing jax takes a second or more.
+        # Re-executed with the tunables (`prepare`), then the handlers in place again
+        # (`quit_on_signals` sets SIGINT's, then SIGTERM's, which Python leaves alone), and
+        # importing jax takes a second or more. (A fixed wait after the exec was too short
+        # for the new interpreter to start on a loaded machine.)
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not _environ_of(process.pid, "GLIBC_TUNABLES"):
+        while time.monotonic() < deadline and not (
+            _environ_of(process.pid, "GLIBC_TUNABLES") and _catches(process.pid, signal.SIGTERM)
+        ):
             time.sleep(0.01)
-        time.sleep(0.3)
         process.send_signal(signal.SIGINT)
         _, stderr = process.communicate(timeout=60)
     finally:
