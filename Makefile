@@ -6,7 +6,17 @@ TASK ?= atari_pong
 SEED ?= 0
 LOGDIR ?= runs/$(TASK)/$(SEED)
 
-.PHONY: install install-gpu test test-fast lint format bench train
+.PHONY: help install install-gpu test test-fast lint format bench train
+
+help:
+	@echo "make install       .venv with CPU jax, the dependencies and dreamer-jax (editable)"
+	@echo "make install-gpu   the same plus CUDA jax (CUDA_EXTRA=cuda12 or cuda13)"
+	@echo "make test          the whole test suite, as CI runs it (about 25 min on 2 cores)"
+	@echo "make test-fast     the tests not marked slow"
+	@echo "make lint|format   ruff check and format of dreamer_jax, scripts, tests"
+	@echo "make bench         the Atari learner benchmark; appends its block to docs/benchmarks.md"
+	@echo "make train         one Atari run: TASK=$(TASK) SEED=$(SEED) LOGDIR=$(LOGDIR)"
+	@echo "make gpu-wheels    Python 3.12 wheels for a lent GPU machine, in .whl/"
 
 install:
 	$(PY) -m venv $(VENV)
@@ -34,6 +44,8 @@ format:
 	$(BIN)/ruff check --fix dreamer_jax scripts tests
 	$(BIN)/ruff format dreamer_jax scripts tests
 
+# Appends its block to docs/benchmarks.md (scripts/bench.py --no-record does not); the Atari
+# learner takes seconds per update on a CPU.
 bench:
 	$(BIN)/python scripts/bench.py --configs atari
 

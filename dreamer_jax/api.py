@@ -21,8 +21,8 @@ from dreamer_jax.seeds import enclosing_run, init_keys, run_seeds, select
 
 
 class LoadedRun(NamedTuple):
-    """A run's agent, the `TrainState` of its newest checkpoint that restores, that
-    checkpoint's step and the run's config."""
+    """A run's agent, the `TrainState` of its newest checkpoint that restores, the run's
+    config (a seed folder's: the single run that seed is) and that checkpoint's step."""
 
     agent: Agent
     state: TrainState

@@ -334,7 +334,7 @@ class Checkpointer:
         is none. Unreadable ones (that includes a loop state without all of `loop_keys`, and a
         file where a step's directory belongs) are skipped with a warning and moved aside (see
         the module docstring). Raises CheckpointError if a checkpoint's shapes or dtypes differ
-        from `template`'s: a config change that alters the networks cannot resume."""
+        from `template`'s: a config change that alters the networks cannot restore it."""
         if self.directory.is_dir():
             if not self.read_only:
                 self._put_back_replaced()
@@ -357,7 +357,7 @@ class Checkpointer:
                 raise CheckpointError(
                     f"checkpoint {step} in {self.directory} was saved with other network "
                     f"sizes than this config ({mismatch}); a config change that alters "
-                    "shapes cannot resume"
+                    "shapes cannot restore it"
                 )
             items = {"state": ocp.args.StandardRestore(abstract), "loop": ocp.args.JsonRestore()}
             has_checksums = (self.directory / str(step) / "checksums").is_dir()

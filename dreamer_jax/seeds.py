@@ -10,6 +10,7 @@ each host its own `--seed` range.
 
 from __future__ import annotations
 
+import os
 import pathlib
 from collections.abc import Sequence
 from typing import Any
@@ -48,6 +49,7 @@ def seed_logdir(logdir: pathlib.Path, config: Config, seed: int) -> pathlib.Path
 def enclosing_run(folder: pathlib.Path) -> tuple[pathlib.Path, Config] | None:
     """`(run folder, run config)` of the many-seed run whose seed folder `folder` is (a
     `<run>/seed_<s>` of one of its seeds, with the checkpoints in `<run>`), else None."""
+    folder = pathlib.Path(os.path.abspath(folder))  # "." inside a seed folder has no name
     parent = folder.parent
     if (
         not folder.name.startswith("seed_")

@@ -111,7 +111,7 @@ def peak_memory_bytes() -> tuple[str, int]:
     return "host max RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def bench_collector(config, seconds: float = 10.0) -> list[tuple[str, str]]:
+def bench_collector(config, seconds: float = 10.0) -> tuple[list[tuple[str, str]], dict]:
     """Env steps/s of the vector env alone, with random actions."""
     from dreamer_jax.envs import VectorEnv
 
@@ -124,10 +124,12 @@ def bench_collector(config, seconds: float = 10.0) -> list[tuple[str, str]]:
         steps += env.num_envs
     rate = steps / (time.perf_counter() - start)
     env.close()
+    figures = {"envs": config.envs, "env_steps_per_sec": rate,
+               "frames_per_sec": rate * config.action_repeat}  # fmt: skip
     return [
         ("envs", str(config.envs)),
         ("collector", f"{rate:.0f} env steps/s ({rate * config.action_repeat:.0f} frames/s)"),
-    ]
+    ], figures
 
 
 def seed_batches(config, agent, batch):
@@ -413,9 +415,11 @@ def bench_determinism(config, updates: int) -> tuple[list[tuple[str, str]], dict
     return rows, figures
 
 
-def bench_replay(config, episodes: int = 50, episode_length: int = 1000):
+def bench_replay(config, episodes: int = 50, episode_length: int = 1000) -> tuple[list, dict]:
     """Bytes per stored Atari step, sample() time, and how long the learner waits in
-    next(dataset) when each update takes 20 ms (what the prefetch thread hides)."""
+    next(dataset) when each update takes 20 ms (what the prefetch thread hides). The
+    episodes are synthetic and Atari-shaped whatever the task; the config gives the replay
+    and dataset settings."""
     from dreamer_jax.replay import Replay
 
     rng = np.random.default_rng(0)
@@ -454,12 +458,18 @@ def bench_replay(config, episodes: int = 50, episode_length: int = 1000):
         time.sleep(0.02)  # stands in for the update
     replay.close()
     b, t = config.dataset.batch, config.dataset.length
+    figures = {
+        "num_steps": stats["num_steps"], "num_episodes": stats["num_episodes"],
+        "bytes_per_step": stats["bytes"] / stats["num_steps"], "sample_ms": sample_ms,
+        "batch": [b, t], "median_wait_ms": 1000 * float(np.median(waits[1:])),
+    }  # fmt: skip
     return [
+        ("episodes", "synthetic, Atari-shaped (64×64×1 uint8 images, 18 actions)"),
         ("stored", f"{stats['num_steps']} steps in {stats['num_episodes']} episodes"),
-        ("bytes per step", f"{stats['bytes'] / stats['num_steps']:.0f} B"),
+        ("bytes per step", f"{figures['bytes_per_step']:.0f} B"),
         ("sample()", f"{sample_ms:.2f} ms per {b}×{t} batch"),
-        ("learner wait in next(dataset)", f"{1000 * np.median(waits[1:]):.3f} ms median"),
-    ]
+        ("learner wait in next(dataset)", f"{figures['median_wait_ms']:.3f} ms median"),
+    ], figures
 
 
 def bench_data_age(config, episode_length: int, total_steps: int) -> tuple[list, dict]:
@@ -590,11 +600,10 @@ def run(config, options: argparse.Namespace) -> None:
     """Runs the benchmark of `options.mode`, prints its block, writes `--json` and appends
     the block to docs/benchmarks.md (unless --no-record)."""
     mode, updates = options.mode, options.updates
-    figures: dict = {}
     if mode == "collector":
-        results = bench_collector(config)
+        results, figures = bench_collector(config)
     elif mode == "replay":
-        results = bench_replay(config)
+        results, figures = bench_replay(config)
     elif mode == "data_age":
         results, figures = bench_data_age(config, options.episode_length, options.data_steps)
     elif mode == "determinism":

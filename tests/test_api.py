@@ -82,7 +82,7 @@ def test_checkpoint_of_other_sizes_is_one_line(saved_run, tmp_path):
     assert "\n" not in str(info.value)
 
 
-def test_each_seed_of_a_many_seed_run_loads_from_its_folder(tmp_path):
+def test_each_seed_of_a_many_seed_run_loads_from_its_folder(tmp_path, monkeypatch):
     """A `--num_seeds 3 --seed 4` run: checkpoints hold all seeds; `seed_<s>/` holds the
     config of the single run it is. Loading a seed folder gives that seed's state."""
     config = tiny_config(logdir=str(tmp_path), seed=4, num_seeds=3)
@@ -101,5 +101,7 @@ def test_each_seed_of_a_many_seed_run_loads_from_its_folder(tmp_path):
     run = load(tmp_path / "seed_5")
     assert run.step == 5 and run.config.seed == 5 and run.config.num_seeds == 1
     chex.assert_trees_all_equal(run.state.replace(key=None), states[1].replace(key=None))
+    monkeypatch.chdir(tmp_path / "seed_6")  # "." has no folder name to find the seed by
+    chex.assert_trees_all_equal(load(".").state.replace(key=None), states[2].replace(key=None))
     with pytest.raises(CheckpointError, match=r"holds seeds 4\.\.6; load one, e\.g\. .*seed_4$"):
         load(tmp_path)

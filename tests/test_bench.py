@@ -85,6 +85,21 @@ def test_learner_determinism_observe_policy_and_flops_modes_on_cpu(tmp_path):
     assert (ROOT / "docs" / "benchmarks.md").read_bytes() == docs  # --no-record
 
 
+@pytest.mark.parametrize(
+    "mode, keys",
+    [
+        ("--collector", {"envs", "env_steps_per_sec", "frames_per_sec"}),
+        ("--replay", {"num_steps", "bytes_per_step", "sample_ms", "median_wait_ms"}),
+    ],
+)
+def test_collector_and_replay_write_their_figures(tmp_path, mode, keys):
+    result = _bench(mode, "--json", str(tmp_path / "f"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads((tmp_path / "f").read_text())
+    assert figures["mode"] == mode[2:] and keys <= set(figures)
+    assert all(figures[key] > 0 for key in keys)
+
+
 def test_unknown_config_key_exits_2():
     result = _bench("--no_such_key", "1")
     assert result.returncode == 2
