@@ -325,6 +325,27 @@ class Agent:
 
         return over_seeds(act)(params, obs, carry, keys)
 
+    def _check_policy_inputs(self, obs, carry) -> None:
+        """One line naming what of `policy_step`'s inputs does not fit this agent (shapes
+        are static: checked once per compile), where flax or XLA would name an internal."""
+        key, shape = self.obs_key, self.obs_shape
+        wanted = f"a dict of obs[{key!r}] [N, {', '.join(map(str, shape))}] and obs['is_first'] [N]"
+        if not hasattr(obs, "keys") or key not in obs or "is_first" not in obs:
+            got = f"keys {sorted(obs.keys())}" if hasattr(obs, "keys") else "no dict"
+            raise ValueError(f"policy_step takes {wanted}; got {got}")
+        images, is_first = jnp.shape(obs[key]), jnp.shape(obs["is_first"])
+        if images[1:] != shape or is_first != images[:1]:
+            raise ValueError(
+                f"policy_step takes {wanted}; got {images} and {is_first} (one row per env)"
+            )
+        pair = isinstance(carry, tuple | list) and len(carry) == 2
+        envs = {jnp.shape(leaf)[0] if jnp.ndim(leaf) else None for leaf in jax.tree.leaves(carry)}
+        if not pair or envs != {images[0]}:
+            raise ValueError(
+                f"the carry is not one for {images[0]} envs: start from "
+                f"agent.initial_carry({images[0]}) and pass on what policy_step returns"
+            )
+
     def _policy_step(
         self,
         params: PolicyParams,
@@ -339,6 +360,7 @@ class Agent:
 
         Returns the action `[N, A]` (an exact one-hot for discrete actions) and the new carry.
         """
+        self._check_policy_inputs(obs, carry)
         latent, prev_action = carry
         # With threefry partitionable (jax's default) the first two keys equal `split(key)`'s,
         # the keys from before the noise key existed: noise-free runs draw as they did.

@@ -197,6 +197,28 @@ def _vector_obs(rng, n, is_first):
     }
 
 
+def test_policy_step_names_inputs_that_do_not_fit_the_agent():
+    """Named in one line where flax would name a kernel shape or XLA a concatenation."""
+    agent = vector_agent()  # cartpole: vector (4,)
+    state = agent.init(jax.random.key(0))
+    good = {"vector": np.zeros((2, 4), np.float32), "is_first": np.ones(2, bool)}
+    takes = r"takes a dict of obs\['vector'\] \[N, 4\] and obs\['is_first'\] \[N\]; got "
+    cases = [
+        ({**good, "vector": np.zeros((2, 5), np.float32)}, 2, takes + r"\(2, 5\) and \(2,\)"),
+        ({"vector": np.zeros(4, np.float32), "is_first": np.ones((), bool)}, 1, takes + r"\(4,\)"),
+        ({"vector": good["vector"]}, 2, takes + r"keys \['vector'\]"),
+        (good["vector"], 2, takes + "no dict"),
+        (good, 1, r"not one for 2 envs: start from agent.initial_carry\(2\)"),
+        (good, None, r"not one for 2 envs"),
+    ]
+    for obs, envs, message in cases:
+        carry = None if envs is None else agent.initial_carry(envs)
+        with pytest.raises(ValueError, match=message):
+            agent.policy_step(state, obs, carry, jax.random.key(1), mode="eval")
+    action, _ = agent.policy_step(state, good, agent.initial_carry(2), jax.random.key(1))
+    chex.assert_shape(action, (2, agent.num_actions))
+
+
 def test_policy_actions_are_exact_onehot_and_the_same_draws_as_before():
     # The straight-through form `sample + p − sg(p)` gives 0.99999994 at the chosen index in
     # about one row in five; replay's uint8 cast turned such a row into no action at all.
