@@ -190,12 +190,22 @@ def run(kills: int, seed: int, logdir: pathlib.Path, extra: list[str], num_seeds
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kills", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num_seeds", type=int, default=1)
-    parser.add_argument("--logdir", type=pathlib.Path, default=None)
+    parser.add_argument("--kills", type=int, default=3, help="SIGKILLs, at random moments (3)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the kill moments (0)")
+    parser.add_argument("--num_seeds", type=int, default=1, help="the run's --num_seeds (1)")
+    parser.add_argument(
+        "--logdir", type=pathlib.Path, default=None,
+        help="a new or empty folder for the run (a temporary one by default)",
+    )  # fmt: skip
     args, extra = parser.parse_known_args(argv)
     extra = [a for a in extra if a != "--"]
+    # Bad arguments are the caller's error (exit 2), not a failed recovery (exit 1).
+    if args.kills < 0 or args.num_seeds < 1:
+        parser.error(
+            f"--kills must be >= 0 and --num_seeds >= 1, got {args.kills}, {args.num_seeds}"
+        )
+    if args.logdir is not None and args.logdir.exists() and any(args.logdir.iterdir()):
+        parser.error(f"--logdir {args.logdir} is not empty: the check needs a fresh run")
     logdir = args.logdir or pathlib.Path(tempfile.mkdtemp(prefix="chaos-")) / "run"
     try:
         run(args.kills, args.seed, logdir, extra, args.num_seeds)

@@ -22,3 +22,20 @@ def test_chaos_kills(tmp_path, kills, num_seeds):
     lines = [line for line in result.stdout.splitlines() if line.startswith("kill ")]
     assert len(lines) == kills
     assert f"{kills} kills survived" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--kills", "-1"], "--kills must be >= 0"),
+        (["--num_seeds", "0"], "--num_seeds >= 1"),
+        (["--logdir", "tests"], "--logdir tests is not empty"),
+    ],
+)
+def test_bad_arguments_exit_2_before_any_run(args, fragment):
+    result = subprocess.run(
+        [sys.executable, "scripts/chaos.py", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2 and fragment in result.stderr.splitlines()[-1]
+    assert "kill " not in result.stdout
