@@ -155,7 +155,9 @@ def _only_example(first: pathlib.Path, second: pathlib.Path, runs_dir: pathlib.P
 def _load_run(path: pathlib.Path) -> Run | None:
     """The run in folder `path`, or None (with a warning) when it cannot be used."""
     if not (path / CONFIG_FILE).is_file():
-        return None  # a metrics.jsonl of something else, not a run
+        # A run whose config.yaml was lost, or a metrics file of something else.
+        warnings.warn(f"skipping {path}: {METRICS_FILE} without {CONFIG_FILE}", stacklevel=2)
+        return None
     try:
         config = load_run_config(path / CONFIG_FILE)
         if not (path / METRICS_FILE).exists():

@@ -294,9 +294,10 @@ def check_inputs(config: Config, logdir: pathlib.Path) -> Agent:
         )
     config_path = logdir / "config.yaml"
     checkpoints = logdir / "checkpoints"
-    if not config_path.exists() and checkpoints.is_dir() and any(checkpoints.iterdir()):
-        # A run saves its config before its first checkpoint: without it, neither its seeds
-        # nor a config change could be checked.
+    # A run saves its configs (each seed folder's too) before its first checkpoint.
+    saved_run = checkpoints.is_dir() and any(checkpoints.iterdir())
+    if saved_run and not config_path.exists():
+        # Neither the run's seeds nor a config change could be checked.
         raise RunError(
             f"{logdir} holds checkpoints but no config.yaml, so this config cannot be checked "
             "against the run's: put the run's config.yaml back, or train in a new --logdir"
@@ -315,6 +316,14 @@ def check_inputs(config: Config, logdir: pathlib.Path) -> Agent:
                 f"config differs from the saved run in {logdir} at {', '.join(changed)}; "
                 "pass --resume.allow_config_change true to resume anyway"
             )
+    seed_dirs = [seed_logdir(logdir, config, seed) for seed in run_seeds(config)]
+    lost = [folder for folder in seed_dirs if not (folder / "config.yaml").is_file()]
+    if saved_run and config.num_seeds > 1 and lost:
+        # That seed would go on from the checkpoint with no replay or log.
+        raise RunError(
+            f"{lost[0]} or its config.yaml is missing, but the checkpoints in {logdir} hold "
+            "that seed: put the seed's folder back, or train in a new --logdir"
+        )
     agent = make_agent(config)
     check_state_fits(agent, config, memory_bytes())
     return agent

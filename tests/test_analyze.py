@@ -219,14 +219,18 @@ def test_broken_config_is_skipped_with_a_warning_naming_it(tmp_path):
     assert [run.seed for run in runs] == [0]
 
 
-def test_run_without_evals_is_skipped_and_other_folders_ignored(tmp_path):
+def test_runs_without_evals_or_config_are_skipped_with_a_warning(tmp_path):
     write_run(tmp_path, "atari_pong", 0, eval_rows([(10, 1.0)]))
     write_run(tmp_path, "atari_pong", 1, eval_rows([], last_frames=100))
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "metrics.jsonl").write_text('{"step": 1, "frames": 4}\n')
-    with pytest.warns(UserWarning, match="no finite eval_return"):
+    with pytest.warns(UserWarning) as record:
         runs = analyze.load_runs(tmp_path)
     assert [run.seed for run in runs] == [0]
+    assert [str(w.message) for w in record] == [
+        f"skipping {tmp_path / 'atari_pong/seed_1'}: no finite eval_return logged yet",
+        f"skipping {tmp_path / 'notes'}: metrics.jsonl without config.yaml",  # a lost config
+    ]
 
 
 def test_a_run_without_metrics_yet_is_named_but_a_many_seed_runs_own_folder_is_not(tmp_path):

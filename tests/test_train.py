@@ -1254,6 +1254,25 @@ def test_a_many_seed_run_keeps_its_seeds_and_its_seed_folders_are_not_runs(two_s
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("lost", ["the folder", "its config.yaml"])
+def test_a_many_seed_run_that_lost_a_seeds_folder_is_refused(two_seed_run, tmp_path, lost):
+    """Resumed, seed 2 would go on from the checkpoint with an empty replay and a log that
+    starts at the restored step, and its results would drop out of an analysis unnoticed."""
+    import shutil
+
+    logdir = tmp_path / "both"
+    shutil.copytree(two_seed_run / "both", logdir)
+    if lost == "the folder":
+        shutil.rmtree(logdir / "seed_2")
+    else:
+        (logdir / "seed_2" / "config.yaml").unlink()
+    before = _files(logdir)
+    args = ["--num_seeds", "2", "--seed", "1", "--steps", "1200"]
+    result = run_cli(*SEEDS, "--logdir", str(logdir), *args, timeout=300)
+    _one_error_line(result, f"{logdir / 'seed_2'} or its config.yaml is missing")
+    assert _files(logdir) == before
+
+
 def test_a_resumed_many_seed_run_is_each_single_run_resumed(tmp_path):
     """Stopped at 400 and resumed to 800, seed 2 of the two-seed run is the single run of
     seed 2 stopped and resumed there: every seed's streams (acting, replay, eval, report)
