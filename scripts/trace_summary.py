@@ -33,6 +33,7 @@ mostly stay unnamed.
 
 from __future__ import annotations
 
+import argparse
 import collections
 import gzip
 import json
@@ -40,6 +41,8 @@ import pathlib
 import re
 import sys
 from typing import NamedTuple
+
+from dreamer_jax.config import ConfigError, OneLineParser
 
 HLO_FILE = "train_step.hlo.txt.gz"  # what scripts/bench.py --profile DIR writes into DIR
 # `%name = shape opcode(`, the head of an HLO instruction line (`ROOT` marks a result).
@@ -281,30 +284,36 @@ def print_kernels(
             print(f"  {time / 1e3:7.3f} ms per update  {name[:60]}{named[name]}")
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"needs a positive integer, got {text!r}")
+    return int(text)
+
+
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0 if argv else 2
-    hlo_path = None
-    if "--hlo" in argv:
-        i = argv.index("--hlo")
-        if i + 1 == len(argv):
-            print("error: --hlo needs an HLO text file", file=sys.stderr)
-            return 2
-        hlo_path, argv = pathlib.Path(argv[i + 1]), argv[:i] + argv[i + 2 :]
-    options = {"--top": 12, "--timelines": 8, "--updates": None, "--loop": None}
-    for name in options:
-        if name in argv:
-            i = argv.index(name)
-            value = argv[i + 1] if i + 1 < len(argv) else ""
-            if not value.isdigit() or int(value) < 1:
-                print(f"error: {name} needs a positive integer, got {value!r}", file=sys.stderr)
-                return 2
-            options[name] = int(value)
-            argv = argv[:i] + argv[i + 2 :]
-    if len(argv) != 1:
-        print("error: give one trace file or folder (--help for usage)", file=sys.stderr)
+    parser = OneLineParser(
+        prog="trace_summary.py", description=__doc__.split("\n\n")[0], add_help=False
+    )
+    parser.add_argument("trace", nargs="?", help="a perfetto_trace.json.gz or a folder of one")
+    parser.add_argument("-h", "--help", action="store_true")
+    parser.add_argument("--top", type=_positive, default=12, help="ops or kernels listed (12)")
+    parser.add_argument("--timelines", type=_positive, default=8, help="timelines listed (8)")
+    parser.add_argument("--updates", type=_positive, default=None, help="kernels per update")
+    parser.add_argument("--loop", type=_positive, default=None, help="a loop's kernels")
+    parser.add_argument("--hlo", type=pathlib.Path, default=None, help="HLO text to name ops")
+    try:
+        args = parser.parse_args(argv)
+        if not args.help and args.trace is None:
+            raise ConfigError("give one trace file or folder (--help for usage)")
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
+    if args.help:
+        print(__doc__)
+        return 0
+    argv, hlo_path = [args.trace], args.hlo
+    options = {"--top": args.top, "--timelines": args.timelines, "--updates": args.updates,
+               "--loop": args.loop}  # fmt: skip
     try:
         events = load_events(pathlib.Path(argv[0]))
     except (OSError, ValueError, KeyError) as error:

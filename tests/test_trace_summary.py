@@ -81,10 +81,13 @@ def test_main_prints_kernels_per_update(tmp_path, capsys):
 
 
 def test_bad_options_are_one_line_and_exit_2(tmp_path, capsys):
-    for argv in (["x", "--updates"], ["x", "--updates", "0"], ["x", "--loop", "y"], ["a", "b"]):
+    bad = (["x", "--updates"], ["x", "--updates", "0"], ["x", "--loop", "y"], ["a", "b"])
+    for argv in (*bad, ["x", "--bogus"], []):
         assert trace_summary.main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1
+    assert trace_summary.main(["x", "--help"]) == 0  # anywhere, as in the other commands
+    assert capsys.readouterr().out.startswith("Summarize a `jax.profiler` Perfetto trace")
 
 
 # Two instructions in the format of `compiled.as_text()` (jax 0.10): source tables first.
