@@ -292,6 +292,10 @@ def check_inputs(config: Config, logdir: pathlib.Path) -> Agent:
             f"{logdir} is a seed folder of the {run[1].num_seeds}-seed run in {run[0]}: resume "
             f"that run (--logdir {run[0]}), or evaluate this seed (dreamer-eval --logdir {logdir})"
         )
+    for parent in pathlib.Path(os.path.abspath(logdir)).parents:
+        if (parent / "config.yaml").is_file() and (parent / "checkpoints").is_dir():
+            # Its files would mix with that run's (an analysis would then find two runs).
+            raise RunError(f"{logdir} is inside the run in {parent}: train in a folder outside it")
     config_path = logdir / "config.yaml"
     checkpoints = logdir / "checkpoints"
     # A run saves its configs (each seed folder's too) before its first checkpoint.

@@ -863,6 +863,14 @@ def test_a_resume_that_cannot_write_its_files_is_refused_before_anything_moves(
     assert _files(logdir) == before and not (logdir / "checkpoints_unreadable").exists()
 
 
+def test_a_logdir_inside_another_run_is_refused(finished_run, tmp_path):
+    logdir = _copy_run(finished_run, tmp_path)
+    before = _files(logdir)
+    result = run_cli(*CLASSIC, "--logdir", str(logdir / "replay" / "new"), timeout=300)
+    _one_error_line(result, f"is inside the run in {logdir}: train in a folder outside it")
+    assert _files(logdir) == before and not (logdir / "replay" / "new").exists()
+
+
 def test_malformed_metrics_line_in_the_middle_is_skipped(finished_run, tmp_path):
     logdir = _copy_run(finished_run, tmp_path)
     path = logdir / "metrics.jsonl"
