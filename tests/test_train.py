@@ -33,6 +33,15 @@ def run_cli(*args, timeout=900):
     )  # fmt: skip
 
 
+def cartpole_config(logdir, **overrides):
+    """The in-process tests' run: `classic debug` cartpole (its prefill 300 steps) in
+    `logdir`, wandb off, with each test's own length and schedules as `overrides`."""
+    return make_config(
+        ["classic", "debug"],
+        {"task": "classic_cartpole", "logdir": str(logdir), "wandb.mode": "disabled", **overrides},
+    )
+
+
 def test_classic_debug_run_end_to_end(tmp_path):
     logdir = tmp_path / "run"
     result = run_cli(
@@ -289,11 +298,7 @@ class NonFiniteRewards:
 def test_a_log_row_that_fails_stays_owed_after_the_error_checkpoint(tmp_path, monkeypatch):
     """A full disk at the log of step 500: the run saves a checkpoint there and stops; the
     resumed run still owes that row and writes it at its restored step, 500, then its last."""
-    config = make_config(
-        ["classic", "debug"],
-        {"task": "classic_cartpole", "logdir": str(tmp_path), "steps": 600, "prefill": 300,
-         "log_every": 250, "eval_every": 100000, "wandb.mode": "disabled"},
-    )  # fmt: skip
+    config = cartpole_config(tmp_path, steps=600, log_every=250, eval_every=100000)
     write = train_module.Logging.write
 
     def full_disk_at_500(self, step, *args):
@@ -317,11 +322,7 @@ def test_an_eval_that_fails_is_redone_with_the_same_draws_after_the_error_checkp
     """An error inside the eval of step 500 (after its episodes, in the open-loop report):
     the run saves a checkpoint there and stops; the resumed run still owes that eval and runs
     it at its restored step, 500, with the keys and replay draws the failed one had."""
-    config = make_config(
-        ["classic", "debug"],
-        {"task": "classic_cartpole", "logdir": str(tmp_path), "steps": 600, "prefill": 300,
-         "log_every": 250, "eval_every": 250, "wandb.mode": "disabled"},
-    )  # fmt: skip
+    config = cartpole_config(tmp_path, steps=600, log_every=250, eval_every=250)
     evaluate, open_loop_frames = train_module.evaluate, train_module.open_loop_frames
     calls = []
 
@@ -353,11 +354,7 @@ def test_an_evaluation_between_log_rows_gets_a_row_of_its_own(tmp_path):
     """Evaluations every 100 steps, rows every 200: the eval of step 500 is a row of its
     own (a later value of the same name replaced it in the next row), the others share the
     log row of their step."""
-    config = make_config(
-        ["classic", "debug"],
-        {"task": "classic_cartpole", "logdir": str(tmp_path), "steps": 600, "prefill": 300,
-         "log_every": 200, "eval_every": 100, "wandb.mode": "disabled"},
-    )  # fmt: skip
+    config = cartpole_config(tmp_path, steps=600, log_every=200, eval_every=100)
     train_module.train(config, types.SimpleNamespace(signum=None))
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert [row["step"] for row in rows] == [300, 400, 500, 600]
@@ -383,11 +380,7 @@ def _stop_in_the_second_eval(monkeypatch, stop) -> list[int]:
 def test_an_evaluation_a_stop_request_cut_short_is_logged_at_its_step(tmp_path, monkeypatch):
     """Stopped during the eval of step 400 (after that step's log row): the resumed run runs
     it at its restored step, 400, before it acts, and logs it there in a row of its own."""
-    config = make_config(
-        ["classic", "debug"],
-        {"task": "classic_cartpole", "logdir": str(tmp_path), "steps": 600, "prefill": 300,
-         "log_every": 100, "eval_every": 100, "wandb.mode": "disabled"},
-    )  # fmt: skip
+    config = cartpole_config(tmp_path, steps=600, log_every=100, eval_every=100)
     stop = types.SimpleNamespace(signum=None)
     steps = _stop_in_the_second_eval(monkeypatch, stop)
     train_module.train(config, stop)
@@ -408,11 +401,7 @@ def test_a_stop_during_the_last_evaluation_leaves_it_to_the_same_command(
     """Stopped during the eval of its last step: running the same command again does that
     eval (not "nothing to train"), logs it at that step and saves the step again, now owing
     nothing; a third run has nothing to train."""
-    config = make_config(
-        ["classic", "debug"],
-        {"task": "classic_cartpole", "logdir": str(tmp_path), "steps": 400, "prefill": 300,
-         "log_every": 100, "eval_every": 100, "wandb.mode": "disabled"},
-    )  # fmt: skip
+    config = cartpole_config(tmp_path, steps=400, log_every=100, eval_every=100)
     stop = types.SimpleNamespace(signum=None)
     _stop_in_the_second_eval(monkeypatch, stop)
     train_module.train(config, stop)
@@ -435,11 +424,7 @@ def test_an_error_after_a_resumed_runs_owed_updates_keeps_them(tmp_path, monkeyp
     """Stopped before the updates of step 300 (all owed), resumed, and an error in that
     step's eval: the checkpoint of 300 is saved again with the updates done, so the next
     resume does not redo them."""
-    config = make_config(
-        ["classic", "debug"],
-        {"task": "classic_cartpole", "logdir": str(tmp_path), "steps": 400, "prefill": 300,
-         "pretrain": 5, "log_every": 100, "eval_every": 100, "wandb.mode": "disabled"},
-    )  # fmt: skip
+    config = cartpole_config(tmp_path, steps=400, pretrain=5, log_every=100, eval_every=100)
     stop = types.SimpleNamespace(signum=None)
     train = train_module.Learning.train
 
@@ -470,11 +455,7 @@ def test_a_row_after_a_stop_and_resume_counts_the_updates_and_episodes_before_th
     """Stopped at step 350 between the rows of 300 and 400, resumed: the row of 400 is the
     mean of every update after the row of 300, those before the stop too (recorded one by
     one here), and counts the episodes finished on both sides of the stop (the replay's)."""
-    config = make_config(
-        ["classic", "debug"],
-        {"task": "classic_cartpole", "logdir": str(tmp_path), "steps": 400, "prefill": 300,
-         "log_every": 100, "eval_every": 10000, "wandb.mode": "disabled"},
-    )  # fmt: skip
+    config = cartpole_config(tmp_path, steps=400, log_every=100, eval_every=10000)
     model_losses, check_inputs = [], train_module.check_inputs
 
     def recording_agent(*args):
@@ -514,12 +495,9 @@ def test_a_row_after_a_stop_and_resume_counts_the_updates_and_episodes_before_th
 
 
 def test_one_diverged_seed_is_reported_and_the_others_train_on(tmp_path, monkeypatch, capsys):
-    config = make_config(
-        ["classic", "debug"],
-        {"task": "classic_cartpole", "logdir": str(tmp_path), "num_seeds": 2, "steps": 900,
-         "prefill": 300, "eval_every": 450, "log_every": 150, "max_nonfinite": 3,
-         "wandb.mode": "disabled"},
-    )  # fmt: skip
+    config = cartpole_config(
+        tmp_path, num_seeds=2, steps=900, eval_every=450, log_every=150, max_nonfinite=3
+    )
     make_env, created = train_module.make_env, []
 
     def poisoned_make_env(config, num_envs, seeds):
@@ -912,11 +890,7 @@ def test_second_run_in_a_logdir_is_refused_naming_the_first(tmp_path):
 
 
 def test_error_inside_the_loop_saves_a_checkpoint(tmp_path, monkeypatch):
-    config = make_config(
-        ["classic", "debug"],
-        {"task": "classic_cartpole", "logdir": str(tmp_path), "steps": 2000,
-         "eval_every": 500, "checkpoint_every": 100_000, "wandb.mode": "disabled"},
-    )  # fmt: skip
+    config = cartpole_config(tmp_path, steps=2000, eval_every=500, checkpoint_every=100_000)
 
     def broken_report(*args):
         raise RuntimeError("report failed")
@@ -1142,10 +1116,7 @@ def test_each_seed_has_the_folder_of_a_single_run(two_seed_run):
 
 
 def test_each_seeds_wandb_config_is_its_config_yaml_with_its_group(tmp_path, monkeypatch):
-    config = make_config(
-        ["classic", "debug"],
-        {"task": "classic_cartpole", "logdir": str(tmp_path / "two"), "num_seeds": 2, "seed": 3},
-    )  # fmt: skip
+    config = cartpole_config(tmp_path / "two", num_seeds=2, seed=3)
     opened = []
     monkeypatch.setattr(train_module, "Logger", lambda *args, **kwargs: opened.append(args))
     train_module._make_logger(config, tmp_path / "two", {}, 0, False, 1)
