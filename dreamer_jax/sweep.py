@@ -378,7 +378,10 @@ def _done_at(logdir: pathlib.Path, step: int) -> bool:
     from dreamer_jax.train import owed_work
 
     loop = saved_loop_state(logdir / "checkpoints" / str(step))
-    return loop is not None and not owed_work(loop)
+    try:
+        return loop is not None and not owed_work(loop)
+    except (KeyError, TypeError):  # not a loop state train restores: it sets it aside too
+        return False
 
 
 def config_drift(run: Run) -> list[str]:

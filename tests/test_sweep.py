@@ -161,6 +161,8 @@ def test_run_state_new_resume_finished(tmp_path):
     shutil.rmtree(latest)
     make_checkpoint(logdir, 100, checksum=False)  # from before checksums: read unchecked
     assert run_state(run) == "finished"
+    (latest / "loop" / "metadata").write_text('{"step": 100}')  # not a loop state train reads
+    assert run_state(run) == "resume"
 
 
 @pytest.mark.parametrize("damage", ["edited", "checksums deleted", "loop deleted", "garbled"])
