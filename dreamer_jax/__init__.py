@@ -38,3 +38,7 @@ def __getattr__(name: str) -> Any:
 
         return load
     raise AttributeError(f"module 'dreamer_jax' has no attribute '{name}'")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -65,10 +65,13 @@ def bytes_per_step(spec: StepSpec) -> int:
     )
 
 
-def set_aside_after(directory: pathlib.Path, next_index: int, aside: pathlib.Path) -> int:
+def set_aside_after(
+    directory: pathlib.Path, next_index: int, aside: pathlib.Path
+) -> tuple[int, pathlib.Path | None]:
     """Moves the episode files of `directory` numbered `next_index` or above (the episodes that
     finished after a checkpoint taken when `next_index` was the replay's next index) into a new
-    folder `aside` (`aside.1`, `aside.2`, ... if it exists). Returns how many it moved."""
+    folder `aside` (`aside.1`, `aside.2`, ... if it exists). Returns how many it moved and
+    the folder they went to (None when there were none)."""
     names = [
         path.name
         for path in (directory.iterdir() if directory.is_dir() else [])
@@ -77,7 +80,7 @@ def set_aside_after(directory: pathlib.Path, next_index: int, aside: pathlib.Pat
         and int(match.group(1)) >= next_index
     ]
     if not names:
-        return 0
+        return 0, None
     folder, tries = aside, 0
     while folder.exists():
         tries += 1
@@ -85,7 +88,7 @@ def set_aside_after(directory: pathlib.Path, next_index: int, aside: pathlib.Pat
     folder.mkdir(parents=True)
     for name in sorted(names):
         os.replace(directory / name, folder / name)
-    return len(names)
+    return len(names), folder
 
 
 class ReplayDirectoryError(DirectoryError):

@@ -365,11 +365,11 @@ def _set_aside_replay(folder: pathlib.Path, next_index: int | None, step: int) -
     if next_index is None:
         return
     aside = folder / "replay_after_checkpoint" / str(step)
-    moved = set_aside_after(folder / "replay", next_index, aside)
+    moved, moved_to = set_aside_after(folder / "replay", next_index, aside)
     if moved:
         print(
             f"replay: {moved} episode file(s) of {folder} finished after the checkpoint at step "
-            f"{step}; set aside in {aside.parent} (their steps are collected again)",
+            f"{step}; set aside in {moved_to} (their steps are collected again)",
             flush=True,
         )
 
@@ -458,7 +458,7 @@ class Learning:
     def __init__(self, agent, config, replays, sharding, loop, logger: Logger):
         self.agent, self.config, self.replays, self.sharding = agent, config, replays, sharding
         self.logger = logger  # the first seed's: its lines go above the progress bar
-        self.compiled = False  # whether this process has run an update yet
+        self.compile_announced = False  # the first update of this process compiles
         self.datasets = [replay.dataset() for replay in replays]
         self.updates, self.owed = loop["updates"], loop["updates_owed"]
         self.metrics: list[dict] = []  # on device, [N] each, until they are summed
@@ -481,10 +481,10 @@ class Learning:
     def train(self, states: TrainState, step: int, stop: Callable[[], bool]) -> TrainState:
         """Pays the owed updates; those left when `stop()` turns true stay owed (and
         checkpointed): the one-off pretraining is minutes of updates on a CPU."""
-        if self.owed > 0 and not self.compiled:
+        if self.owed > 0 and not self.compile_announced:
             # The first update compiles first: on a CPU, a minute without progress otherwise.
             self.logger.message(f"step {step}: compiling the update (once per start)")
-            self.compiled = True
+            self.compile_announced = True
         while self.owed > 0 and not stop():
             # Checked one update late, so the host never waits on the update in flight.
             if self.last is not None:

@@ -56,6 +56,9 @@ def test_load_gives_the_newest_checkpoint_ready_to_act(saved_run):
 
 def test_package_attribute_is_the_api_function():
     assert dreamer_jax.load is load
+    assert "load" in dir(dreamer_jax)  # tab completion finds the lazy attribute
+    with pytest.raises(AttributeError, match="no attribute 'lode'"):
+        dreamer_jax.lode  # noqa: B018
 
 
 def test_no_config_is_one_line(tmp_path):

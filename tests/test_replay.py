@@ -489,14 +489,14 @@ def test_set_aside_moves_the_files_from_an_index_on_and_never_overwrites(tmp_pat
     names = [f"{i:08d}-{10 + i}.npz" for i in range(5)] + [".00000005-9.npz.tmp", "notes.txt"]
     for name in names:
         (directory / name).write_bytes(name.encode())
-    assert set_aside_after(directory, 3, aside) == 2
+    assert set_aside_after(directory, 3, aside) == (2, aside)
     assert sorted(p.name for p in aside.iterdir()) == names[3:5]
     assert (aside / names[4]).read_bytes() == names[4].encode()
     assert sorted(p.name for p in directory.iterdir()) == sorted([*names[:3], *names[5:]])
     (directory / names[3]).write_bytes(b"collected again")  # the same index, a second kill
-    assert set_aside_after(directory, 3, aside) == 1
+    assert set_aside_after(directory, 3, aside) == (1, aside.with_name("400.1"))
     assert (aside.with_name("400.1") / names[3]).read_bytes() == b"collected again"
     assert (aside / names[3]).read_bytes() == names[3].encode()
-    assert set_aside_after(directory, 3, aside) == 0  # nothing left: no folder
-    assert set_aside_after(tmp_path / "none", 0, aside) == 0
+    assert set_aside_after(directory, 3, aside) == (0, None)  # nothing left: no folder
+    assert set_aside_after(tmp_path / "none", 0, aside) == (0, None)
     assert sorted(p.name for p in aside.parent.iterdir()) == ["400", "400.1"]

@@ -777,7 +777,7 @@ def test_episodes_finished_after_the_restored_checkpoint_are_set_aside(finished_
     ]
     assert (
         f"replay: 2 episode file(s) of {logdir} finished after the checkpoint at step 800; set "
-        f"aside in {logdir / 'replay_after_checkpoint'}" in result.stdout
+        f"aside in {logdir / 'replay_after_checkpoint' / '800'} (their" in result.stdout
     )
     assert sorted(p.name for p in (logdir / "replay_after_checkpoint" / "800").iterdir()) == late
     loaded = re.search(r"\(replay: (\d+) episodes", result.stdout)
