@@ -7,9 +7,9 @@ import pytest
 from helpers import (
     NUM_ACTIONS,
     VECTOR_SIZE,
-    product_input_dtypes,
     structured_batch,
     tiny_config,
+    traced_eqns,
     vector_agent,
 )
 
@@ -330,10 +330,17 @@ def test_bf16_conv_path_matches_fp32():
         offset = constant if name in ("model_loss", "image_loss") else 0.0
         full, half = (float(metrics[p][name]) - offset for p in ("32", "bf16"))
         np.testing.assert_allclose(half, full, rtol=5e-3, err_msg=name)
-    # Every matmul (the convolutions are matmuls too) runs in bf16.
+    # Every matmul (the convolutions are matmuls too) runs in bf16 but the scalar heads'
+    # output layers (reward, discount: one output column each), which run in fp32.
     wm = agents["bf16"].world_model
     wm_loss = lambda params: world_model_loss(params, wm, data, jax.random.key(9), config)
-    assert product_input_dtypes(wm_loss, state.wm_params) == {jnp.dtype(jnp.bfloat16)}
+    products = [
+        (eqn.invars[0].aval.dtype, eqn.outvars[0].aval.shape[-1])
+        for eqn in traced_eqns(wm_loss, state.wm_params)
+        if eqn.primitive.name == "dot_general"
+    ]
+    assert sorted(width for dtype, width in products if dtype == jnp.float32) == [1, 1]
+    assert {dtype for dtype, width in products if width != 1} == {jnp.dtype(jnp.bfloat16)}
     obs = {"image": _atari_batch(8, 1, num_actions)["image"][:, 0], "is_first": np.ones(8, bool)}
     for mode in ("train", "eval"):
         action, _ = agents["bf16"].policy_step(

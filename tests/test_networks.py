@@ -13,9 +13,11 @@ from dreamer_jax.agent import Agent
 from dreamer_jax.config import make_config
 from dreamer_jax.networks import (
     RSSM,
+    Actor,
     ConvDecoder,
     ConvEncoder,
     GRUCell,
+    ScalarHead,
     action_noise,
     conv_transpose_stride2,
     first_max_onehot,
@@ -208,6 +210,30 @@ def test_conv_encoder_decoder_compute_in_bf16_with_fp32_params():
         out, full = jax.jit(half.apply)(params, x), jax.jit(module.apply)(params, x)
         assert out.dtype == jnp.bfloat16
         _assert_trees_close(out.astype(jnp.float32), full, rtol=3e-2)
+
+
+def test_heads_output_layer_computes_in_fp32_under_bf16():
+    # A value near 300 (returns at discount 0.999): bf16 rounds it to steps of 2, so an
+    # output layer in bf16 is up to 1 off; in fp32 only the hidden layers' rounding is left.
+    feat = jax.random.normal(jax.random.key(0), (64, 8))
+    head = ScalarHead(layers=2, units=16)
+    params = head.init(jax.random.key(1), feat)
+    params["params"]["Dense_0"]["bias"] = jnp.array([300.3])
+    full = head.apply(params, feat)
+    half = head.clone(dtype=jnp.bfloat16).apply(params, feat)
+    assert half.dtype == jnp.float32
+    np.testing.assert_allclose(half, full, atol=0.05)
+    actor = Actor(num_actions=3, discrete=True, layers=2, units=16, dtype=jnp.bfloat16)
+    actor_params = actor.init(jax.random.key(2), feat)
+    logits = lambda params: actor.apply(params, feat).logits
+    # The hidden layers' products in bf16, the output layer's in fp32.
+    assert product_input_dtypes(logits, actor_params) == {
+        jnp.dtype(jnp.bfloat16),
+        jnp.dtype(jnp.float32),
+    }
+    assert product_input_dtypes(
+        lambda p: head.clone(dtype=jnp.bfloat16).apply(p, feat), params
+    ) == {jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)}
 
 
 def test_gru_matches_numpy_formula_with_bias_and_layernorm_eps():
