@@ -389,6 +389,9 @@ def _init_wandb(
             mode=mode,
             id=run_id,
             resume="allow",
+            # A many-seed run starts one wandb run per seed in this process; wandb's default
+            # would hand every later seed the first seed's run.
+            reinit="create_new",
             settings=settings,
             **options,
         )

@@ -1,6 +1,7 @@
 """Small builders shared by the learner tests (not a test module), and the flax convolution
 reference of the image encoder and decoder (tests/test_networks.py, scripts/bench_conv.py)."""
 
+import json
 import pathlib
 from collections.abc import Sequence
 
@@ -61,6 +62,39 @@ def product_input_dtypes(fn, *args) -> set[jnp.dtype]:
         if eqn.primitive.name in ("dot_general", "conv_general_dilated")
         for v in eqn.invars
     }
+
+
+def wandb_history(run_file: pathlib.Path) -> list[dict]:
+    """The history rows (`{"_step": ..., key: value}`) a wandb `.wandb` file holds.
+
+    wandb ships no reader for its run files, so this one follows their format (LevelDB's log):
+    a 7-byte header, then 32 KiB blocks of records, each a 7-byte header (CRC, length, type)
+    and its data; a record longer than a block's rest is split in parts (types 2-4), and a
+    block's last < 7 bytes are padding. Each record's data is a `wandb.proto` Record."""
+    from wandb.proto import wandb_internal_pb2  # noqa: PLC0415 (wandb is slow to import)
+
+    data, block, pos, part, rows = run_file.read_bytes(), 32768, 7, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind == 0 and length == 0:  # the rest of the block is empty
+            pos += -pos % block
+            continue
+        part = chunk if kind in (1, 2) else part + chunk
+        if kind in (1, 4):  # a whole record, or its last part
+            record = wandb_internal_pb2.Record.FromString(part)
+            if record.WhichOneof("record_type") == "history":
+                items = record.history.item
+                rows.append(
+                    {
+                        item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                        for item in items
+                    }
+                )
+    return rows
 
 
 _glorot = nn.initializers.xavier_uniform()

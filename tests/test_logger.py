@@ -14,6 +14,7 @@ import types
 
 import numpy as np
 import pytest
+from helpers import wandb_history
 from PIL import Image
 from tensorboardX.proto import event_pb2
 
@@ -341,6 +342,28 @@ def test_wandb_run_is_named_grouped_and_tagged(tmp_path, monkeypatch):
         assert run.notes == "a note"
     finally:
         logger.close()
+
+
+def test_each_logger_of_one_process_has_its_own_wandb_run(tmp_path, monkeypatch):
+    # A many-seed run: one Logger per seed folder, all open at once in one process.
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    loggers = [
+        _logger(tmp_path / f"seed_{seed}", wandb_mode="offline", run_name=f"t-{seed}")
+        for seed in range(2)
+    ]
+    try:
+        for seed, logger in enumerate(loggers):
+            logger.scalar("model_loss", float(seed))
+            logger.write(1)
+        for seed, logger in enumerate(loggers):
+            run_id = (tmp_path / f"seed_{seed}" / "wandb_run_id.txt").read_text().strip()
+            assert logger._wandb.id == run_id and logger._wandb.name == f"t-{seed}-{run_id}"
+    finally:
+        for logger in loggers:
+            logger.close()
+    for seed in range(2):  # each seed's folder holds its own run and rows
+        (run_file,) = (tmp_path / f"seed_{seed}" / "wandb").glob("offline-run-*/run-*.wandb")
+        assert [(row["_step"], row["model_loss"]) for row in wandb_history(run_file)] == [(1, seed)]
 
 
 def test_long_video_makes_a_bounded_tensorboard_strip(tmp_path, monkeypatch):

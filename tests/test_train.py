@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 import yaml
+from helpers import wandb_history
 
 from dreamer_jax import analyze
 from dreamer_jax import train as train_module
@@ -1092,9 +1093,10 @@ SEEDS = [*CLASSIC, "--steps", "800", "--eval_every", "400"]
 
 @pytest.fixture(scope="module")
 def two_seed_run(tmp_path_factory):
-    """`--num_seeds 2 --seed 1`, and the single run `--seed 2` it must contain."""
+    """`--num_seeds 2 --seed 1` (wandb offline), and the single run `--seed 2` it must contain."""
     root = tmp_path_factory.mktemp("seeds")
-    for name, extra in (("both", ["--num_seeds", "2", "--seed", "1"]), ("alone", ["--seed", "2"])):
+    both = ["--num_seeds", "2", "--seed", "1", "--wandb.mode", "offline"]
+    for name, extra in (("both", both), ("alone", ["--seed", "2"])):
         result = run_cli(*SEEDS, "--logdir", str(root / name), *extra)
         assert result.returncode == 0, result.stderr[-3000:]
         (root / f"{name}.out").write_text(result.stdout)
@@ -1113,6 +1115,14 @@ def test_each_seed_has_the_folder_of_a_single_run(two_seed_run):
         assert read_metrics(folder / "metrics.jsonl")
         assert list(folder.glob("events.out.tfevents.*")) and list(folder.glob("openl_*.gif"))
         assert list((folder / "replay").glob("*.npz"))
+        # Its own wandb run, holding its own rows (not another seed's).
+        (run_file,) = (folder / "wandb").glob("offline-run-*/run-*.wandb")
+        logged = {row["_step"]: row for row in wandb_history(run_file)}
+        for row in read_metrics(folder / "metrics.jsonl"):
+            scalars = {
+                k: v for k, v in row.items() if k not in ("step", "frames") and v is not None
+            }
+            assert {k: logged[row["step"]][k] for k in scalars} == pytest.approx(scalars)
 
 
 def test_each_seeds_wandb_config_is_its_config_yaml_with_its_group(tmp_path, monkeypatch):
