@@ -18,6 +18,10 @@ Outputs, all under `logdir`:
                      wandb_run_id.txt so a restarted run continues the same wandb run.
                      Online mode fails fast with `WandbError` (no API key, or no server
                      within `WANDB_INIT_TIMEOUT_S`); a failed offline init only warns.
+                     `commit()` (train calls it before each checkpoint) hands wandb the
+                     step's row, which it holds open until a later step; wandb writes its
+                     file every `WANDB_FLUSH_S`, so a kill -9 loses only the rows of the
+                     last second, and those after the checkpoint the resumed run logs again.
 
 Resume: an existing metrics.jsonl is appended to. With `resume_step`, lines with
 step > resume_step are dropped first (the file is rewritten atomically) and TensorBoard
@@ -55,6 +59,8 @@ from dreamer_jax.paths import DirectoryError, ensure_writable, write_atomic
 METRICS_FILE = "metrics.jsonl"
 # How long wandb.init may wait for the server (wandb's own default, 90 s, looks like a hang).
 WANDB_INIT_TIMEOUT_S = 20.0
+# How often wandb writes its run file (wandb's default, 15 s, loses that much to a kill -9).
+WANDB_FLUSH_S = 1.0
 WANDB_ID_FILE = "wandb_run_id.txt"
 VIDEO_FPS = 10
 STRIP_FRAMES = 50
@@ -140,6 +146,7 @@ class Logger:
             ) from error
         # wandb first: an online init that raises then leaves no TensorBoard writer open.
         self._wandb = None
+        self._wandb_row_open = False  # rows logged since the last commit
         if wandb_mode != "disabled":
             self._wandb = _init_wandb(
                 self.logdir,
@@ -197,6 +204,7 @@ class Logger:
 
             # From the GIF path: encoding a numpy array would need moviepy.
             self._wandb.log({name: wandb.Video(str(path))}, step=step)
+            self._wandb_row_open = True
 
     def write(self, step: int) -> dict[str, Any]:
         """Writes the buffered scalars as one log step to every output and clears the buffer.
@@ -217,6 +225,7 @@ class Logger:
         self._tb.flush()
         if self._wandb is not None and scalars:
             self._wandb.log(scalars, step=step)
+            self._wandb_row_open = True
         if not (self._use_bar or self._quiet):
             header = _header(step, self.total_steps, self.action_repeat, self._eta_fps(step))
             print(_plain_line(header, scalars), flush=True)
@@ -275,6 +284,15 @@ class Logger:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+    def commit(self) -> None:
+        """Closes wandb's open row. wandb holds a step's row open for more values of that
+        step until a later step is logged, so without this a run killed after a checkpoint
+        would lose the checkpoint step's row for good (the resumed run starts after it).
+        Call once the step's rows are all written: wandb drops later values of its step."""
+        if self._wandb is not None and self._wandb_row_open:
+            self._wandb.log({}, commit=True)
+            self._wandb_row_open = False
 
     def close(self) -> None:
         """Flushes and closes TensorBoard, finishes wandb and closes the bar. Idempotent."""
@@ -370,7 +388,12 @@ def _init_wandb(
 
         # silent: no banners in CI logs; console off: the tqdm bar's carriage returns
         # would only clutter wandb's copy of the terminal.
-        settings = wandb.Settings(silent=True, console="off", init_timeout=WANDB_INIT_TIMEOUT_S)
+        settings = wandb.Settings(
+            silent=True,
+            console="off",
+            init_timeout=WANDB_INIT_TIMEOUT_S,
+            x_transaction_log_flush_interval=WANDB_FLUSH_S,
+        )
         # Without a key, wandb.init would prompt or fail only after several seconds.
         if mode == "online" and not _has_wandb_key(wandb):
             raise WandbError(

@@ -917,6 +917,8 @@ def _run_loop(
                 for act, learn, ev, replay in parts
             ],
         )  # fmt: skip
+        for logger in loggers:  # their rows up to here, as the checkpoint's state has them
+            logger.commit()
         checkpointer.save(step, states, loop)
         saved = {key: loop[key] for key in counters}
 

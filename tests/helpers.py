@@ -3,6 +3,7 @@ reference of the image encoder and decoder (tests/test_networks.py, scripts/benc
 
 import json
 import pathlib
+import time
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -64,8 +65,12 @@ def product_input_dtypes(fn, *args) -> set[jnp.dtype]:
     }
 
 
-def wandb_history(run_file: pathlib.Path) -> list[dict]:
+def wandb_history(run_file: pathlib.Path, finished: bool = True) -> list[dict]:
     """The history rows (`{"_step": ..., key: value}`) a wandb `.wandb` file holds.
+
+    `finished`: the run ended normally, so its file ends with an `exit` record. wandb's own
+    process may still be writing it when `run.finish()` has returned (and the CLI has
+    exited), so this waits up to 30 s for that record.
 
     wandb ships no reader for its run files, so this one follows their format (LevelDB's log):
     a 7-byte header, then 32 KiB blocks of records, each a 7-byte header (CRC, length, type)
@@ -73,28 +78,32 @@ def wandb_history(run_file: pathlib.Path) -> list[dict]:
     block's last < 7 bytes are padding. Each record's data is a `wandb.proto` Record."""
     from wandb.proto import wandb_internal_pb2  # noqa: PLC0415 (wandb is slow to import)
 
-    data, block, pos, part, rows = run_file.read_bytes(), 32768, 7, b"", []
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:
-            pos += block - pos % block
-            continue
-        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
-        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
-        if kind == 0 and length == 0:  # the rest of the block is empty
-            pos += -pos % block
-            continue
-        part = chunk if kind in (1, 2) else part + chunk
-        if kind in (1, 4):  # a whole record, or its last part
-            record = wandb_internal_pb2.Record.FromString(part)
-            if record.WhichOneof("record_type") == "history":
-                items = record.history.item
-                rows.append(
-                    {
-                        item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                        for item in items
-                    }
-                )
-    return rows
+    deadline = time.monotonic() + 30
+    while True:
+        data, block, pos, part, records = run_file.read_bytes(), 32768, 7, b"", []
+        while pos + 7 <= len(data):
+            if block - pos % block < 7:
+                pos += block - pos % block
+                continue
+            length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+            chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+            if kind == 0 and length == 0:  # the rest of the block is empty
+                pos += -pos % block
+                continue
+            part = chunk if kind in (1, 2) else part + chunk
+            if kind in (1, 4):  # a whole record, or its last part
+                records.append(wandb_internal_pb2.Record.FromString(part))
+        kinds = [record.WhichOneof("record_type") for record in records]
+        if not finished or "exit" in kinds:
+            break
+        assert time.monotonic() < deadline, f"{run_file}: no exit record after 30 s"
+        time.sleep(0.2)
+    return [
+        {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in items}
+        for record in records
+        if record.WhichOneof("record_type") == "history"
+        for items in [record.history.item]
+    ]
 
 
 _glorot = nn.initializers.xavier_uniform()

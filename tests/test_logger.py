@@ -5,6 +5,7 @@ import os
 import pathlib
 import pty
 import re
+import signal
 import struct
 import subprocess
 import sys
@@ -364,6 +365,34 @@ def test_each_logger_of_one_process_has_its_own_wandb_run(tmp_path, monkeypatch)
     for seed in range(2):  # each seed's folder holds its own run and rows
         (run_file,) = (tmp_path / f"seed_{seed}" / "wandb").glob("offline-run-*/run-*.wandb")
         assert [(row["_step"], row["model_loss"]) for row in wandb_history(run_file)] == [(1, seed)]
+
+
+KILLED_AFTER_COMMIT_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, time
+    from dreamer_jax.logger import Logger, WANDB_FLUSH_S
+    logger = Logger({logdir!r}, {{}}, wandb_mode="offline", progress=False)
+    for step, name in [(1, "model_loss"), (2, "model_loss"), (2, "eval_return")]:
+        logger.scalar(name, float(step))
+        logger.write(step)  # step 2: a log row, then an evaluation's row of its own
+    logger.commit()  # as train does before a checkpoint: else step 2 stays open, and lost
+    time.sleep(3 * WANDB_FLUSH_S)
+    os.kill(os.getpid(), signal.SIGKILL)
+    """
+)
+
+
+def test_rows_committed_before_a_kill_are_in_the_wandb_file(tmp_path):
+    script = KILLED_AFTER_COMMIT_SCRIPT.format(logdir=str(tmp_path))
+    env = dict(os.environ, WANDB_SILENT="true")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, env=env)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    (run_file,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    rows = [
+        {k: v for k, v in row.items() if not k.startswith("_")}
+        for row in wandb_history(run_file, finished=False)
+    ]
+    assert rows == [{"model_loss": 1.0}, {"model_loss": 2.0, "eval_return": 2.0}]
 
 
 def test_long_video_makes_a_bounded_tensorboard_strip(tmp_path, monkeypatch):

@@ -351,6 +351,30 @@ def test_an_eval_that_fails_is_redone_with_the_same_draws_after_the_error_checkp
     assert [row["step"] for row in rows if "eval_return" in row] == [300, 500]
 
 
+def test_each_checkpoint_first_closes_every_seeds_open_wandb_row(tmp_path, monkeypatch):
+    # wandb holds a step's row open until a later step: a run killed after a checkpoint
+    # would lose the checkpoint step's row for good (tests/test_logger.py shows the kill).
+    config = cartpole_config(tmp_path, steps=600, log_every=200, checkpoint_every=200, num_seeds=2)
+    events = []
+    commit, save = train_module.Logger.commit, train_module.Checkpointer.save
+
+    def recorded_commit(self):
+        events.append(("commit", self.logdir.name))
+        return commit(self)
+
+    def recorded_save(self, step, *args):
+        events.append(("save", step))
+        return save(self, step, *args)
+
+    monkeypatch.setattr(train_module.Logger, "commit", recorded_commit)
+    monkeypatch.setattr(train_module.Checkpointer, "save", recorded_save)
+    train_module.train(config, types.SimpleNamespace(signum=None))
+    saves = [i for i, event in enumerate(events) if event[0] == "save"]
+    assert [events[i][1] for i in saves] == [0, 200, 400, 600]
+    for i in saves:
+        assert events[i - 2 : i] == [("commit", "seed_0"), ("commit", "seed_1")]
+
+
 def test_an_evaluation_between_log_rows_gets_a_row_of_its_own(tmp_path):
     """Evaluations every 100 steps, rows every 200: the eval of step 500 is a row of its
     own (a later value of the same name replaced it in the next row), the others share the
