@@ -102,7 +102,8 @@ class Replay:
       directory: where episodes are saved and loaded from; None keeps everything in memory.
       spec: per-step shape and dtype of every key of a step (the env's `step_spec`); must
         hold `REQUIRED_KEYS`.
-      capacity: the most steps stored; the oldest episodes are dropped first.
+      capacity: the most steps stored; the oldest episodes are dropped first, but the newest
+        one is kept even if it alone is longer.
       minlen: episodes shorter than this are not sampled; also the end bonus of
         `prioritize_ends`.
       length: chunk length T of a sample.
@@ -214,7 +215,9 @@ class Replay:
             self._lengths.append(length)
             self._num_steps += length
             self._bytes += sum(value.nbytes for value in episode.values())
-            while self._num_steps > self._capacity:
+            # The newest episode stays even alone over capacity (as the official replay
+            # keeps one): else an episode longer than `capacity` would empty the replay.
+            while self._num_steps > self._capacity and len(self._episodes) > 1:
                 dropped = self._episodes.pop(0)
                 self._num_steps -= self._lengths.pop(0)
                 self._bytes -= sum(value.nbytes for value in dropped.values())
@@ -270,7 +273,7 @@ class Replay:
                 continue
             if length < max(self._minlen, self._length):
                 continue
-            if length > budget:
+            if length > budget and episodes:  # the newest one is loaded whatever its length
                 break
             budget -= length
             episodes.append(episode)

@@ -459,6 +459,7 @@ class Learning:
         self.agent, self.config, self.replays, self.sharding = agent, config, replays, sharding
         self.logger = logger  # the first seed's: its lines go above the progress bar
         self.compile_announced = False  # the first update of this process compiles
+        self.wait_announced = False  # the prefill is over but a replay cannot be sampled
         self.datasets = [replay.dataset() for replay in replays]
         self.updates, self.owed = loop["updates"], loop["updates_owed"]
         self.metrics: list[dict] = []  # on device, [N] each, until they are summed
@@ -470,12 +471,30 @@ class Learning:
 
     def owe(self, step: int) -> None:
         config = self.config
-        if step < config.prefill or not all(replay.ready for replay in self.replays):
+        if step < config.prefill:
+            return
+        if not all(replay.ready for replay in self.replays):
+            if not self.wait_announced:
+                self.logger.message(f"step {step}: {self.waiting()}; training waits for one")
+                self.wait_announced = True
             return
         if self.updates == 0:
             self.owed += config.pretrain  # the official one-off pretraining
         self.owed += config.train_steps * (
             step // config.train_every - (step - config.envs) // config.train_every
+        )
+
+    def waiting(self) -> str:
+        """Which seeds have no episode to sample yet, and the length it needs, in words."""
+        seeds = [
+            seed
+            for seed, replay in zip(run_seeds(self.config), self.replays, strict=True)
+            if not replay.ready
+        ]
+        need = max(self.config.replay.minlen, self.config.dataset.length)
+        return (
+            f"{seeds_text(seeds)} stored no episode of at least max(replay.minlen, "
+            f"dataset.length) = {need} steps"
         )
 
     def train(self, states: TrainState, step: int, stop: Callable[[], bool]) -> TrainState:
@@ -969,6 +988,10 @@ def _run_loop(
         print(f"checkpoint saved at step {step} in {checkpointer.directory}", flush=True)
         for seed, logger in zip(run_seeds(config), loggers, strict=True):
             print(latest_returns(seed, logger.metrics_path), flush=True)
+        if learning.updates == 0 and step >= config.prefill and learning.wait_announced:
+            # Episodes that never reach a sample's length (a short time_limit or game, a
+            # large replay.minlen): a run that exits 0 having trained nothing at all.
+            print(f"warning: the run has made no update: {learning.waiting()}", file=sys.stderr)
     except Exception as error:
         loggers[0].end_progress()
         if not isinstance(error, CheckpointError | NonFiniteError):

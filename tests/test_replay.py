@@ -171,6 +171,13 @@ def test_capacity_drops_oldest_first():
         replay.add_episode(make_episode(n, offset=1000 * j))
         assert [int(ep["reward"][0]) // 1000 for ep in replay.episodes] == want
         assert replay.stats["num_steps"] == sum(lengths[k] for k in want) <= 50
+    # An episode longer than the capacity stays, alone (the official replay keeps one too):
+    # dropping it would leave nothing to sample.
+    replay.add_episode(make_episode(60, offset=6000))
+    assert [int(ep["reward"][0]) // 1000 for ep in replay.episodes] == [6]
+    assert replay.ready and replay.stats["num_steps"] == 60
+    replay.add_episode(make_episode(10, offset=7000))
+    assert [int(ep["reward"][0]) // 1000 for ep in replay.episodes] == [7]
 
 
 def test_atari_step_bytes():
@@ -211,6 +218,8 @@ def test_load_keeps_newest_within_capacity(tmp_path):
     reloaded = make_replay(tmp_path, capacity=25)
     assert [int(ep["reward"][0]) // 1000 for ep in reloaded.episodes] == [2, 3]
     assert reloaded.stats["loaded"] == 2 and len(list(tmp_path.iterdir())) == 4
+    alone = make_replay(tmp_path, capacity=8)  # the newest, though longer than the capacity
+    assert [int(ep["reward"][0]) // 1000 for ep in alone.episodes] == [3]
 
 
 def test_unreadable_files_are_skipped_and_untouched(tmp_path):

@@ -375,6 +375,17 @@ def test_each_checkpoint_first_closes_every_seeds_open_wandb_row(tmp_path, monke
         assert events[i - 2 : i] == [("commit", "seed_0"), ("commit", "seed_1")]
 
 
+def test_a_run_whose_episodes_never_reach_a_samples_length_says_so(tmp_path, capsys):
+    # CartPole ends by 500 steps (time_limit 0: the suite's limit), a random policy's by far
+    # sooner: no episode is ever stored, and the run trains nothing.
+    config = cartpole_config(tmp_path, steps=400, time_limit=0, **{"replay.minlen": 600})
+    train_module.train(config, types.SimpleNamespace(signum=None))
+    out, err = capsys.readouterr()
+    waiting = "seed 0 stored no episode of at least max(replay.minlen, dataset.length) = 600 steps"
+    assert f"step 300: {waiting}; training waits for one\n" in out
+    assert err.endswith(f"warning: the run has made no update: {waiting}\n")
+
+
 def test_an_evaluation_between_log_rows_gets_a_row_of_its_own(tmp_path):
     """Evaluations every 100 steps, rows every 200: the eval of step 500 is a row of its
     own (a later value of the same name replaced it in the next row), the others share the
