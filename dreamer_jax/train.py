@@ -668,7 +668,7 @@ class Logging:
         records = []
         for logger in self.loggers:
             record = logger.write(step)
-            shown = ("fps", "train_return", "eval_return")
+            shown = ("fps", "updates_per_sec", "train_return", "eval_return")
             logger.progress(step, {k: record[k] for k in shown if record.get(k) is not None})
             records.append(record)
         line = seeds_line(self.seeds, records) if len(records) > 1 else None
