@@ -54,7 +54,7 @@ import numpy as np
 from PIL import Image
 from tensorboardX import SummaryWriter
 
-from dreamer_jax.paths import DirectoryError, ensure_writable, write_atomic
+from dreamer_jax.paths import DirectoryError, ensure_writable, naming, write_atomic
 
 METRICS_FILE = "metrics.jsonl"
 # How long wandb.init may wait for the server (wandb's own default, 90 s, looks like a hang).
@@ -186,7 +186,8 @@ class Logger:
             )
         step = self.step if step is None else step
         path = self.logdir / f"{name.replace('/', '_')}_{step}.gif"
-        save_gif(path, frames)
+        with naming(path):
+            save_gif(path, frames)
         if self._tb_video:
             # tensorboardX wants [N, T, C, H, W].
             clip = frames[None].transpose(0, 1, 4, 2, 3)
@@ -215,14 +216,15 @@ class Logger:
         scalars, self._scalars = self._scalars, {}
         record = {"step": step, "frames": step * self.action_repeat}
         record.update({k: v if math.isfinite(v) else None for k, v in scalars.items()})
-        with open(self.metrics_path, "a", encoding="utf-8") as file:
+        with naming(self.metrics_path), open(self.metrics_path, "a", encoding="utf-8") as file:
             file.write(json.dumps(record) + "\n")
             file.flush()
             os.fsync(file.fileno())  # a crash after write() returns loses nothing
         for name, value in scalars.items():
             if math.isfinite(value):  # tensorboardX warns of each non-finite value
                 self._tb.add_scalar(name, value, global_step=step)
-        self._tb.flush()
+        with naming(self._events_path()):
+            self._tb.flush()
         if self._wandb is not None and scalars:
             self._wandb.log(scalars, step=step)
             self._wandb_row_open = True
@@ -294,13 +296,26 @@ class Logger:
             self._wandb.log({}, commit=True)
             self._wandb_row_open = False
 
+    def _events_path(self) -> pathlib.Path:
+        return self.logdir / "events.out.tfevents.*"  # which one: tensorboardX's business
+
     def close(self) -> None:
         """Flushes and closes TensorBoard, finishes wandb and closes the bar. Idempotent."""
-        self._tb.close()
-        if self._wandb is not None:
-            self._wandb.finish()
-            self._wandb = None
-        self.end_progress()
+        try:
+            with naming(self._events_path()):
+                self._tb.close()
+        except OSError:
+            # Events a failed write left buffered (a full disk) cannot be written: marked
+            # written, or tensorboardX's exit hook would retry and print a traceback.
+            for writer in (self._tb.all_writers or {}).values():
+                writer.event_writer._closed = True
+            self._tb.all_writers = self._tb.file_writer = None
+            raise
+        finally:
+            if self._wandb is not None:
+                self._wandb.finish()
+                self._wandb = None
+            self.end_progress()
 
 
 def _wide_terminal(stream: Any) -> bool:

@@ -4,6 +4,7 @@ the lock that keeps two runs out of one logdir."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import pathlib
@@ -11,6 +12,8 @@ from collections.abc import Iterator
 
 # A 0-byte probe succeeds on a full disk; 1 MiB of real data does not.
 PROBE_BYTES = 1 << 20
+# Write failures the user can fix (space, quota, permissions, a read-only mount).
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 class DirectoryError(OSError):
@@ -38,6 +41,18 @@ def ensure_writable(
             probe.unlink(missing_ok=True)
     except OSError as reason:
         raise error(f"{what} {directory} is not writable: {reason.strerror or reason}") from reason
+
+
+@contextlib.contextmanager
+def naming(path: str | pathlib.Path) -> Iterator[None]:
+    """Re-raises an OSError that names no file (a failed write or flush, as on a full disk)
+    as the same error naming `path`, so that its one line says which file failed."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename is not None or error.errno is None:
+            raise
+        raise OSError(error.errno, error.strerror, str(path)) from error
 
 
 def write_synced(path: pathlib.Path, data: bytes) -> None:

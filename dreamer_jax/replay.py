@@ -49,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from dreamer_jax.paths import DirectoryError, ensure_writable
+from dreamer_jax.paths import DirectoryError, ensure_writable, naming
 
 REQUIRED_KEYS = ("action", "reward", "is_first", "is_last", "is_terminal")
 # Per-step shape and dtype of each key of a step, e.g. {"reward": ((), np.float32), ...}.
@@ -230,10 +230,14 @@ class Replay:
         final = self._directory / name
         temp = self._directory / f".{name}.tmp"
         # Compressed: Atari frames shrink ~10x, which matters over 2e6+ steps on disk.
-        with open(temp, "wb") as f:
-            np.savez_compressed(f, **episode)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with naming(temp), open(temp, "wb") as f:
+                np.savez_compressed(f, **episode)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            temp.unlink(missing_ok=True)  # ours, half written (a full disk)
+            raise
         os.replace(temp, final)
 
     def load(self) -> None:

@@ -68,7 +68,7 @@ from dreamer_jax.logger import (
     read_metrics,
     seeds_line,
 )
-from dreamer_jax.paths import DirectoryError, ensure_writable, lock_directory
+from dreamer_jax.paths import STORAGE_ERRNOS, DirectoryError, ensure_writable, lock_directory
 from dreamer_jax.provenance import provenance, record_start
 from dreamer_jax.replay import Replay, bytes_per_step, set_aside_after
 from dreamer_jax.report import open_loop_video
@@ -1080,7 +1080,19 @@ def _main(argv: list[str]) -> int:
         return 2
     except BrokenPipeError:
         raise  # the output's reader has gone: `quiet_on_broken_pipe` ends the program
-    except (NonFiniteError, OSError) as error:  # OSError: e.g. a full disk mid-run
+    except OSError as error:
+        if error.errno not in STORAGE_ERRNOS:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        # A full disk, a quota, a read-only mount mid-run: the user can fix it and resume.
+        print(
+            f"error: could not write {error.filename or 'to the logdir'}: {error.strerror}; "
+            "the run stopped with its saved checkpoints intact: fix that and run the same "
+            "command to resume",
+            file=sys.stderr,
+        )
+        return 2
+    except NonFiniteError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 128 + stop.signum if stop.signum is not None else 0

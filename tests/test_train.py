@@ -375,6 +375,30 @@ def test_each_checkpoint_first_closes_every_seeds_open_wandb_row(tmp_path, monke
         assert events[i - 2 : i] == [("commit", "seed_0"), ("commit", "seed_1")]
 
 
+def test_a_full_disk_mid_run_is_one_line_naming_the_file_and_exit_2(tmp_path, monkeypatch, capsys):
+    # The disk fills while the 5th episode file is written (none names its file then).
+    savez, saved = np.savez_compressed, []
+
+    def full_disk_at_the_fifth(file, **arrays):
+        saved.append(file.name)
+        if len(saved) == 5:
+            file.write(b"part of an episode")
+            raise OSError(28, "No space left on device")
+        return savez(file, **arrays)
+
+    monkeypatch.setattr(np, "savez_compressed", full_disk_at_the_fifth)
+    args = [*CLASSIC, "--logdir", str(tmp_path), "--steps", "600", "--wandb.mode", "disabled"]
+    assert train_module.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (
+        f"error: could not write {saved[4]}: No space left on device; the run stopped with its "
+        "saved checkpoints intact: fix that and run the same command to resume"
+    )
+    assert "Traceback" not in err
+    replay = sorted(path.name for path in (tmp_path / "replay").iterdir())
+    assert len(replay) == 4 and not any(name.endswith(".tmp") for name in replay)  # removed
+
+
 def test_a_run_whose_episodes_never_reach_a_samples_length_says_so(tmp_path, capsys):
     # CartPole ends by 500 steps (time_limit 0: the suite's limit), a random policy's by far
     # sooner: no episode is ever stored, and the run trains nothing.
