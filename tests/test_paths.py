@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from dreamer_jax.paths import DirectoryBusyError, lock_directory
+from dreamer_jax.paths import DirectoryBusyError, lock_directory, naming
 
 HOLD = """
 import pathlib, sys, time
@@ -37,3 +37,15 @@ def test_lock_names_its_owner_and_a_kill_9_leaves_it_free(tmp_path):
         assert (tmp_path / ".lock").read_text().strip() == str(os.getpid())
     with lock_directory(tmp_path):  # and leaving the block released ours
         pass
+
+
+def test_naming_adds_the_file_to_an_error_that_names_none(tmp_path):
+    with pytest.raises(OSError) as raised, naming(tmp_path / "episode.npz"):
+        raise OSError(28, "No space left on device")  # a failed write names no file
+    assert raised.value.errno == 28 and raised.value.filename == str(tmp_path / "episode.npz")
+    assert str(raised.value) == f"[Errno 28] No space left on device: '{tmp_path / 'episode.npz'}'"
+    with pytest.raises(OSError) as raised, naming(tmp_path / "other"):
+        (tmp_path / "missing" / "x").read_text()  # names its own file: kept
+    assert raised.value.filename == str(tmp_path / "missing" / "x")
+    with pytest.raises(OSError, match="^no errno$") as raised, naming(tmp_path):
+        raise OSError("no errno")
