@@ -255,6 +255,28 @@ def final_return(run: Run) -> float:
     return float(run.returns[late].mean()) if late.any() else float(run.returns[-1])
 
 
+def short_seeds(runs: Sequence[Run]) -> list[str]:
+    """One line per task whose seeds end far apart: those whose last row is before the final
+    window (the last 10 %) of the task's longest seed. Each seed's final return is its own
+    last 10 %, so such a task's score mixes stages of training (a sweep still running, or a
+    seed that stopped early)."""
+    by_task: dict[str, list[Run]] = {}
+    for run in sorted(runs, key=lambda r: (r.task, r.seed)):
+        by_task.setdefault(run.task, []).append(run)
+    lines = []
+    for task, task_runs in by_task.items():
+        longest = max(task_runs, key=lambda run: run.last_frames)
+        short = [r for r in task_runs if r.last_frames < (1 - FINAL_FRACTION) * longest.last_frames]
+        if short:
+            ends = ", ".join(f"seed {r.seed} at {r.last_frames:,} frames" for r in short)
+            lines.append(
+                f"{task}: {ends}, before the last 10 % of seed {longest.seed}'s "
+                f"{longest.last_frames:,}; each seed's final return is its own last 10 %, "
+                "so the task's score mixes stages of training"
+            )
+    return lines
+
+
 def load_baselines(path: pathlib.Path = BASELINES_PATH) -> dict[str, dict[str, float]]:
     """`{task: {"random", "human_gamer", "human_record"}}` for the Atari games that have all
     three (the packaged copy of the official DreamerV2 scores; the file names its source)."""
@@ -614,6 +636,8 @@ def analyze(args: argparse.Namespace) -> None:
     ensure_writable(out, "output directory")
     baselines = load_baselines()
     summary = task_summary(runs, baselines)
+    for line in short_seeds(runs):
+        warnings.warn(line, stacklevel=2)
     for task, entry in summary.items():
         if not entry["normalized"]:
             print(

@@ -291,6 +291,21 @@ def test_an_atari_run_off_the_papers_protocol_is_kept_with_a_warning(tmp_path):
     assert analyze.atari_protocol_differences(no_repeat) == ["action_repeat 1 (paper 4)"]
 
 
+def test_seeds_that_end_before_the_final_window_are_named(tmp_path, capsys):
+    # The final window of seed 0's 10,000 frames starts at 9,000: seed 1 ends in it.
+    write_run(tmp_path / "runs", "atari_pong", 0, eval_rows([(1000, 1.0)], last_frames=10_000))
+    write_run(tmp_path / "runs", "atari_pong", 1, eval_rows([(1000, 2.0)], last_frames=9_000))
+    write_run(tmp_path / "runs", "atari_pong", 2, eval_rows([(1000, 3.0)], last_frames=8_996))
+    write_run(tmp_path / "runs", "atari_boxing", 0, eval_rows([(1000, 1.0)]))
+    (line,) = analyze.short_seeds(analyze.load_runs(tmp_path / "runs"))
+    assert line == (
+        "atari_pong: seed 2 at 8,996 frames, before the last 10 % of seed 0's 10,000; each "
+        "seed's final return is its own last 10 %, so the task's score mixes stages of training"
+    )
+    assert analyze.main([str(tmp_path / "runs"), "--out", str(tmp_path / "out")]) == 0
+    assert capsys.readouterr().err == f"warning: {line}\n"
+
+
 def test_two_runs_of_one_task_and_seed_are_an_error(tmp_path):
     write_run(tmp_path, "atari_pong", 0, eval_rows([(10, 1.0)]), name="kl_0.5/seed_0")
     write_run(tmp_path, "atari_pong", 0, eval_rows([(10, 2.0)]), name="kl_0.8/seed_0")
