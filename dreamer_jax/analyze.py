@@ -43,7 +43,7 @@ from dreamer_jax.config import (
     warn_in_one_line,
 )
 from dreamer_jax.logger import METRICS_FILE, WANDB_INIT_TIMEOUT_S, read_metrics
-from dreamer_jax.paths import DirectoryError, ensure_writable, write_atomic
+from dreamer_jax.paths import DirectoryError, check_creatable, ensure_writable, write_atomic
 from dreamer_jax.startup import quiet_on_broken_pipe
 
 DATA_DIR = pathlib.Path(__file__).with_name("data")
@@ -631,9 +631,10 @@ def check_options(args: argparse.Namespace) -> None:
 def analyze(args: argparse.Namespace) -> None:
     """The whole command: read, score, write the JSON and the figures, print, log to wandb."""
     check_options(args)
-    runs = load_runs(args.runs_dir, args.only)
     out = pathlib.Path(args.out)
-    ensure_writable(out, "output directory")
+    check_creatable(out, "output directory")  # before a sweep's worth of reading
+    runs = load_runs(args.runs_dir, args.only)
+    ensure_writable(out, "output directory")  # created once there is something to write
     baselines = load_baselines()
     summary = task_summary(runs, baselines)
     for line in short_seeds(runs):

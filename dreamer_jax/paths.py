@@ -43,6 +43,28 @@ def ensure_writable(
         raise error(f"{what} {directory} is not writable: {reason.strerror or reason}") from reason
 
 
+def check_creatable(
+    directory: pathlib.Path, what: str, error: type[OSError] = DirectoryError
+) -> None:
+    """Without creating or writing anything (a dry run): raises `error` with one line, worded
+    as `ensure_writable`'s, when `directory` could not be created or written: its nearest
+    existing ancestor is a file, or not writable (permissions, a read-only mount)."""
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing == directory and not directory.is_dir():
+        raise error(f"{what} {directory} is a file, not a directory")
+    problem = None
+    if not existing.is_dir():
+        problem = errno.ENOTDIR
+    elif os.statvfs(existing).f_flag & os.ST_RDONLY:
+        problem = errno.EROFS
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = errno.EACCES
+    if problem is not None:
+        raise error(f"{what} {directory} is not writable: {os.strerror(problem)}")
+
+
 @contextlib.contextmanager
 def naming(path: str | pathlib.Path) -> Iterator[None]:
     """Re-raises an OSError that names no file (a failed write or flush, as on a full disk)

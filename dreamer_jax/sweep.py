@@ -51,7 +51,7 @@ from dreamer_jax.config import (
     program_name,
 )
 from dreamer_jax.envs import available_tasks
-from dreamer_jax.paths import DirectoryError, ensure_writable
+from dreamer_jax.paths import DirectoryError, check_creatable, ensure_writable
 from dreamer_jax.startup import quiet_on_broken_pipe
 
 FIELDS = (
@@ -562,13 +562,21 @@ def run_local(
     with _Interrupts() as interrupts, _stopped_on_error(running):
         while running or (pending and not interrupts.count):
             if interrupts.count > forwarded:
-                forwarded = interrupts.count
-                _stop(running)
-                print(
-                    f"sweep: interrupted; asked {len(running)} running run(s) to checkpoint "
-                    "and stop, starting no more (signal again to quit them now)",
-                    flush=True,
-                )
+                again, forwarded = forwarded > 0, interrupts.count
+                if again:
+                    # Killed, not signalled: train takes two signals within a second for
+                    # one request, and a kill -9 keeps its last checkpoint as well.
+                    for process in running:
+                        process.kill()
+                    print(f"sweep: quitting {len(running)} running run(s) now; each keeps "
+                          "its last checkpoint", flush=True)  # fmt: skip
+                else:
+                    _stop(running)
+                    print(
+                        f"sweep: interrupted; asked {len(running)} running run(s) to "
+                        "checkpoint and stop, starting no more (signal again to quit them now)",
+                        flush=True,
+                    )
             while pending and len(running) < jobs and not interrupts.count:
                 run = pending.pop(0)
                 gpu = _least_loaded(gpus, [slot[2] for slot in running.values()])
@@ -801,6 +809,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs = select(expand(sweep), args.only)
         warn_of_drift(runs)
         if args.dry_run:
+            check_creatable(sweep.root / sweep.name, "sweep folder")  # as the run would
             print(_plan(sweep, runs, args.launcher))
             return 0
         slurm = args.launcher == "slurm"

@@ -612,6 +612,17 @@ def test_cli_help():
     )
 
 
+def test_an_output_directory_that_cannot_be_written_is_refused_before_reading(tmp_path):
+    write_run(tmp_path / "runs", "classic_cartpole", 0, eval_rows([(10, 1.0)]))
+    (tmp_path / "runs/classic_cartpole/seed_0/config.yaml").write_text("{")  # would warn
+    (tmp_path / "afile").write_text("")
+    result = _cli(str(tmp_path / "runs"), "--out", str(tmp_path / "afile" / "out"))
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"error: output directory {tmp_path / 'afile' / 'out'} is not writable: Not a directory\n"
+    )
+
+
 def test_cli_warnings_are_one_line_each(tmp_path):
     write_run(tmp_path, "classic_cartpole", 0, eval_rows([(10, 1.0)]))
     broken = write_run(tmp_path, "classic_cartpole", 1, eval_rows([(10, 1.0)])) / "config.yaml"

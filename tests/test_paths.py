@@ -7,7 +7,14 @@ import sys
 
 import pytest
 
-from dreamer_jax.paths import DirectoryBusyError, lock_directory, naming
+from dreamer_jax.paths import (
+    DirectoryBusyError,
+    DirectoryError,
+    check_creatable,
+    ensure_writable,
+    lock_directory,
+    naming,
+)
 
 HOLD = """
 import pathlib, sys, time
@@ -49,3 +56,15 @@ def test_naming_adds_the_file_to_an_error_that_names_none(tmp_path):
     assert raised.value.filename == str(tmp_path / "missing" / "x")
     with pytest.raises(OSError, match="^no errno$") as raised, naming(tmp_path):
         raise OSError("no errno")
+
+
+def test_check_creatable_creates_nothing_and_words_errors_as_ensure_writable(tmp_path):
+    (tmp_path / "afile").write_text("")
+    check_creatable(tmp_path / "new" / "deeper", "folder")  # fine, and nothing is made
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+    for target in (tmp_path / "afile" / "x", tmp_path / "afile"):
+        with pytest.raises(DirectoryError) as checked:
+            check_creatable(target, "folder")
+        with pytest.raises(DirectoryError) as ensured:
+            ensure_writable(target, "folder")
+        assert str(checked.value) == str(ensured.value)

@@ -466,6 +466,36 @@ def test_sigint_on_the_sweep_stops_the_runs_gracefully_and_waits(tmp_path):
     assert "interrupted  2" in out and "not started  1" in out and "Traceback" not in out
 
 
+# Marks that it was asked to stop, then takes its time (a long step or compile).
+SLOW_TO_STOP = """
+import pathlib, signal, sys, time
+marks, name = pathlib.Path(sys.argv[1]), sys.argv[2]
+signal.signal(signal.SIGINT, lambda *_: (marks / f"asked_{name}").write_text(""))
+(marks / f"started_{name}").write_text("")
+time.sleep(60)
+"""
+
+
+def test_a_second_sigint_on_the_sweep_quits_the_runs_now(tmp_path):
+    sweep = subprocess.Popen(
+        [sys.executable, "-c", SWEEP_PROGRAM, str(tmp_path), SLOW_TO_STOP],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        for marks in (["started_0", "started_1"], ["asked_0", "asked_1"]):
+            deadline = time.monotonic() + 60
+            while not all((tmp_path / mark).exists() for mark in marks):
+                assert time.monotonic() < deadline and sweep.poll() is None
+                time.sleep(0.05)
+            sweep.send_signal(signal.SIGINT)  # a second one as soon as the first arrived
+        out, _ = sweep.communicate(timeout=30)  # not the runs' 60 s
+    finally:
+        sweep.kill()
+    assert sweep.returncode == 130, out
+    assert "sweep: quitting 2 running run(s) now; each keeps its last checkpoint" in out
+    assert "interrupted  2" in out and "not started  1" in out and "Traceback" not in out
+
+
 def test_runs_that_cannot_start_fail_with_one_line_each_and_the_others_go_on(tmp_path, capsys):
     runs_dir = tmp_path / "runs"
     ok = (sys.executable, "-c", "pass")
@@ -508,18 +538,20 @@ def test_a_log_in_the_way_fails_that_run_with_one_line_and_the_summary(tmp_path,
     assert blocked.log.is_dir() and not blocked.logdir.exists()
 
 
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]])
 @pytest.mark.parametrize("root, fragment", [
     ("afile/runs", "runs/sweep is not writable: Not a directory"),  # the root under a file
     (".", "sweep is a file, not a directory"),  # the sweep's own folder is a file
 ])  # fmt: skip
 def test_a_sweep_root_that_cannot_hold_the_sweep_is_one_line_before_any_run(
-    tmp_path, capsys, root, fragment
+    tmp_path, capsys, root, fragment, dry_run
 ):
+    # A dry run, which creates nothing, says so too: its plan would not run.
     for name in ("afile", "sweep"):
         (tmp_path / name).write_text("kept")
     path = write_sweep(tmp_path, SLURM_SWEEP.replace("ROOT", str(tmp_path / root)))
     before = sorted(tmp_path.rglob("*"))
-    assert main([str(path)]) == 2
+    assert main([str(path), *dry_run]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.count("\n") == 1
     assert captured.err.startswith("error: sweep folder ") and fragment in captured.err
