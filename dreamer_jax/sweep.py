@@ -328,7 +328,26 @@ def expand(sweep: Sweep) -> list[Run]:
                     raise SweepError(f"{sweep.path}: run {name}: {error}") from None
                 command = (sys.executable, "-m", "dreamer_jax.train", *args)
                 runs.append(Run(task, variant, seed, logdir, command, config.steps, count, config))
+    _refuse_repeated_variants(sweep, runs)
     return runs
+
+
+def _refuse_repeated_variants(sweep: Sweep, runs: Sequence[Run]) -> None:
+    """SweepError when two variants give a run the same config (`kl.balance: 0.8` against
+    `kl: {balance: 0.8}`, or a variant that sets the defaults): the second would spend its
+    runs repeating the first's."""
+    seen: dict[tuple, str] = {}
+    for run in runs:
+        flat = run.config.flat()
+        for key in ("logdir", "wandb.tags"):  # the variant's name only
+            flat.pop(key)
+        same = (run.task, run.seed, tuple(sorted((k, repr(v)) for k, v in flat.items())))
+        first = seen.setdefault(same, run.variant)
+        if first != run.variant:
+            raise SweepError(
+                f"{sweep.path}: variants '{first}' and '{run.variant}' give {run.task} the "
+                "same config: the second would repeat the first's runs"
+            )
 
 
 def select(runs: Sequence[Run], pattern: str | None) -> list[Run]:

@@ -300,6 +300,11 @@ BAD_SWEEPS = [
     (f"tasks: [classic_cartpole]\nseeds: [0]\nvariants: {{{'v' * 101}: {{}}}}\n",
      f"variant name '{'v' * 101}' must be 1 to 100 letters"),
     (f"tasks: [classic_cartpole]\nseeds: [0]\nname: {'n' * 101}\n", "'name' must be 1 to 100"),
+    ("tasks: [classic_cartpole]\nseeds: [0]\n"
+     "variants: {a: {kl.balance: 0.5}, b: {kl: {balance: 0.5}}}\n",
+     "variants 'a' and 'b' give classic_cartpole the same config"),
+    ("tasks: [classic_cartpole]\nseeds: [0]\nvariants: {base: {}, none: {}}\n",
+     "variants 'base' and 'none' give classic_cartpole the same config"),
     ("tasks: [classic_cartpole\n", "is not valid YAML at line"),
     ("- 1\n", "must hold a mapping"),
 ]  # fmt: skip
