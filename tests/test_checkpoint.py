@@ -301,7 +301,7 @@ FULL_DISK_SCRIPT = textwrap.dedent(
     from helpers import vector_agent
     from dreamer_jax.checkpoint import Checkpointer, CheckpointError, saved_loop_state
     state = vector_agent().init(jax.random.key(0))
-    checkpointer = Checkpointer({ckpt!r})
+    checkpointer, fresh = Checkpointer({ckpt!r}), Checkpointer({ckpt!r} + "_new")
     checkpointer.save(1, state, {{"step": 1}})
     # A file-size limit fails orbax's writes as a full disk does (EFBIG instead of ENOSPC).
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -309,6 +309,10 @@ FULL_DISK_SCRIPT = textwrap.dedent(
     resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, hard))
     try:
         checkpointer.save(2, state, {{"step": 2}})
+    except CheckpointError as error:
+        print(error)
+    try:
+        fresh.save(0, state, {{"step": 0}})
     except CheckpointError as error:
         print(error)
     resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
@@ -324,7 +328,9 @@ def test_a_failed_save_is_one_line_and_the_next_save_works(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.splitlines() == [
         f"could not save checkpoint 2 in {tmp_path / 'ckpt'}: File too large "
-        "(the previous checkpoints are intact)"
+        "(the previous checkpoints are intact)",
+        f"could not save checkpoint 0 in {tmp_path / 'ckpt_new'}: File too large "
+        "(there is no earlier one)",
     ]
     # Without orbax's per-thread tracebacks (absl ERROR logs, asyncio "never retrieved").
     assert "Traceback" not in result.stderr and "ERROR" not in result.stderr, result.stderr[:2000]
