@@ -68,16 +68,16 @@ def bytes_per_step(spec: StepSpec) -> int:
 def set_aside_after(
     directory: pathlib.Path, next_index: int, aside: pathlib.Path
 ) -> tuple[int, pathlib.Path | None]:
-    """Moves the episode files of `directory` numbered `next_index` or above (the episodes that
-    finished after a checkpoint taken when `next_index` was the replay's next index) into a new
-    folder `aside` (`aside.1`, `aside.2`, ... if it exists). Returns how many it moved and
-    the folder they went to (None when there were none)."""
+    """Moves the episode files (and unfinished saves) of `directory` numbered `next_index` or
+    above (the episodes that finished after a checkpoint taken when `next_index` was the
+    replay's next index) into a new folder `aside` (`aside.1`, `aside.2`, ... if it exists).
+    Returns how many it moved and the folder they went to (None when there were none)."""
+    # A save's temp file too (`.<index>-<length>.npz.tmp`, left by a kill during the save):
+    # kept, its index would move the resumed run's file numbers on from the checkpoint's.
     names = [
         path.name
         for path in (directory.iterdir() if directory.is_dir() else [])
-        if (match := _FILENAME.match(path.name))
-        and not path.name.startswith(".")
-        and int(match.group(1)) >= next_index
+        if (match := _FILENAME.match(path.name)) and int(match.group(1)) >= next_index
     ]
     if not names:
         return 0, None

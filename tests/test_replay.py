@@ -498,10 +498,11 @@ def test_set_aside_moves_the_files_from_an_index_on_and_never_overwrites(tmp_pat
     names = [f"{i:08d}-{10 + i}.npz" for i in range(5)] + [".00000005-9.npz.tmp", "notes.txt"]
     for name in names:
         (directory / name).write_bytes(name.encode())
-    assert set_aside_after(directory, 3, aside) == (2, aside)
-    assert sorted(p.name for p in aside.iterdir()) == names[3:5]
+    # The unfinished save of index 5 goes too: kept, it would move the next index on to 6.
+    assert set_aside_after(directory, 3, aside) == (3, aside)
+    assert sorted(p.name for p in aside.iterdir()) == sorted(names[3:6])
     assert (aside / names[4]).read_bytes() == names[4].encode()
-    assert sorted(p.name for p in directory.iterdir()) == sorted([*names[:3], *names[5:]])
+    assert sorted(p.name for p in directory.iterdir()) == sorted([*names[:3], "notes.txt"])
     (directory / names[3]).write_bytes(b"collected again")  # the same index, a second kill
     assert set_aside_after(directory, 3, aside) == (1, aside.with_name("400.1"))
     assert (aside.with_name("400.1") / names[3]).read_bytes() == b"collected again"
