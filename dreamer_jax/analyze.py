@@ -269,9 +269,10 @@ def short_seeds(runs: Sequence[Run]) -> list[str]:
         short = [r for r in task_runs if r.last_frames < (1 - FINAL_FRACTION) * longest.last_frames]
         if short:
             ends = ", ".join(f"seed {r.seed} at {r.last_frames:,} frames" for r in short)
+            window = f"last {100 * FINAL_FRACTION:g} %"
             lines.append(
-                f"{task}: {ends}, before the last 10 % of seed {longest.seed}'s "
-                f"{longest.last_frames:,}; each seed's final return is its own last 10 %, "
+                f"{task}: {ends}, before the {window} of seed {longest.seed}'s "
+                f"{longest.last_frames:,}; each seed's final return is its own {window}, "
                 "so the task's score mixes stages of training"
             )
     return lines

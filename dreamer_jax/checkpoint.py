@@ -294,8 +294,10 @@ class Checkpointer:
         except Exception as error:  # orbax wraps OS errors in several types
             self._remove_partial(step)
             self._put_back_replaced()
-            earlier = [s for s in self.steps() if s != step]
-            kept = "the previous checkpoints are intact" if earlier else "there is no earlier one"
+            # A step saved again (a resumed run) was put back: it counts as kept.
+            kept = (
+                "the previous checkpoints are intact" if self.steps() else "there is no earlier one"
+            )
             raise CheckpointError(
                 f"could not save checkpoint {step} in {self.directory}: {_reason(error)} ({kept})"
             ) from error

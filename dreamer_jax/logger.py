@@ -293,8 +293,12 @@ class Logger:
         would lose the checkpoint step's row for good (the resumed run starts after it).
         Call once the step's rows are all written: wandb drops later values of its step."""
         if self._wandb is not None and self._wandb_row_open:
-            self._wandb.log({}, commit=True)
             self._wandb_row_open = False
+            try:
+                self._wandb.log({}, commit=True)
+            except Exception as error:  # its service gone: the checkpoint still matters more
+                self._wandb = None
+                warnings.warn(f"wandb failed, continuing without it: {error}", stacklevel=2)
 
     def _events_path(self) -> pathlib.Path:
         return self.logdir / "events.out.tfevents.*"  # which one: tensorboardX's business
@@ -312,10 +316,12 @@ class Logger:
             self._tb.all_writers = self._tb.file_writer = None
             raise
         finally:
-            if self._wandb is not None:
-                self._wandb.finish()
-                self._wandb = None
-            self.end_progress()
+            run, self._wandb = self._wandb, None
+            try:
+                if run is not None:
+                    run.finish()
+            finally:
+                self.end_progress()
 
 
 def _wide_terminal(stream: Any) -> bool:

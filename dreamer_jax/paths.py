@@ -24,6 +24,11 @@ class DirectoryBusyError(DirectoryError):
     """Another process holds the directory's lock. The message is one line."""
 
 
+class StorageError(OSError):
+    """A write the user can fix failed mid-run (`STORAGE_ERRNOS`: a full disk, a quota, a
+    read-only mount, permissions); its `filename` names the file. Raised by `naming`."""
+
+
 def ensure_writable(
     directory: pathlib.Path, what: str, error: type[OSError] = DirectoryError
 ) -> None:
@@ -67,14 +72,15 @@ def check_creatable(
 
 @contextlib.contextmanager
 def naming(path: str | pathlib.Path) -> Iterator[None]:
-    """Re-raises an OSError that names no file (a failed write or flush, as on a full disk)
-    as the same error naming `path`, so that its one line says which file failed."""
+    """Around a write of `path`: re-raises a `STORAGE_ERRNOS` OSError as a `StorageError`
+    naming the file (its own, or `path` when it names none, as a failed write or flush on a
+    full disk does), so that its one line says which file failed. Others pass unchanged."""
     try:
         yield
     except OSError as error:
-        if error.filename is not None or error.errno is None:
+        if error.errno not in STORAGE_ERRNOS or isinstance(error, DirectoryError):
             raise
-        raise OSError(error.errno, error.strerror, str(path)) from error
+        raise StorageError(error.errno, error.strerror, error.filename or str(path)) from error
 
 
 def write_synced(path: pathlib.Path, data: bytes) -> None:

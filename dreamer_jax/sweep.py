@@ -563,9 +563,10 @@ def run_local(
     A failed run is recorded and the others go on; so is a run that cannot start (its log
     or folder cannot be made, or its command cannot be run), with one line on stderr. On
     SIGINT/SIGTERM no new run starts and each running one gets a SIGINT (train checkpoints
-    and exits); the sweep waits for them. A second signal is passed on too (train then quits
-    at once). Children run in sessions of their own, so a terminal's Ctrl-C reaches them
-    once, through the sweep; an error of the sweep itself stops them the same way.
+    and exits); the sweep waits for them. A second signal kills them (train keeps its last
+    checkpoint through a kill). Children run in sessions of their own, so a terminal's
+    Ctrl-C reaches them once, through the sweep; an error of the sweep itself stops them the
+    same way.
     """
     environ = os.environ if environ is None else environ
     outcomes: dict[Run, Outcome] = {}
@@ -581,12 +582,14 @@ def run_local(
     with _Interrupts() as interrupts, _stopped_on_error(running):
         while running or (pending and not interrupts.count):
             if interrupts.count > forwarded:
-                again, forwarded = forwarded > 0, interrupts.count
+                # Two signals before the loop looked are a second request too.
+                again, forwarded = forwarded > 0 or interrupts.count > 1, interrupts.count
                 if again:
                     # Killed, not signalled: train takes two signals within a second for
                     # one request, and a kill -9 keeps its last checkpoint as well.
                     for process in running:
-                        process.kill()
+                        with contextlib.suppress(ProcessLookupError):  # ended meanwhile
+                            os.killpg(process.pid, signal.SIGKILL)  # its session: all of it
                     print(f"sweep: quitting {len(running)} running run(s) now; each keeps "
                           "its last checkpoint", flush=True)  # fmt: skip
                 else:

@@ -68,7 +68,7 @@ from dreamer_jax.logger import (
     read_metrics,
     seeds_line,
 )
-from dreamer_jax.paths import STORAGE_ERRNOS, DirectoryError, ensure_writable, lock_directory
+from dreamer_jax.paths import DirectoryError, StorageError, ensure_writable, lock_directory
 from dreamer_jax.provenance import provenance, record_start
 from dreamer_jax.replay import Replay, bytes_per_step, set_aside_after
 from dreamer_jax.report import open_loop_video
@@ -988,7 +988,8 @@ def _run_loop(
         print(f"checkpoint saved at step {step} in {checkpointer.directory}", flush=True)
         for seed, logger in zip(run_seeds(config), loggers, strict=True):
             print(latest_returns(seed, logger.metrics_path), flush=True)
-        if learning.updates == 0 and step >= config.prefill and learning.wait_announced:
+        waiting = not all(replay.ready for replay in replays)
+        if learning.updates == 0 and learning.wait_announced and waiting:
             # Episodes that never reach a sample's length (a short time_limit or game, a
             # large replay.minlen): a run that exits 0 having trained nothing at all.
             print(f"warning: the run has made no update: {learning.waiting()}", file=sys.stderr)
@@ -1080,19 +1081,14 @@ def _main(argv: list[str]) -> int:
         return 2
     except BrokenPipeError:
         raise  # the output's reader has gone: `quiet_on_broken_pipe` ends the program
-    except OSError as error:
-        if error.errno not in STORAGE_ERRNOS:
-            print(f"error: {error}", file=sys.stderr)
-            return 1
-        # A full disk, a quota, a read-only mount mid-run: the user can fix it and resume.
+    except StorageError as error:  # a full disk, a quota, a read-only mount: fixable
         print(
-            f"error: could not write {error.filename or 'to the logdir'}: {error.strerror}; "
-            "the run stopped with its saved checkpoints intact: fix that and run the same "
-            "command to resume",
+            f"error: could not write {error.filename}: {error.strerror}; the run stopped with "
+            "its saved checkpoints intact: fix that and run the same command to resume",
             file=sys.stderr,
         )
         return 2
-    except NonFiniteError as error:
+    except (NonFiniteError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 128 + stop.signum if stop.signum is not None else 0

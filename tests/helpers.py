@@ -86,6 +86,8 @@ def wandb_history(run_file: pathlib.Path, finished: bool = True) -> list[dict]:
                 pos += block - pos % block
                 continue
             length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+            if pos + 7 + length > len(data):  # a record wandb is still writing
+                break
             chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
             if kind == 0 and length == 0:  # the rest of the block is empty
                 pos += -pos % block

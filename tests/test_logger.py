@@ -367,23 +367,43 @@ def test_each_logger_of_one_process_has_its_own_wandb_run(tmp_path, monkeypatch)
         assert [(row["_step"], row["model_loss"]) for row in wandb_history(run_file)] == [(1, seed)]
 
 
+def test_a_wandb_that_fails_at_a_commit_warns_and_logging_goes_on(tmp_path):
+    # Its service gone: the checkpoint the commit comes before must still be saved.
+    logger = _logger(tmp_path)
+    failing = types.SimpleNamespace(log=lambda *a, **k: (_ for _ in ()).throw(OSError(32, "gone")))
+    logger._wandb, logger._wandb_row_open = failing, True
+    with pytest.warns(UserWarning, match="wandb failed, continuing without it: .*gone"):
+        logger.commit()
+    assert logger._wandb is None
+    logger.scalar("model_loss", 1.0)
+    logger.write(1)
+    logger.close()
+    assert [row["step"] for row in read_metrics(tmp_path / "metrics.jsonl")] == [1]
+
+
 KILLED_AFTER_COMMIT_SCRIPT = textwrap.dedent(
     """
-    import os, signal, time
-    from dreamer_jax.logger import Logger, WANDB_FLUSH_S
+    import os, pathlib, signal, sys, time
+    sys.path.insert(0, {tests!r})
+    from helpers import wandb_history
+    from dreamer_jax.logger import Logger
     logger = Logger({logdir!r}, {{}}, wandb_mode="offline", progress=False)
     for step, name in [(1, "model_loss"), (2, "model_loss"), (2, "eval_return")]:
         logger.scalar(name, float(step))
         logger.write(step)  # step 2: a log row, then an evaluation's row of its own
     logger.commit()  # as train does before a checkpoint: else step 2 stays open, and lost
-    time.sleep(3 * WANDB_FLUSH_S)
+    # Up to 10 s for wandb to write it: its default would take 15 s (WANDB_FLUSH_S: 1 s).
+    run_file = next(pathlib.Path({logdir!r}).glob("wandb/offline-run-*/run-*.wandb"))
+    deadline = time.monotonic() + 10
+    while len(wandb_history(run_file, finished=False)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
     os.kill(os.getpid(), signal.SIGKILL)
     """
 )
 
 
 def test_rows_committed_before_a_kill_are_in_the_wandb_file(tmp_path):
-    script = KILLED_AFTER_COMMIT_SCRIPT.format(logdir=str(tmp_path))
+    script = KILLED_AFTER_COMMIT_SCRIPT.format(logdir=str(tmp_path), tests=str(TESTS))
     env = dict(os.environ, WANDB_SILENT="true")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, env=env)
     assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]

@@ -10,6 +10,7 @@ import pytest
 from dreamer_jax.paths import (
     DirectoryBusyError,
     DirectoryError,
+    StorageError,
     check_creatable,
     ensure_writable,
     lock_directory,
@@ -46,14 +47,19 @@ def test_lock_names_its_owner_and_a_kill_9_leaves_it_free(tmp_path):
         pass
 
 
-def test_naming_adds_the_file_to_an_error_that_names_none(tmp_path):
-    with pytest.raises(OSError) as raised, naming(tmp_path / "episode.npz"):
+def test_naming_makes_a_storage_error_naming_the_file(tmp_path):
+    with pytest.raises(StorageError) as raised, naming(tmp_path / "episode.npz"):
         raise OSError(28, "No space left on device")  # a failed write names no file
     assert raised.value.errno == 28 and raised.value.filename == str(tmp_path / "episode.npz")
     assert str(raised.value) == f"[Errno 28] No space left on device: '{tmp_path / 'episode.npz'}'"
+    with pytest.raises(StorageError) as raised, naming(tmp_path / "other"):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "x.tmp"))
+    assert raised.value.filename == str(tmp_path / "x.tmp")  # names its own file: kept
     with pytest.raises(OSError) as raised, naming(tmp_path / "other"):
-        (tmp_path / "missing" / "x").read_text()  # names its own file: kept
-    assert raised.value.filename == str(tmp_path / "missing" / "x")
+        (tmp_path / "missing" / "x").read_text()  # not a storage problem: unchanged
+    assert type(raised.value) is FileNotFoundError
+    with pytest.raises(BrokenPipeError), naming(tmp_path):
+        raise BrokenPipeError(32, "Broken pipe")
     with pytest.raises(OSError, match="^no errno$") as raised, naming(tmp_path):
         raise OSError("no errno")
 
