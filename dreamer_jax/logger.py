@@ -305,6 +305,7 @@ class Logger:
 
     def close(self) -> None:
         """Flushes and closes TensorBoard, finishes wandb and closes the bar. Idempotent."""
+        in_flight = sys.exc_info()[1]  # closed on the way out of an error
         try:
             with naming(self._events_path()):
                 self._tb.close()
@@ -314,7 +315,8 @@ class Logger:
             for writer in (self._tb.all_writers or {}).values():
                 writer.event_writer._closed = True
             self._tb.all_writers = self._tb.file_writer = None
-            raise
+            if in_flight is None:  # else that error, the write that failed first, is told
+                raise
         finally:
             run, self._wandb = self._wandb, None
             try:
