@@ -450,16 +450,21 @@ sys.exit(exit_code(outcomes))
 """
 
 
+def _await_marks(sweep: subprocess.Popen, folder: pathlib.Path, marks: list[str]) -> None:
+    """Waits (60 s at most) until the runs of `sweep` have left every one of `marks`."""
+    deadline = time.monotonic() + 60
+    while not all((folder / mark).exists() for mark in marks):
+        assert time.monotonic() < deadline and sweep.poll() is None
+        time.sleep(0.05)
+
+
 def test_sigint_on_the_sweep_stops_the_runs_gracefully_and_waits(tmp_path):
     sweep = subprocess.Popen(
         [sys.executable, "-c", SWEEP_PROGRAM, str(tmp_path), PATIENT],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 60
-        while not all((tmp_path / f"started_{s}").exists() for s in (0, 1)):
-            assert time.monotonic() < deadline and sweep.poll() is None
-            time.sleep(0.05)
+        _await_marks(sweep, tmp_path, ["started_0", "started_1"])
         sweep.send_signal(signal.SIGINT)
         out, _ = sweep.communicate(timeout=60)
     finally:
@@ -488,10 +493,7 @@ def test_a_second_sigint_on_the_sweep_quits_the_runs_now(tmp_path):
     )  # fmt: skip
     try:
         for marks in (["started_0", "started_1"], ["asked_0", "asked_1"]):
-            deadline = time.monotonic() + 60
-            while not all((tmp_path / mark).exists() for mark in marks):
-                assert time.monotonic() < deadline and sweep.poll() is None
-                time.sleep(0.05)
+            _await_marks(sweep, tmp_path, marks)
             sweep.send_signal(signal.SIGINT)  # a second one as soon as the first arrived
         out, _ = sweep.communicate(timeout=30)  # not the runs' 60 s
     finally:
