@@ -450,26 +450,30 @@ sys.exit(exit_code(outcomes))
 """
 
 
-def _await_marks(sweep: subprocess.Popen, folder: pathlib.Path, marks: list[str]) -> None:
-    """Waits (60 s at most) until the runs of `sweep` have left every one of `marks`."""
-    deadline = time.monotonic() + 60
-    while not all((folder / mark).exists() for mark in marks):
-        assert time.monotonic() < deadline and sweep.poll() is None
-        time.sleep(0.05)
-
-
-def test_sigint_on_the_sweep_stops_the_runs_gracefully_and_waits(tmp_path):
+def _interrupt_sweep(folder: pathlib.Path, child: str, signal_at: list[list[str]], timeout: float):
+    """Runs `SWEEP_PROGRAM` with runs of `child` and sends it a SIGINT as soon as the runs have
+    left each list of marks of `signal_at` in `folder` (60 s at most each); its exit code and
+    output, within `timeout` s of the last signal."""
     sweep = subprocess.Popen(
-        [sys.executable, "-c", SWEEP_PROGRAM, str(tmp_path), PATIENT],
+        [sys.executable, "-c", SWEEP_PROGRAM, str(folder), child],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
-        _await_marks(sweep, tmp_path, ["started_0", "started_1"])
-        sweep.send_signal(signal.SIGINT)
-        out, _ = sweep.communicate(timeout=60)
+        for marks in signal_at:
+            deadline = time.monotonic() + 60
+            while not all((folder / mark).exists() for mark in marks):
+                assert time.monotonic() < deadline and sweep.poll() is None
+                time.sleep(0.05)
+            sweep.send_signal(signal.SIGINT)
+        out, _ = sweep.communicate(timeout=timeout)
     finally:
         sweep.kill()
-    assert sweep.returncode == 130, out
+    return sweep.returncode, out
+
+
+def test_sigint_on_the_sweep_stops_the_runs_gracefully_and_waits(tmp_path):
+    code, out = _interrupt_sweep(tmp_path, PATIENT, [["started_0", "started_1"]], timeout=60)
+    assert code == 130, out
     # Both running runs got the signal and were waited for; the third never started.
     assert (tmp_path / "stopped_0").exists() and (tmp_path / "stopped_1").exists()
     assert not (tmp_path / "started_2").exists()
@@ -487,18 +491,10 @@ time.sleep(60)
 
 
 def test_a_second_sigint_on_the_sweep_quits_the_runs_now(tmp_path):
-    sweep = subprocess.Popen(
-        [sys.executable, "-c", SWEEP_PROGRAM, str(tmp_path), SLOW_TO_STOP],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    try:
-        for marks in (["started_0", "started_1"], ["asked_0", "asked_1"]):
-            _await_marks(sweep, tmp_path, marks)
-            sweep.send_signal(signal.SIGINT)  # a second one as soon as the first arrived
-        out, _ = sweep.communicate(timeout=30)  # not the runs' 60 s
-    finally:
-        sweep.kill()
-    assert sweep.returncode == 130, out
+    # The second signal as soon as the first arrived; the runs' own 60 s not waited for.
+    signal_at = [["started_0", "started_1"], ["asked_0", "asked_1"]]
+    code, out = _interrupt_sweep(tmp_path, SLOW_TO_STOP, signal_at, timeout=30)
+    assert code == 130, out
     assert "sweep: quitting 2 running run(s) now; each keeps its last checkpoint" in out
     assert "interrupted  2" in out and "not started  1" in out and "Traceback" not in out
 
