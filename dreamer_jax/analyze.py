@@ -658,6 +658,10 @@ def analyze(args: argparse.Namespace) -> None:
     text = json.dumps(_finite_or_none(result), indent=2, allow_nan=False)
     write_atomic(out / "aggregate.json", (text + "\n").encode())
     images = write_plots(out, runs, agg, baselines, load_reference_curves(), args.bins)
+    stale = sorted({*out.glob("curves_*.png"), *out.glob("aggregate.png")} - set(images))
+    if stale:  # kept (never deleted), but named: they are not of these runs
+        names = ", ".join(path.name for path in stale)
+        warnings.warn(f"{out} also holds figures of an earlier analysis: {names}", stacklevel=2)
     print(_report(summary, agg))
     print(f"wrote {out / 'aggregate.json'} and {len(images)} figures to {out}")
     if args.wandb_mode != "disabled":

@@ -612,6 +612,20 @@ def test_cli_help():
     )
 
 
+def test_figures_of_an_earlier_analysis_in_the_output_are_named(tmp_path, capsys):
+    for task in ("atari_pong", "atari_boxing"):
+        write_run(tmp_path / "runs", task, 0, eval_rows([(1000, 1.0)]))
+    out = tmp_path / "out"
+    assert analyze.main([str(tmp_path / "runs"), "--out", str(out)]) == 0
+    assert capsys.readouterr().err == ""
+    args = [str(tmp_path / "runs"), "--only", "atari_pong/*", "--out", str(out)]
+    assert analyze.main(args) == 0
+    assert capsys.readouterr().err == (
+        f"warning: {out} also holds figures of an earlier analysis: curves_atari_boxing.png\n"
+    )
+    assert (out / "curves_atari_boxing.png").is_file()  # kept
+
+
 def test_an_output_directory_that_cannot_be_written_is_refused_before_reading(tmp_path):
     write_run(tmp_path / "runs", "classic_cartpole", 0, eval_rows([(10, 1.0)]))
     (tmp_path / "runs/classic_cartpole/seed_0/config.yaml").write_text("{")  # would warn
