@@ -255,16 +255,21 @@ def final_return(run: Run) -> float:
     return float(run.returns[late].mean()) if late.any() else float(run.returns[-1])
 
 
+def runs_by_task(runs: Sequence[Run]) -> dict[str, list[Run]]:
+    """`{task: [runs sorted by seed]}`, tasks in sorted order."""
+    by_task: dict[str, list[Run]] = {}
+    for run in sorted(runs, key=lambda r: (r.task, r.seed)):
+        by_task.setdefault(run.task, []).append(run)
+    return by_task
+
+
 def short_seeds(runs: Sequence[Run]) -> list[str]:
     """One line per task whose seeds end far apart: those whose last row is before the final
     window (the last 10 %) of the task's longest seed. Each seed's final return is its own
     last 10 %, so such a task's score mixes stages of training (a sweep still running, or a
     seed that stopped early)."""
-    by_task: dict[str, list[Run]] = {}
-    for run in sorted(runs, key=lambda r: (r.task, r.seed)):
-        by_task.setdefault(run.task, []).append(run)
     lines = []
-    for task, task_runs in by_task.items():
+    for task, task_runs in runs_by_task(runs).items():
         longest = max(task_runs, key=lambda run: run.last_frames)
         short = [r for r in task_runs if r.last_frames < (1 - FINAL_FRACTION) * longest.last_frames]
         if short:
@@ -320,11 +325,8 @@ def task_summary(runs: Sequence[Run], baselines: Mapping[str, Mapping]) -> dict[
     """Per task, tasks and seeds sorted: `seeds`; `frames`, the fewest any seed reached;
     `seed_returns` ({seed: final return}); `final_return`, their mean; `normalized`, whether
     the task has Atari baselines, and if so `normalized_means` of the seeds' final returns."""
-    by_task: dict[str, list[Run]] = {}
-    for run in sorted(runs, key=lambda r: (r.task, r.seed)):
-        by_task.setdefault(run.task, []).append(run)
     summary = {}
-    for task, task_runs in by_task.items():
+    for task, task_runs in runs_by_task(runs).items():
         returns = np.array([final_return(run) for run in task_runs])
         entry = {
             "seeds": len(task_runs),
@@ -495,10 +497,8 @@ def write_plots(
     # Figure objects, not pyplot: no global backend or figure registry to set up or leak.
     from matplotlib.figure import Figure
 
-    by_task: dict[str, list[Run]] = {}
-    for run in runs:
-        by_task.setdefault(run.task, []).append(run)
-    tasks = sorted(by_task)
+    by_task = runs_by_task(runs)
+    tasks = list(by_task)
 
     def draw(ax, task: str) -> None:
         plot_task(ax, task, by_task[task], bins, baselines.get(task), reference.get(task, ()))
