@@ -403,33 +403,40 @@ def _done_at(logdir: pathlib.Path, step: int) -> bool:
         return False
 
 
-def config_drift(run: Run) -> list[str]:
-    """The keys at which the config `run` saved differs from the one the sweep file gives it
-    now, beyond run length and logging (which a resume may change); [] if it saved none
-    that can be read (or `run` has no config). A finished run with drift is skipped all
-    the same, so its results are not those of the file as it is."""
-    if run.config is None:
+def finished_run_warnings(run: Run) -> list[str]:
+    """Warnings for a finished `run` whose saved config is not the one the sweep file gives
+    it now: other values beyond run length and logging (which a resume may change), or more
+    `steps` than the file asks (a shorter run is resumed, a longer one is not cut back). []
+    if it saved no config that can be read (train names that when the run resumes)."""
+    if run.config is None or run_state(run) != "finished":
         return []
     try:
         saved = load_run_config(run.logdir / "config.yaml")
     except ConfigError:
         return []
-    return changed_keys(saved, run.config)
+    rename = "give the edited sweep another name to run it"
+    warnings = []
+    drift = changed_keys(saved, run.config)
+    if drift:
+        warnings.append(
+            f"warning: finished run {run.name} ran with another config than the sweep file "
+            f"gives it now (it differs at {', '.join(drift)}); it is skipped as it is: {rename}"
+        )
+    if saved["steps"] > run.config["steps"]:
+        warnings.append(
+            f"warning: finished run {run.name} ran {saved['steps']} steps, more than the "
+            f"{run.config['steps']} the sweep file gives it now; it is skipped as it is and "
+            f"dreamer-analyze reads all {saved['steps']}: {rename}"
+        )
+    return warnings
 
 
 def warn_of_drift(runs: Sequence[Run]) -> None:
-    """One line on stderr for each finished run that ran with another config than the
-    sweep file now gives it (an unfinished one fails with train's own message)."""
+    """On stderr, `finished_run_warnings` of each run (an unfinished one with another config
+    fails with train's own message)."""
     for run in runs:
-        drift = run_state(run) == "finished" and config_drift(run)
-        if drift:
-            print(
-                f"warning: finished run {run.name} ran with another config than the sweep "
-                f"file gives it now (it differs at {', '.join(drift)}); it is skipped as it "
-                "is: give the edited sweep another name to run it",
-                file=sys.stderr,
-                flush=True,
-            )
+        for line in finished_run_warnings(run):
+            print(line, file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------- local launcher

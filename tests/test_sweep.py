@@ -217,14 +217,15 @@ def test_dry_run_prints_states_and_commands_and_creates_nothing(tmp_path, capsys
 def test_a_finished_run_with_another_config_than_the_file_is_named_in_a_warning(tmp_path, capsys):
     """A sweep file edited after its runs finished: they are skipped all the same (nothing
     is touched), and each that ran with another config says at which keys, on stderr, in
-    `--dry-run` and in a real run alike; run length and logging (`steps`, ...) do not count."""
+    `--dry-run` and in a real run alike; run length and logging do not count, except a run
+    longer than the file now asks (dreamer-analyze would score all of it)."""
     path = write_sweep(
         tmp_path,
         f"""
         configs: [classic, debug]
         overrides: {{steps: 400}}
         tasks: [classic_cartpole]
-        seeds: [0, 1, 2]
+        seeds: [0, 1, 2, 3]
         root: {tmp_path / "runs"}
         """,
     )
@@ -232,15 +233,20 @@ def test_a_finished_run_with_another_config_than_the_file_is_named_in_a_warning(
     for run in runs:
         make_checkpoint(run.logdir, 500)
     runs[0].config.update({"kl.balance": 0.5, "prefill": 200}).save(runs[0].logdir / "config.yaml")
-    runs[1].config.update({"log_every": 7, "steps": 500}).save(runs[1].logdir / "config.yaml")
-    (runs[2].logdir / "config.yaml").write_text("{unclosed: [")  # train would name it
+    runs[1].config.update({"log_every": 7, "steps": 300}).save(runs[1].logdir / "config.yaml")
+    runs[2].config.update({"steps": 500}).save(runs[2].logdir / "config.yaml")
+    (runs[3].logdir / "config.yaml").write_text("{unclosed: [")  # train would name it
     files = lambda: {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("*") if p.is_file()}
     before = files()
     for args in (["--dry-run"], []):
         assert main([str(path), *args]) == 0
-        (line,) = capsys.readouterr().err.splitlines()
-        assert line.startswith("warning: finished run classic_cartpole/base/seed_0 ran with")
-        assert "(it differs at kl.balance, prefill); it is skipped" in line
+        drift, longer = capsys.readouterr().err.splitlines()
+        assert drift.startswith("warning: finished run classic_cartpole/base/seed_0 ran with")
+        assert "(it differs at kl.balance, prefill); it is skipped" in drift
+        assert longer.startswith(
+            "warning: finished run classic_cartpole/base/seed_2 ran 500 steps, more than the "
+            "400 the sweep file gives it now; it is skipped as it is and dreamer-analyze"
+        )
     assert files() == before
 
 
