@@ -107,17 +107,16 @@ def unit_normal(mean: jax.Array, event_dims: int) -> distrax.Distribution:
 
 
 class MLP(nn.Module):
-    """`layers` Dense layers of `units` with ELU."""
+    """Dense layers of `widths` (one entry per layer) with ELU."""
 
-    layers: int
-    units: int
+    widths: tuple[int, ...]
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.dtype)
-        for _ in range(self.layers):
-            x = nn.elu(Dense(self.units, dtype=self.dtype)(x))
+        for width in self.widths:
+            x = nn.elu(Dense(width, dtype=self.dtype)(x))
         return x
 
 
@@ -341,13 +340,12 @@ class MLPDecoder(nn.Module):
     """`[..., F]` features -> `[..., size]` mean of a vector observation."""
 
     size: int
-    layers: int
-    units: int
+    widths: tuple[int, ...]
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, feat: jax.Array) -> jax.Array:
-        x = MLP(self.layers, self.units, self.dtype)(feat)
+        x = MLP(self.widths, self.dtype)(feat)
         return Dense(self.size, dtype=self.dtype)(x)
 
 
@@ -365,7 +363,7 @@ class ScalarHead(nn.Module):
 
     @nn.compact
     def __call__(self, feat: jax.Array) -> jax.Array:
-        x = MLP(self.layers, self.units, self.dtype)(feat)
+        x = MLP((self.units,) * self.layers, self.dtype)(feat)
         return Dense(1, dtype=jnp.float32)(x)[..., 0]
 
 
@@ -478,7 +476,7 @@ class Actor(nn.Module):
 
     @nn.compact
     def __call__(self, feat: jax.Array) -> distrax.Distribution:
-        x = MLP(self.layers, self.units, self.dtype)(feat)
+        x = MLP((self.units,) * self.layers, self.dtype)(feat)
         # The output layer in fp32, as ScalarHead's: its products are few.
         if self.discrete:
             logits = Dense(self.num_actions, dtype=jnp.float32)(x)

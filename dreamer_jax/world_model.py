@@ -55,10 +55,8 @@ class WorldModel(nn.Module):
                 self.obs_shape[-1], c.decoder.cnn_depth, c.decoder.cnn_kernels, dtype
             )
         else:
-            layers, units = len(c.encoder.mlp_layers), c.encoder.mlp_layers[0]
-            self.encoder = MLP(layers, units, dtype)
-            layers, units = len(c.decoder.mlp_layers), c.decoder.mlp_layers[0]
-            self.decoder = MLPDecoder(self.obs_shape[-1], layers, units, dtype)
+            self.encoder = MLP(tuple(c.encoder.mlp_layers), dtype)
+            self.decoder = MLPDecoder(self.obs_shape[-1], tuple(c.decoder.mlp_layers), dtype)
         self.rssm = RSSM(c.rssm.hidden, c.rssm.deter, c.rssm.stoch, c.rssm.discrete, dtype)
         self.reward_head = ScalarHead(c.reward_head.layers, c.reward_head.units, dtype)
         if c.pred_discount:

@@ -3,7 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import structured_batch, tiny_config, traced_eqns, vector_agent
+from helpers import VECTOR_SIZE, structured_batch, tiny_config, traced_eqns, vector_agent
 
 from dreamer_jax.networks import RSSMState, get_feat, initial_state
 from dreamer_jax.world_model import (
@@ -40,6 +40,17 @@ def _observe_inputs(config=None):
     data = preprocess(structured_batch(config.dataset.batch, config.dataset.length), config)
     embed = agent.world_model.apply(params, data["vector"], method=WorldModel.encode)
     return config, agent.world_model, params, data, embed
+
+
+def test_vector_encoder_and_decoder_have_one_layer_per_listed_width():
+    """`mlp_layers` lists each layer's width, as in the official config: `[24, 8]` is two
+    layers of 24 then 8 units, not two of 24."""
+    config = tiny_config(**{"encoder.mlp_layers": [24, 8], "decoder.mlp_layers": [16, 12, 4]})
+    params = vector_agent(config).init(jax.random.key(0)).wm_params["params"]
+    kernel_shapes = lambda mlp: [mlp[f"Dense_{i}"]["kernel"].shape for i in range(len(mlp))]
+    assert kernel_shapes(params["encoder"]) == [(VECTOR_SIZE, 24), (24, 8)]
+    feat = config.rssm.deter + config.rssm.stoch * config.rssm.discrete
+    assert kernel_shapes(params["decoder"]["MLP_0"]) == [(feat, 16), (16, 12), (12, 4)]
 
 
 def test_posterior_prior_shapes_and_chunk_reset():
