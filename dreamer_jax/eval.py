@@ -30,9 +30,9 @@ import numpy as np
 from dreamer_jax.api import load
 from dreamer_jax.checkpoint import CheckpointError
 from dreamer_jax.config import MAX_SEED, ConfigError, OneLineParser, program_name, warn_in_one_line
-from dreamer_jax.envs import VectorEnv
+from dreamer_jax.envs import UnknownTaskError, VectorEnv
 from dreamer_jax.logger import save_gif
-from dreamer_jax.seeds import policy_inputs, stack
+from dreamer_jax.seeds import EVAL_PROGRAM_SEED_OFFSET, policy_inputs, stack
 from dreamer_jax.startup import quiet_on_broken_pipe
 
 
@@ -125,7 +125,7 @@ def _restore(logdir: pathlib.Path, envs: int, seed: int | None):
     """`(config, env, agent, step, state, seed)` of the run's newest restorable checkpoint,
     with `envs` fresh envs seeded with `seed` (None: the run's seed + 2e6)."""
     agent, state, config, step = load(logdir)
-    seed = config.seed + 2_000_000 if seed is None else seed
+    seed = config.seed + EVAL_PROGRAM_SEED_OFFSET if seed is None else seed
     env = VectorEnv(config.task, envs, seed, config.time_limit, config.action_repeat)
     return config, env, agent, step, state, seed
 
@@ -164,7 +164,8 @@ def _main(argv) -> int:
         if args.seed is not None and not 0 <= args.seed <= MAX_SEED:  # as train's --seed
             raise EvalError(f"--seed must be in [0, {MAX_SEED}], got {args.seed}")
         config, env, agent, step, state, seed = _restore(logdir, args.envs, args.seed)
-    except (ConfigError, CheckpointError, OSError, ValueError) as error:
+    # Only the errors of bad input: a bug in the code keeps its traceback.
+    except (ConfigError, CheckpointError, EvalError, UnknownTaskError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     # One seed, on the seed axis every run uses.

@@ -269,6 +269,8 @@ class Replay:
                     with np.load(f, allow_pickle=False) as data:
                         episode = {key: data[key] for key in data.files}
                 length = _validate(episode, self._spec)
+            except MemoryError:  # the machine, not the file: train reports it
+                raise
             except Exception as error:  # whatever np.load raises: skip the file, never fatal
                 reason = " ".join(str(error).split()) or type(error).__name__
                 message = f"replay: skipping episode file {path}: {reason}"

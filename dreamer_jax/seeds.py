@@ -35,6 +35,22 @@ def seed_keys(seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     return init_key, act_key, eval_key
 
 
+# A seed's env seeds: its training envs take the seed itself, the evaluation envs of a run
+# these offsets from it (train's periodic evaluation; `dreamer_jax.eval`'s own episodes).
+TRAIN_EVAL_SEED_OFFSET = 1_000_000
+EVAL_PROGRAM_SEED_OFFSET = 2_000_000
+
+# A seed's host-side numpy streams, one per purpose: `Replay(seed=s)` draws its training
+# batches from `default_rng(s)`, so the others are seeded `[s, n]`, never `s` alone.
+HOST_STREAMS = {"report": 1, "random_actions": 2}
+
+
+def host_rng_state(seed: int, stream: str) -> dict[str, Any]:
+    """The starting `bit_generator.state` of seed `seed`'s numpy stream `stream` (one of
+    `HOST_STREAMS`), for `np.random.default_rng().bit_generator.state = ...`."""
+    return np.random.default_rng([seed, HOST_STREAMS[stream]]).bit_generator.state
+
+
 def init_keys(config: Config) -> jax.Array:
     """The init keys `[N]` of the run's seeds (for `Agent.init_seeds`)."""
     return jnp.stack([seed_keys(seed)[0] for seed in run_seeds(config)])

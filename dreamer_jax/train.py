@@ -73,7 +73,9 @@ from dreamer_jax.provenance import provenance, record_start
 from dreamer_jax.replay import Replay, bytes_per_step, set_aside_after
 from dreamer_jax.report import open_loop_video
 from dreamer_jax.seeds import (
+    TRAIN_EVAL_SEED_OFFSET,
     enclosing_run,
+    host_rng_state,
     init_keys,
     policy_inputs,
     run_seeds,
@@ -86,7 +88,6 @@ from dreamer_jax.startup import quiet_on_broken_pipe
 from dreamer_jax.world_model import open_loop_prediction, preprocess
 
 OPENL_SEQUENCES = 6
-EVAL_SEED_OFFSET = 1_000_000
 
 
 class RunError(Exception):
@@ -695,10 +696,10 @@ def _fresh_loop(config: Config) -> dict:
             {
                 "act_key": _key_data(act_key),
                 "eval_key": _key_data(eval_key),
-                "random_rng": np.random.default_rng(seed).bit_generator.state,
-                "replay_rng": None,
+                "random_rng": host_rng_state(seed, "random_actions"),
+                "replay_rng": None,  # the replay's own, seeded with `seed`
                 "replay_next_index": 0,
-                "report_rng": np.random.default_rng([seed, 1]).bit_generator.state,
+                "report_rng": host_rng_state(seed, "report"),
             }
         )
     return {
@@ -763,7 +764,7 @@ def _train(
         states = jax.device_put(states, sharding)
         env = make_env(config, config.envs, [env_seed(s, step, resumed) for s in seeds])
         opened.callback(env.close)
-        eval_seeds = [env_seed(s, step, resumed, EVAL_SEED_OFFSET) for s in seeds]
+        eval_seeds = [env_seed(s, step, resumed, TRAIN_EVAL_SEED_OFFSET) for s in seeds]
         eval_env = make_env(config, config.eval_envs, eval_seeds)
         opened.callback(eval_env.close)
         notes = [replay_memory_warning(config, env.step_spec, _physical_memory())]

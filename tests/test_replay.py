@@ -249,6 +249,19 @@ def test_unreadable_files_are_skipped_and_untouched(tmp_path):
     assert (tmp_path / "00000008-10.npz").exists()  # the index skips past unreadable files
 
 
+def test_running_out_of_memory_while_loading_is_not_taken_for_a_bad_file(tmp_path, monkeypatch):
+    """A MemoryError is the machine's, not the file's: it stops the load (train names it)
+    instead of skipping every file as unreadable and training on a smaller replay."""
+    make_replay(tmp_path).add_episode(make_episode(10))
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError("Unable to allocate 1.00 GiB")
+
+    monkeypatch.setattr(np, "load", no_memory)
+    with pytest.raises(MemoryError, match="Unable to allocate"):
+        make_replay(tmp_path)
+
+
 def record_cartpole(directory, steps: int = 120) -> tuple[Replay, dict]:
     """A replay of `directory` holding real cartpole episodes, and the env's step spec."""
     env = VectorEnv("classic_cartpole", num_envs=2, seed=0)

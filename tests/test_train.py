@@ -19,6 +19,7 @@ from dreamer_jax import analyze
 from dreamer_jax import train as train_module
 from dreamer_jax.api import make_agent
 from dreamer_jax.config import make_config
+from dreamer_jax.envs import VectorEnv
 from dreamer_jax.logger import read_metrics, seeds_line
 from dreamer_jax.seeds import init_keys
 
@@ -41,6 +42,19 @@ def cartpole_config(logdir, **overrides):
         ["classic", "debug"],
         {"task": "classic_cartpole", "logdir": str(logdir), "wandb.mode": "disabled", **overrides},
     )
+
+
+def test_a_seeds_host_streams_are_all_different(tmp_path):
+    """The prefill's random actions, the report samples and the replay's training batches of
+    one seed each draw from their own numpy stream (they once shared `default_rng(seed)`)."""
+    config = make_config(["classic", "debug"], {"seed": 3, "num_seeds": 2})
+    spec = VectorEnv(config.task, 1, 0).step_spec
+    for index, seed_loop in enumerate(train_module._fresh_loop(config)["seeds"]):
+        seed = config.seed + index
+        replay = train_module._open_replay(config, tmp_path / str(seed), spec, seed, None, 0)
+        states = [seed_loop["random_rng"], seed_loop["report_rng"], replay.get_rng_state()]
+        draws = {tuple(train_module._generator(s).integers(0, 2**62, 4)) for s in states}
+        assert len(draws) == 3
 
 
 def test_classic_debug_run_end_to_end(tmp_path):
