@@ -132,7 +132,13 @@ class Agent:
     functions of `TrainState`, compiled once."""
 
     def __init__(self, config: Config, obs_space: ObsSpace, num_actions: int, discrete: bool):
-        (self.obs_key,) = [k for k in ("image", "vector") if k in obs_space]
+        obs_keys = [k for k in ("image", "vector") if k in obs_space]
+        if len(obs_keys) != 1:
+            raise ValueError(
+                f"the observation space needs exactly one of 'image' and 'vector', got keys "
+                f"{sorted(obs_space)}"
+            )
+        (self.obs_key,) = obs_keys
         self.obs_shape = tuple(obs_space[self.obs_key][0])
         self.config = config
         self.num_actions = num_actions
@@ -156,7 +162,10 @@ class Agent:
 
     # ------------------------------------------------------------------ acting
     def policy_step(self, state: TrainState, obs, carry, key, mode: str = "train"):
-        """The jitted `_policy_step` on `state`'s policy parameters (`PolicyParams`)."""
+        """The jitted `_policy_step` on `state`'s policy parameters (`PolicyParams`).
+
+        `key` is used as given and not returned: split a fresh one for every step (a loop
+        that passes the same key each step draws the same latents and actions' noise)."""
         return self._policy_step_jit(PolicyParams.of(state), obs, carry, key, mode=mode)
 
     def act_seeds(self, states: TrainState, obs, carry, keys, mode: str):
@@ -300,7 +309,6 @@ class Agent:
             nonfinite=(~finite).astype(jnp.float32),
             nonfinite_streak=streak,
             nonfinite_total=new_state.nonfinite_total,
-            updates=new_state.updates,
         )
         return new_state, metrics
 

@@ -2,7 +2,8 @@
 
     run = dreamer_jax.load("runs/cartpole/0")
     carry = run.agent.initial_carry(1)
-    action, carry = run.agent.policy_step(run.state, obs, carry, key, mode="eval")
+    key, step_key = jax.random.split(key)  # a fresh key for every step
+    action, carry = run.agent.policy_step(run.state, obs, carry, step_key, mode="eval")
 
 `python -m dreamer_jax.eval` plays whole episodes with it. A run trained with
 `--num_seeds N` is loaded one seed at a time, from its folder `<logdir>/seed_<s>`.

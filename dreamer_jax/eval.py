@@ -5,7 +5,8 @@
 Loads `<logdir>/config.yaml` and the newest checkpoint that restores, plays `episodes` whole
 episodes with the eval (mode) policy on fresh environments, and prints the mean and std of
 the returns (and one JSON line for scripts). Never writes to the checkpoints or the replay;
-with `--video` it writes `<logdir>/eval_<step>.gif` of the first episode of env 0.
+with `--video` it writes `<logdir>/eval_<step>_seed<eval seed>.gif` of the first episode of env 0
+(one file per eval seed: an evaluation with another `--seed` keeps the earlier one's).
 """
 
 from __future__ import annotations
@@ -153,7 +154,9 @@ def _main(argv) -> int:
         "--seed", type=int, default=None, help="env/policy seed (default: run seed + 2e6)"
     )
     parser.add_argument(
-        "--video", action="store_true", help="write <logdir>/eval_<step>.gif (image tasks)"
+        "--video",
+        action="store_true",
+        help="write <logdir>/eval_<step>_seed<seed>.gif (image tasks)",
     )
     try:
         args = parser.parse_args(argv)
@@ -180,7 +183,7 @@ def _main(argv) -> int:
         f"{len(returns)} episodes (eval seed {seed})"
     )
     if result.frames:
-        path = logdir / f"eval_{step}.gif"
+        path = logdir / f"eval_{step}_seed{seed}.gif"
         save_gif(path, np.stack(result.frames))
         print(f"video: {path}")
     elif args.video:

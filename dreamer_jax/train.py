@@ -501,7 +501,7 @@ class Learning:
     def train(self, states: TrainState, step: int, stop: Callable[[], bool]) -> TrainState:
         """Pays the owed updates; those left when `stop()` turns true stay owed (and
         checkpointed): the one-off pretraining is minutes of updates on a CPU."""
-        if self.owed > 0 and not self.compile_announced:
+        if self.owed > 0 and not self.compile_announced and self.config.jit:
             # The first update compiles first: on a CPU, a minute without progress otherwise.
             self.logger.message(f"step {step}: compiling the update (once per start)")
             self.compile_announced = True

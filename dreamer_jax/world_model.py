@@ -131,20 +131,18 @@ def observe(
     action: jax.Array,
     is_first: jax.Array,
     key: jax.Array,
-    initial: RSSMState | None = None,
 ) -> tuple[RSSMState, jax.Array]:
-    """Filter a batch of sequences with `lax.scan` over time.
+    """Filter a batch of sequences with `lax.scan` over time, from the zero state (as the
+    official code: each replayed chunk starts fresh).
 
     Args:
       embed: `[B, T, E]`; action: `[B, T, A]` (led to each step); is_first: `[B, T]`.
-      initial: state before the first step `[B, ...]`; zeros if None.
     Returns:
       `(posterior, prior_logits)`: an `RSSMState` with leaves `[B, T, ...]` and the logits
       `[B, T, S, K]` of each step's prior, computed from the posterior's `h_t` after the scan.
     """
     batch, length = action.shape[:2]
-    if initial is None:
-        initial = initial_state(batch, *rssm_sizes(model.config))
+    initial = initial_state(batch, *rssm_sizes(model.config))
     keys = jax.random.split(key, length)
     time_major = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), (action, embed, is_first))
     posterior = posterior_scan(model, params, initial, *time_major, keys)

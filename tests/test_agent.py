@@ -219,6 +219,13 @@ def test_policy_step_names_inputs_that_do_not_fit_the_agent():
     chex.assert_shape(action, (2, agent.num_actions))
 
 
+@pytest.mark.parametrize("keys", [(), ("image", "vector")])
+def test_an_observation_space_without_exactly_one_of_image_and_vector_is_named(keys):
+    space = {key: ((4,), np.float32) for key in (*keys, "reward")}
+    with pytest.raises(ValueError, match=r"exactly one of 'image' and 'vector', got keys \["):
+        Agent(tiny_config(), space, NUM_ACTIONS, discrete=True)
+
+
 def test_policy_actions_are_exact_onehot_and_the_same_draws_as_before():
     # The straight-through form `sample + p − sg(p)` gives 0.99999994 at the chosen index in
     # about one row in five; replay's uint8 cast turned such a row into no action at all.

@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 import yaml
 from helpers import wandb_history
+from PIL import Image
 
 from dreamer_jax import analyze
+from dreamer_jax import eval as eval_module
 from dreamer_jax import train as train_module
 from dreamer_jax.api import make_agent
 from dreamer_jax.config import make_config
@@ -88,8 +90,6 @@ def test_classic_debug_run_end_to_end(tmp_path):
     assert (logdir / "wandb").is_dir()  # offline wandb by default, inside the logdir
     gifs = sorted(logdir.glob("openl_*.gif"))
     assert gifs
-    from PIL import Image
-
     with Image.open(gifs[-1]) as gif:
         assert gif.n_frames > 1
     episodes = sorted((logdir / "replay").glob("*.npz"))
@@ -113,6 +113,13 @@ def test_atari_debug_smoke(tmp_path):
     assert rows and np.isfinite(rows[-1]["image_loss"])
     assert list(tmp_path.glob("openl_*.gif"))
     assert list(tmp_path.glob("eval_policy_*.gif"))  # the eval episode's policy video
+    # dreamer_jax.eval's video, named by its eval seed: another seed keeps this one.
+    assert (
+        eval_module.main(["--logdir", str(tmp_path), "--episodes", "1", "--seed", "7", "--video"])
+        == 0
+    )
+    with Image.open(tmp_path / "eval_400_seed7.gif") as gif:
+        assert gif.n_frames > 1
 
 
 @pytest.mark.parametrize(
