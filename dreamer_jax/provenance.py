@@ -16,6 +16,7 @@ import json
 import os
 import pathlib
 import platform
+import shlex
 import socket
 import subprocess
 import sys
@@ -87,6 +88,16 @@ def provenance(argv: Sequence[str]) -> dict[str, Any]:
         "backend": jax.default_backend(),
         "hostname": socket.gethostname(),
     }
+
+
+def first_command(logdir: pathlib.Path) -> str | None:
+    """The command line that started the run in `logdir` (from its run.json, shell-quoted),
+    or None if that cannot be read."""
+    try:
+        starts = json.loads((logdir / RUN_FILE).read_text(encoding="utf-8"))["starts"]
+        return shlex.join(starts[0]["command"])
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None
 
 
 def record_start(logdir: pathlib.Path, info: dict[str, Any], step: int) -> dict[str, Any]:

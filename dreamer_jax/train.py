@@ -69,7 +69,7 @@ from dreamer_jax.logger import (
     seeds_line,
 )
 from dreamer_jax.paths import DirectoryError, StorageError, ensure_writable, lock_directory
-from dreamer_jax.provenance import provenance, record_start
+from dreamer_jax.provenance import first_command, provenance, record_start
 from dreamer_jax.replay import Replay, bytes_per_step, set_aside_after
 from dreamer_jax.report import open_loop_video
 from dreamer_jax.seeds import (
@@ -317,9 +317,12 @@ def check_inputs(config: Config, logdir: pathlib.Path) -> Agent:
             )
         changed = changed_keys(saved, config)
         if changed and not config.resume.allow_config_change:
+            command = first_command(logdir)
+            started = f"; it was started with: {command}" if command else ""
             raise RunError(
-                f"config differs from the saved run in {logdir} at {', '.join(changed)}; "
-                "pass --resume.allow_config_change true to resume anyway"
+                f"config differs from the saved run in {logdir} at {', '.join(changed)}: "
+                f"resume with the --configs and overrides the run was started with{started} "
+                "(or pass --resume.allow_config_change true to resume with this config)"
             )
     seed_dirs = [seed_logdir(logdir, config, seed) for seed in run_seeds(config)]
     lost = [folder for folder in seed_dirs if not (folder / "config.yaml").is_file()]

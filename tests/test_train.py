@@ -5,6 +5,7 @@ import logging
 import os
 import pathlib
 import re
+import shlex
 import subprocess
 import sys
 import types
@@ -198,6 +199,9 @@ def test_config_change_on_resume_is_refused_and_nothing_is_touched(tmp_path):
     result = run_cli(*CLASSIC, "--logdir", str(logdir), "--rssm.deter", "48", timeout=300)
     assert result.returncode == 2
     assert "config differs" in result.stderr and "rssm.deter" in result.stderr
+    # The likely cause, presets left out, is answered by the command the run began with.
+    started = "it was started with: " + shlex.join([sys.executable, "-m", "dreamer_jax.train"])
+    assert f"{started} {shlex.join(CLASSIC)} --logdir {logdir} --steps 400 (" in result.stderr
     assert {p: p.read_bytes() for p in logdir.rglob("*") if p.is_file()} == snapshot
     # Run length is not part of the experiment's identity.
     longer = run_cli(*CLASSIC, "--logdir", str(logdir), "--steps", "600")
