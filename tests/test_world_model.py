@@ -3,8 +3,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import VECTOR_SIZE, structured_batch, tiny_config, traced_eqns, vector_agent
+from helpers import (
+    NUM_ACTIONS,
+    VECTOR_SIZE,
+    structured_batch,
+    tiny_config,
+    traced_eqns,
+    vector_agent,
+)
 
+from dreamer_jax.agent import Agent
 from dreamer_jax.networks import RSSMState, get_feat, initial_state
 from dreamer_jax.world_model import (
     WorldModel,
@@ -106,8 +114,39 @@ def test_world_model_loss_terms_match_numpy():
     np.testing.assert_allclose(metrics["discount_loss"], discount_nll.mean(), rtol=1e-5)
     expected = 0.1 * metrics["kl_loss"] + vector_nll + reward_nll + 5.0 * discount_nll.mean()
     np.testing.assert_allclose(loss, expected, rtol=1e-5)
+    # KL(posterior ‖ prior) of each step's S categoricals, summed over S; the prior is the
+    # one the posterior's own h_t gives. Without free nats the loss's value is the KL's.
+    prior = agent.world_model.apply(
+        state.wm_params, posterior.deter, method=WorldModel.prior_logits
+    )
+    log_post, log_prior = (
+        jax.nn.log_softmax(np.asarray(x, float)) for x in (posterior.logits, prior)
+    )
+    kl = (np.exp(log_post) * (log_post - log_prior)).sum((-2, -1)).mean()
+    np.testing.assert_allclose(metrics["kl"], kl, rtol=1e-4)
+    np.testing.assert_allclose(metrics["kl_loss"], kl, rtol=1e-4)
     assert all(np.isfinite(v) for v in jax.tree.leaves(metrics))
     assert jnp.all(posterior.stoch.sum(-1) > 0.99)
+
+
+def test_image_loss_is_the_unit_gaussian_nll_summed_over_height_width_and_channels():
+    """An image's log-likelihood sums its H·W·C pixels (one event), then averages over
+    `[B, T]`, as a vector's sums its entries."""
+    config = tiny_config()
+    agent = Agent(config, {"image": ((64, 64, 1), np.uint8)}, NUM_ACTIONS, discrete=True)
+    state = agent.init(jax.random.key(0))
+    batch = structured_batch(config.dataset.batch, config.dataset.length)
+    del batch["vector"]
+    shape = (config.dataset.batch, config.dataset.length, 64, 64, 1)
+    batch["image"] = np.random.default_rng(1).integers(0, 256, shape, np.uint8)
+    data = preprocess(batch, config)
+    _, (posterior, metrics) = world_model_loss(
+        state.wm_params, agent.world_model, data, jax.random.key(2), config
+    )
+    mean = agent.world_model.apply(state.wm_params, get_feat(posterior), method=WorldModel.decode)
+    error = np.asarray(data["image"], float) - np.asarray(mean, float)
+    nll = (0.5 * error**2).sum((-3, -2, -1)) + 64 * 64 * 0.5 * np.log(2 * np.pi)
+    np.testing.assert_allclose(metrics["image_loss"], nll.mean(), rtol=1e-5)
 
 
 def test_heads_left_out_of_grad_heads_do_not_train_the_representation():
