@@ -17,7 +17,7 @@ from dreamer_jax.actor_critic import (
     resolve_actor_grad,
 )
 from dreamer_jax.config import ConfigError
-from dreamer_jax.networks import initial_state
+from dreamer_jax.networks import get_feat, initial_state, straight_through_onehot
 from dreamer_jax.world_model import WorldModel, observe, preprocess
 
 
@@ -164,6 +164,79 @@ def test_actor_loss_matches_numpy():
         expected = -(weights[:2] * (objective + 0.1 * entropy)).mean()
         np.testing.assert_allclose(loss, expected, rtol=1e-6, err_msg=mode)
         np.testing.assert_allclose(metrics["actor_entropy"], entropy.mean(), rtol=1e-6)
+
+
+def test_actor_loss_treats_the_taken_action_as_a_constant():
+    """Guards the stop-gradient on the taken action in the REINFORCE term: no gradient of
+    the actor loss reaches `seq.actions` (the straight-through samples), in either mode."""
+    logits = np.random.default_rng(0).normal(size=(4, 2, 3)).astype(np.float32)
+    taken = jnp.eye(3)[np.array([[0, 0], [2, 1], [0, 2], [1, 0]])]
+    returns = jnp.asarray(np.random.default_rng(1).normal(size=(3, 2)).astype(np.float32))
+    values = jnp.asarray(np.random.default_rng(2).normal(size=(4, 2)).astype(np.float32))
+    config = tiny_config(actor_ent=0.1, actor_grad_mix=0.3)
+
+    def loss(actions, mode):
+        seq = Imagination(
+            states=None, feats=jnp.asarray(logits), actions=actions,
+            rewards=None, discounts=None, weights=jnp.ones((4, 2)),
+        )  # fmt: skip
+        return actor_loss(
+            _LogitsActor(), None, seq, returns, values, jax.random.key(0), mode, config
+        )[0]
+
+    for mode in ("reinforce", "both"):
+        np.testing.assert_array_equal(jax.grad(loss)(taken, mode), 0.0, err_msg=mode)
+
+
+def test_imagined_actions_get_no_gradient_from_the_features():
+    """Guards `actor(sg(feat))` in `imagine`: the straight-through actions carry no gradient
+    back into the start state (nor, via the dynamics, into later features). A plain sum of
+    one-hots has zero gradient anyway, so the actions are weighted by fixed random weights."""
+    agent = vector_agent()
+    state = agent.init(jax.random.key(0))
+    c, n = agent.config, 6
+    start = initial_state(n, c.rssm.deter, c.rssm.stoch, c.rssm.discrete)
+    start = start._replace(stoch=jax.nn.one_hot(jnp.zeros((n, c.rssm.stoch), int), c.rssm.discrete))
+    deter = jnp.asarray(np.random.default_rng(0).normal(size=start.deter.shape), jnp.float32)
+    w = jnp.asarray(
+        np.random.default_rng(1).normal(size=(c.imag_horizon, n, agent.num_actions)), jnp.float32
+    )
+
+    def weighted_actions(d):
+        seq = imagine(
+            agent.world_model, state.wm_params, agent.actor, state.actor_params,
+            start._replace(deter=d), jnp.zeros(n, bool), c.imag_horizon, jax.random.key(3), c,
+        )  # fmt: skip
+        return (w * seq.actions[1:]).sum()
+
+    np.testing.assert_array_equal(jax.grad(weighted_actions)(deter), 0.0)
+
+
+def test_imagination_draws_action_and_dynamics_with_separate_keys():
+    """Guards the key scheme of `imagine`: step t uses `split(key, H)[t]`, split once more
+    into the actor's key and the dynamics' key, so the two draws are independent. The first
+    two steps are reproduced by hand."""
+    agent = vector_agent()
+    state = agent.init(jax.random.key(0))
+    c, n, key = agent.config, 6, jax.random.key(3)
+    seq = _rollout(agent, state, n)  # imagines with jax.random.key(3)
+    model, params = agent.world_model, state.wm_params
+    prev = jax.tree.map(lambda x: x[0], seq.states)
+    keys = jax.random.split(key, c.imag_horizon)
+    for t in range(2):
+        action_key, dyn_key = jax.random.split(keys[t])
+        logits = agent.actor.apply(state.actor_params, get_feat(prev)).logits
+        np.testing.assert_allclose(
+            seq.actions[t + 1], straight_through_onehot(logits, action_key), atol=1e-6
+        )
+        nxt = model.apply(params, prev, seq.actions[t + 1], dyn_key, method=WorldModel.img_step)
+        np.testing.assert_allclose(seq.states.stoch[t + 1], nxt.stoch, atol=1e-6)
+        np.testing.assert_allclose(seq.states.deter[t + 1], nxt.deter, rtol=1e-5, atol=1e-6)
+        prev = jax.tree.map(lambda x, t=t: x[t + 1], seq.states)
+    # Not vacuous: a dynamics draw with the step's own key gives another sample.
+    start = jax.tree.map(lambda x: x[0], seq.states)
+    other = model.apply(params, start, seq.actions[1], keys[0], method=WorldModel.img_step)
+    assert np.abs(other.stoch - seq.states.stoch[1]).max() > 0.5
 
 
 def test_actor_dist_that_does_not_fit_the_actions_is_a_config_error():

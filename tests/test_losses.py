@@ -123,3 +123,21 @@ def test_forward_kl_swaps_direction():
     post, prior = _logits(8), _logits(9)
     _, value = kl_balance(post, prior, balance=0.8, forward=True)
     np.testing.assert_allclose(value, numpy_kl(prior.astype(np.float64), post), rtol=1e-4)
+
+
+def test_forward_kl_gradient_splits_balance_to_prior_and_rest_to_posterior():
+    """Guards the `forward=True` mix: as the official DreamerV2 `kl_loss` (lhs, rhs = prior,
+    post; mix = balance), a fraction α of KL(prior ‖ post)'s gradient reaches the prior and
+    1 − α the posterior, as with the default direction."""
+    post, prior = jnp.asarray(_logits(10)), jnp.asarray(_logits(11))
+
+    def plain_forward_kl(post, prior):  # KL(prior ‖ post), explicit formula in jnp
+        log_p, log_q = jax.nn.log_softmax(post), jax.nn.log_softmax(prior)
+        return (jnp.exp(log_q) * (log_q - log_p)).sum((-2, -1)).mean()
+
+    balanced = lambda a, b: kl_balance(a, b, balance=0.8, free=0.0, forward=True)[0]
+    grad_post, grad_prior = jax.grad(balanced, argnums=(0, 1))(post, prior)
+    plain_post, plain_prior = jax.grad(plain_forward_kl, argnums=(0, 1))(post, prior)
+    np.testing.assert_allclose(grad_prior, 0.8 * plain_prior, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(grad_post, 0.2 * plain_post, rtol=1e-4, atol=1e-7)
+    assert np.abs(plain_post).max() > 1e-3 and np.abs(plain_prior).max() > 1e-3

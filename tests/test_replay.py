@@ -87,6 +87,22 @@ def test_add_reassembles_interleaved_envs():
     assert replay.stats["num_steps"] == sum(map(sum, lengths))
 
 
+def test_add_ends_a_truncated_episode_at_is_last():
+    """An episode ends at `is_last`, not `is_terminal`: a time-limit truncation (is_last
+    without is_terminal) is one finished episode, not the start of one that runs on into
+    the env's next episode."""
+    replay = make_replay(minlen=2, length=2)
+    truncated, following = make_episode(6), make_episode(4, offset=100)
+    truncated["is_terminal"][:] = False
+    finished = [replay.add({k: v[t : t + 1] for k, v in truncated.items()}) for t in range(6)]
+    assert [len(f) for f in finished] == [0] * 5 + [1]
+    assert_episodes_equal(finished[-1][0], truncated)
+    for t in range(4):
+        replay.add({k: v[t : t + 1] for k, v in following.items()})
+    assert replay.stats["num_episodes"] == 2 and replay.stats["num_steps"] == 10
+    assert_episodes_equal(replay.episodes[1], following)
+
+
 def test_add_rejects_changing_env_count():
     replay = make_replay()
     step = {key: value[:1] for key, value in make_episode(3).items()}
@@ -133,6 +149,20 @@ def test_sample_without_data_raises():
     replay = make_replay(minlen=10, length=5)
     replay.add_episode(make_episode(9))  # shorter than minlen: not sampleable
     with pytest.raises(RuntimeError, match="no episode"):
+        replay.sample(np.random.default_rng(0))
+
+
+def test_an_episode_shorter_than_a_chunk_is_not_stored_even_above_minlen():
+    """Storing needs `max(minlen, length)` steps, not only `minlen`: an episode of 7 steps
+    with minlen 5 but chunks of 10 cannot hold one chunk, so storing it would make the
+    replay claim to be ready and then fail to draw (or draw past the episode's end)."""
+    replay = make_replay(capacity=100, minlen=5, length=10)
+    episode = make_episode(7)
+    finished = [replay.add({k: v[t : t + 1] for k, v in episode.items()}) for t in range(7)]
+    assert [len(f) for f in finished] == [0] * 6 + [1]  # still returned (and saved)
+    assert replay.stats["num_episodes"] == 0 and replay.stats["num_steps"] == 0
+    assert not replay.ready
+    with pytest.raises(RuntimeError, match="no episode of length >= 10"):
         replay.sample(np.random.default_rng(0))
 
 
@@ -220,6 +250,20 @@ def test_load_keeps_newest_within_capacity(tmp_path):
     assert reloaded.stats["loaded"] == 2 and len(list(tmp_path.iterdir())) == 4
     alone = make_replay(tmp_path, capacity=8)  # the newest, though longer than the capacity
     assert [int(ep["reward"][0]) // 1000 for ep in alone.episodes] == [3]
+
+
+def test_load_budget_takes_an_older_episode_that_fits_exactly(tmp_path):
+    """On reload, an older episode is loaded while it fits into what capacity leaves after
+    the newer ones (`length > budget` stops the load), including an exact fit; one more step
+    and it is not read at all, not read and then evicted."""
+    replay = make_replay(tmp_path)
+    replay.add_episode(make_episode(10))  # older
+    replay.add_episode(make_episode(11, offset=1000))  # newer
+    exact = make_replay(tmp_path, capacity=21)  # 11 + 10 == 21
+    assert exact.stats["loaded"] == 2 and exact.stats["num_steps"] == 21
+    short = make_replay(tmp_path, capacity=20)  # 10 > 20 - 11: stop after the newest
+    assert short.stats["loaded"] == 1 and short.stats["num_steps"] == 11
+    assert [int(ep["reward"][0]) for ep in short.episodes] == [1000]
 
 
 def test_unreadable_files_are_skipped_and_untouched(tmp_path):

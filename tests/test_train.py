@@ -24,6 +24,7 @@ from dreamer_jax.api import make_agent
 from dreamer_jax.config import make_config
 from dreamer_jax.envs import VectorEnv
 from dreamer_jax.logger import read_metrics, seeds_line
+from dreamer_jax.replay import Replay
 from dreamer_jax.seeds import init_keys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -673,6 +674,89 @@ def expected_episodes(recorder: RecordingEnv, discrete: bool) -> list[dict[str, 
             if row["is_last"]:
                 episodes.append({k: np.stack([r[k] for r in current]) for k in current[0]})
     return episodes
+
+
+def test_replay_record_holds_the_action_that_led_to_the_observation():
+    """Row t's action is the one chosen at t - 1 (zeros on an episode's first step), in the
+    replay's dtype; the observation and flags pass through unchanged."""
+    obs = {"vector": np.arange(6, dtype=np.float32).reshape(3, 2),
+           "is_first": np.array([True, False, False])}  # fmt: skip
+    prev_action = np.eye(3, dtype=np.float32)[[1, 2, 0]]
+    record = train_module.replay_record(obs, prev_action, {"action": ((3,), np.dtype(np.uint8))})
+    assert record["action"].dtype == np.uint8
+    np.testing.assert_array_equal(record["action"], [[0, 0, 0], [0, 0, 1], [1, 0, 0]])
+    assert record["vector"] is obs["vector"] and record["is_first"] is obs["is_first"]
+    continuous = np.array([[0.5, -0.25], [-1.0, 0.75], [0.1, 0.2]], np.float32)
+    record = train_module.replay_record(obs, continuous, {"action": ((2,), np.dtype(np.float32))})
+    np.testing.assert_array_equal(record["action"], [[0, 0], *continuous[1:]])
+
+
+class CountingEnv:
+    """A fake env of 4 envs whose episodes last 3 + i steps: step t of env i observes
+    `vector` [t, i], so each replay row names the env step it came from."""
+
+    num_envs, num_actions, discrete = 4, 3, True
+    step_spec = {
+        "vector": ((2,), np.dtype(np.float32)),
+        "action": ((3,), np.dtype(np.uint8)),
+        "reward": ((), np.dtype(np.float32)),
+        **{k: ((), np.dtype(bool)) for k in ("is_first", "is_last", "is_terminal")},
+    }
+
+    def __init__(self):
+        self.t, self.sent, self.age = 0, [], np.zeros(4, int)
+
+    def observe(self) -> dict[str, np.ndarray]:
+        is_last = self.age == 2 + np.arange(4)
+        return {"vector": np.stack([np.full(4, self.t), np.arange(4)], 1).astype(np.float32),
+                "reward": np.ones(4, np.float32), "is_first": self.age == 0,
+                "is_last": is_last, "is_terminal": is_last}  # fmt: skip
+
+    def reset(self):
+        self.t, self.age[:] = 0, 0
+        return self.observe()
+
+    def step(self, action):
+        self.sent.append(np.array(action))
+        self.t += 1
+        self.age = np.where(self.age == 2 + np.arange(4), 0, self.age + 1)
+        return self.observe()
+
+    def random_actions(self, rng, num=None):
+        return np.eye(3, dtype=np.float32)[rng.integers(0, 3, num or self.num_envs)]
+
+
+def test_acting_records_at_each_step_the_action_chosen_at_the_step_before():
+    """Acting's replay rows: row t of env i holds the action sent to env i at t - 1 (zeros on
+    an episode's first step), and each seed's replay gets only its own envs. A past bug
+    stored the actions shifted by one step; this checks it without an env or a model."""
+    env, seeds = CountingEnv(), 2
+    replays = [
+        Replay(None, env.step_spec, capacity=1000, minlen=1, length=1, batch=1,
+               prioritize_ends=False, seed=0)
+        for _ in range(seeds)
+    ]  # fmt: skip
+    seed_loops = [
+        {"act_key": train_module._key_data(jax.random.key(i)),
+         "random_rng": np.random.default_rng(i).bit_generator.state}
+        for i in range(seeds)
+    ]  # fmt: skip
+    agent = types.SimpleNamespace(initial_carry=lambda envs, num: np.zeros((num, envs)))
+    config = types.SimpleNamespace(envs=env.num_envs // seeds)
+    acting = train_module.Acting(agent, config, env, replays, seed_loops, None)
+    for _ in range(20):
+        acting.step(None, prefill=True)
+    rows = 0
+    for seed, replay in enumerate(replays):
+        for episode in replay.episodes:
+            steps = zip(episode["vector"].astype(int), episode["is_first"], strict=True)
+            for row, ((t, i), first) in enumerate(steps):
+                assert i // config.envs == seed and first == (row == 0)
+                want = np.zeros(3) if first else env.sent[t - 1][i]
+                np.testing.assert_array_equal(episode["action"][row], want, err_msg=(t, i))
+                rows += 1
+    assert rows >= 40 and len(env.sent) == 20
+    assert not np.array_equal(env.sent[0], env.sent[1])  # the shift would show
 
 
 @pytest.mark.parametrize(
