@@ -13,6 +13,14 @@ from helpers import (
     vector_agent,
 )
 
+from dreamer_jax.actor_critic import (
+    actor_loss,
+    critic_loss,
+    critic_value,
+    imagination_start,
+    imagination_targets,
+    imagine,
+)
 from dreamer_jax.agent import Agent, make_optimizer
 from dreamer_jax.config import make_config
 from dreamer_jax.networks import get_feat, straight_through_onehot
@@ -88,6 +96,57 @@ def test_nonfinite_update_is_skipped_and_counted():
     state, metrics = agent.train_step(state, good)
     assert int(state.nonfinite_streak) == 0 and int(state.nonfinite_total) == 1
     assert int(state.updates) == 2
+
+
+def test_train_step_wires_keys_targets_and_terminals_as_the_parts_say():
+    """The update recomputed from its parts with the choices written out: the model's key
+    is `split(state.key, 4)[1]` and imagination's `[2]`, imagination starts from the updated
+    model with the batch's `is_terminal`, and the λ-returns bootstrap from the slow critic
+    (here unlike the critic). Both in one jitted program, so that the draws agree."""
+    agent = vector_agent()
+    config = agent.config
+    state = agent.init(jax.random.key(3))
+    state = state.replace(
+        slow_critic_params=jax.tree.map(lambda x: 1.5 * x + 0.1, state.critic_params)
+    )
+    batch = structured_batch(config.dataset.batch, config.dataset.length)
+    batch["is_terminal"][:, -1] = True  # every chunk's last state starts a terminal rollout
+
+    def by_hand(state, batch):
+        _, wm_key, imag_key, ent_key = jax.random.split(state.key, 4)
+        data = preprocess(batch, config)
+        (_, (posterior, _)), grads = jax.value_and_grad(world_model_loss, has_aux=True)(
+            state.wm_params, agent.world_model, data, wm_key, config
+        )
+        updates, _ = agent.wm_opt.update(grads, state.wm_opt_state, state.wm_params)
+        wm_params = optax.apply_updates(state.wm_params, updates)
+        start, start_is_terminal = imagination_start(posterior, batch["is_terminal"])
+        seq = imagine(
+            agent.world_model, wm_params, agent.actor, state.actor_params, start,
+            start_is_terminal, config.imag_horizon, imag_key, config,
+        )  # fmt: skip
+        slow_values = critic_value(agent.critic, state.slow_critic_params, seq.feats)
+        returns = imagination_targets(seq, slow_values, config.discount_lambda)
+        actor, _ = actor_loss(
+            agent.actor, state.actor_params, seq, returns, slow_values, ent_key,
+            agent.actor_grad, config,
+        )  # fmt: skip
+        critic, _ = critic_loss(agent.critic, state.critic_params, seq, returns)
+        return {
+            "lambda_return_mean": returns.mean(),
+            "imag_reward_mean": seq.rewards.mean(),
+            "actor_loss": actor,
+            "critic_loss": critic,
+            "start_is_terminal": start_is_terminal,
+        }
+
+    both = jax.jit(lambda state, batch: (agent._train_step(state, batch)[1], by_hand(state, batch)))
+    metrics, expected = both(state, batch)
+    np.testing.assert_array_equal(
+        expected.pop("start_is_terminal"), batch["is_terminal"].reshape(-1)
+    )
+    for name, value in expected.items():
+        np.testing.assert_allclose(metrics[name], value, rtol=1e-6, err_msg=name)
 
 
 def test_slow_critic_copied_every_hundred_updates():
@@ -174,8 +233,21 @@ def test_bf16_computes_in_bf16_with_fp32_params():
     assert metrics["model_loss"].dtype == jnp.float32
 
 
+def test_the_carry_holds_the_action_sent_to_the_env_noise_included():
+    """The next step's filter reads the action the env got: after `expl_noise`, not the
+    actor's own sample (with noise 1 discrete actions are uniform, unlike the policy's)."""
+    agent = vector_agent(tiny_config(expl_noise=1.0))
+    state, n = agent.init(jax.random.key(4)), 300
+    obs = _vector_obs(np.random.default_rng(0), n, np.ones(n, bool))
+    action, (_, carried) = agent.policy_step(state, obs, agent.initial_carry(n), jax.random.key(5))
+    np.testing.assert_array_equal(carried, action)
+    noiseless = vector_agent().policy_step(state, obs, agent.initial_carry(n), jax.random.key(5))
+    assert not np.array_equal(noiseless[0], action)  # the noise changed some actions
+
+
 def test_continuous_actions_use_dynamics_backprop():
-    config = tiny_config()
+    # No entropy bonus: the actor's gradient must come through the imagined dynamics.
+    config = tiny_config(actor_ent=0.0)
     agent = Agent(config, {"vector": ((4,), np.float32)}, 2, discrete=False)
     assert agent.actor_grad == "dynamics"
     state = agent.init(jax.random.key(6))
