@@ -502,6 +502,8 @@ def parse_args(argv: Sequence[str]) -> tuple[list[str], dict[str, Any]]:
                 j += 1
             values = argv[i + 1 : j]
             i = j
+        if key == "config":  # a natural slip, and no key of that name could be close to it
+            raise ConfigError("unknown option '--config': presets are named with --configs")
         if key == "configs":
             presets.extend(values)
         elif not values:
@@ -541,6 +543,7 @@ def load_config(argv: Sequence[str], base_presets: Sequence[str] = ()) -> Config
 HELP_FLAGS = ("-h", "--help")
 HELP_WIDTH = 100
 PRINT_FLAG = "--print_config"
+VERSION_FLAG = "--version"
 
 
 def program_name(module: str) -> str:
@@ -571,10 +574,15 @@ def warn_in_one_line(message, category, filename, lineno, file=None, line=None) 
 
 def parse_cli(argv: Sequence[str], program: str, description: str) -> Config | str:
     """The config `argv` asks for, or the text to print before exiting 0: the usage for
-    `-h`/`--help` (anywhere in `argv`), the resolved config as YAML for `--print_config`.
+    `-h`/`--help` (anywhere in `argv`), the version for `--version`, the resolved config as
+    YAML for `--print_config`.
     Raises ConfigError."""
     if any(arg in HELP_FLAGS for arg in argv):
         return help_text(program, description)
+    if VERSION_FLAG in argv:
+        from dreamer_jax import __version__
+
+        return f"{program} {__version__}"
     config = load_config([arg for arg in argv if arg != PRINT_FLAG])
     return config.to_yaml() if PRINT_FLAG in argv else config
 
@@ -607,6 +615,7 @@ def help_text(program: str, description: str, path: pathlib.Path = CONFIGS_PATH)
         "Options: --KEY VALUE sets any key below; a group's keys are dotted (--rssm.deter 256),",
         "a list takes several values or one [a,b]; a bool key given alone means true.",
         f"  {PRINT_FLAG}  print the resolved config (YAML) and exit",
+        f"  {VERSION_FLAG}       print the version and exit",
         "  -h, --help      print this help and exit",
         "",
         "Keys (type, default, allowed values):",

@@ -28,6 +28,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
+from dreamer_jax import __version__
 from dreamer_jax.api import load
 from dreamer_jax.checkpoint import CheckpointError
 from dreamer_jax.config import MAX_SEED, ConfigError, OneLineParser, program_name, warn_in_one_line
@@ -145,7 +146,9 @@ def _main(argv) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--logdir", required=True, help="the run (config.yaml, checkpoints/)")
+    parser.add_argument("--logdir", help="the run (config.yaml, checkpoints/)")
+    # As dreamer-analyze and dreamer-sweep take their folder: `dreamer-eval runs/pong/0`.
+    parser.add_argument("run", nargs="?", metavar="LOGDIR", help="the same as --logdir")
     parser.add_argument("--episodes", type=int, default=10, help="episodes to play (default: 10)")
     parser.add_argument(
         "--envs", type=int, default=1, help="parallel envs sharing the episodes (default: 1)"
@@ -158,9 +161,12 @@ def _main(argv) -> int:
         action="store_true",
         help="write <logdir>/eval_<step>_seed<seed>.gif (image tasks)",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     try:
         args = parser.parse_args(argv)
-        logdir = pathlib.Path(args.logdir)
+        if (args.logdir is None) == (args.run is None):
+            raise EvalError("name the run once: --logdir DIR, or DIR alone")
+        logdir = pathlib.Path(args.logdir or args.run)
         for name in ("episodes", "envs"):
             if getattr(args, name) < 1:
                 raise EvalError(f"--{name} must be >= 1, got {getattr(args, name)}")

@@ -85,6 +85,14 @@ def test_help_anywhere_wins_over_everything_else():
     assert parse_cli(["--configs", "classic", "--help"], "prog", "").startswith("usage: prog")
 
 
+def test_version_and_a_config_slip():
+    from dreamer_jax import __version__
+
+    assert parse_cli(["--seed", "1", "--version"], "prog", "") == f"prog {__version__}"
+    with pytest.raises(ConfigError, match="^unknown option '--config': presets are named with"):
+        parse_cli(["--config", "classic"], "prog", "")
+
+
 def test_print_config_gives_the_resolved_yaml_without_a_logdir():
     text = parse_cli(["--configs", "classic", "debug", "--print_config", "--seed", "7"], "p", "")
     assert yaml.safe_load(text) == make_config(["classic", "debug"], {"seed": 7}).to_dict()

@@ -182,7 +182,8 @@ def assert_one_line_error(result, *fragments):
 
 @pytest.mark.parametrize(
     "args, fragment",
-    [([], "required: --logdir"), (["--logdir"], "expected one argument"),
+    [([], "name the run once"), (["a", "--logdir", "b"], "name the run once"),
+     (["--logdir"], "expected one argument"),
      (["--logdir", "x", "--episodes", "two"], "invalid int value: 'two'")],
 )  # fmt: skip
 def test_cli_bad_arguments_are_one_line(args, fragment):
@@ -205,8 +206,9 @@ def test_cli_bad_config_file(tmp_path, text):
     assert_one_line_error(run_eval("--logdir", str(tmp_path)), "config.yaml")
 
 
-def test_cli_missing_logdir(tmp_path):
-    assert_one_line_error(run_eval("--logdir", str(tmp_path / "none")), "none does not exist")
+@pytest.mark.parametrize("named", [["--logdir"], []])  # --logdir DIR, or DIR alone
+def test_cli_missing_logdir(tmp_path, named):
+    assert_one_line_error(run_eval(*named, str(tmp_path / "none")), "none does not exist")
 
 
 @pytest.fixture(scope="module")
