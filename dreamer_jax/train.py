@@ -280,6 +280,17 @@ def replay_memory_warning(config: Config, spec: dict, memory_bytes: int) -> str 
     )
 
 
+def atari_protocol_warning(config: Config) -> str | None:
+    """A warning for an Atari task run without the Atari preset's frame skip: a preset left
+    out trains, evaluates and counts frames at one frame per step, silently."""
+    if not config.task.startswith("atari_") or config.action_repeat == 4:
+        return None
+    return (
+        f"warning: {config.task} runs with action_repeat {config.action_repeat}, not the "
+        "Atari protocol's 4 (frames = steps x action_repeat): did you leave out --configs atari?"
+    )
+
+
 def _physical_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
@@ -770,7 +781,10 @@ def _train(
         eval_seeds = [env_seed(s, step, resumed, TRAIN_EVAL_SEED_OFFSET) for s in seeds]
         eval_env = make_env(config, config.eval_envs, eval_seeds)
         opened.callback(eval_env.close)
-        notes = [replay_memory_warning(config, env.step_spec, _physical_memory())]
+        notes = [
+            atari_protocol_warning(config),
+            replay_memory_warning(config, env.step_spec, _physical_memory()),
+        ]
         if config.steps <= config.prefill and loop["updates"] == 0:
             notes.append(
                 f"warning: --steps {config.steps} ends within the prefill ({config.prefill} "

@@ -111,6 +111,7 @@ def test_atari_debug_smoke(tmp_path):
         "--wandb.mode", "disabled", "--time_limit", "100",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "action_repeat" not in result.stderr  # the Atari protocol: no warning
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert rows and np.isfinite(rows[-1]["image_loss"])
     assert list(tmp_path.glob("openl_*.gif"))
@@ -1488,6 +1489,14 @@ def test_the_progress_bar_moves_between_rows_at_most_every_tick(monkeypatch):
         clock[0] += 0.2
         logging.tick(step)
     assert moved == [(3, {}), (6, {})]
+
+
+def test_an_atari_task_without_the_atari_frame_skip_is_warned_of():
+    warning = train_module.atari_protocol_warning(make_config([], {"task": "atari_pong"}))
+    assert warning.startswith("warning: atari_pong runs with action_repeat 1, not the Atari")
+    assert "--configs atari?" in warning
+    assert train_module.atari_protocol_warning(make_config(["atari"], {})) is None
+    assert train_module.atari_protocol_warning(make_config(["classic"], {})) is None
 
 
 def test_replay_memory_warning_counts_every_seed():
