@@ -1,24 +1,38 @@
 """A run's agent, loaded for use in Python, read-only.
 
     run = dreamer_jax.load("runs/cartpole/0")
-    carry = run.agent.initial_carry(1)
+    env, carry = run.make_env(), run.agent.initial_carry(1)
+    obs = env.reset()
     key, step_key = jax.random.split(key)  # a fresh key for every step
     action, carry = run.agent.policy_step(run.state, obs, carry, step_key, mode="eval")
+    run.evaluate(episodes=10).returns  # whole episodes, as `python -m dreamer_jax.eval`
 
-`python -m dreamer_jax.eval` plays whole episodes with it. A run trained with
+A run trained with
 `--num_seeds N` is loaded one seed at a time, from its folder `<logdir>/seed_<s>`.
 """
 
 from __future__ import annotations
 
 import pathlib
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
+
+import jax
 
 from dreamer_jax.agent import Agent, TrainState
 from dreamer_jax.checkpoint import Checkpointer, CheckpointError
 from dreamer_jax.config import Config, load_run_config
 from dreamer_jax.envs import VectorEnv
-from dreamer_jax.seeds import enclosing_run, init_keys, run_seeds, select
+from dreamer_jax.seeds import (
+    EVAL_PROGRAM_SEED_OFFSET,
+    enclosing_run,
+    init_keys,
+    run_seeds,
+    select,
+    stack,
+)
+
+if TYPE_CHECKING:
+    from dreamer_jax.eval import Evaluation
 
 
 class LoadedRun(NamedTuple):
@@ -29,6 +43,30 @@ class LoadedRun(NamedTuple):
     state: TrainState
     config: Config
     step: int
+
+    def make_env(self, num_envs: int = 1, seed: int = 0) -> VectorEnv:
+        """`num_envs` fresh envs of the run's task, seeded `seed`, with the episode limit and
+        action repeat it trained with (close it when done)."""
+        config = self.config
+        return VectorEnv(config.task, num_envs, seed, config.time_limit, config.action_repeat)
+
+    def evaluate(
+        self, episodes: int = 10, seed: int | None = None, num_envs: int = 1, video: bool = False
+    ) -> Evaluation:
+        """`episodes` whole episodes of the eval policy on `num_envs` fresh envs, exactly as
+        `python -m dreamer_jax.eval` plays them with the same arguments (`seed` None: the
+        run's seed + 2e6). `.returns` and `.lengths` per episode; `.frames` with `video`."""
+        from dreamer_jax.eval import evaluate  # it imports this module
+
+        seed = self.config.seed + EVAL_PROGRAM_SEED_OFFSET if seed is None else seed
+        env = self.make_env(num_envs, seed)
+        try:
+            # One seed, on the seed axis every run uses.
+            states, keys = stack([self.state]), jax.random.key(seed)[None]
+            (result,) = evaluate(self.agent, env, states, episodes, keys, video)
+        finally:
+            env.close()
+        return result
 
 
 def make_agent(config: Config) -> Agent:

@@ -32,9 +32,9 @@ from dreamer_jax import __version__
 from dreamer_jax.api import load
 from dreamer_jax.checkpoint import CheckpointError
 from dreamer_jax.config import MAX_SEED, ConfigError, OneLineParser, program_name, warn_in_one_line
-from dreamer_jax.envs import UnknownTaskError, VectorEnv
+from dreamer_jax.envs import UnknownTaskError
 from dreamer_jax.logger import save_gif
-from dreamer_jax.seeds import EVAL_PROGRAM_SEED_OFFSET, policy_inputs, stack
+from dreamer_jax.seeds import EVAL_PROGRAM_SEED_OFFSET, policy_inputs
 from dreamer_jax.startup import quiet_on_broken_pipe
 
 
@@ -123,15 +123,6 @@ class EvalError(ValueError):
     """A bad argument or run directory. The message is one line."""
 
 
-def _restore(logdir: pathlib.Path, envs: int, seed: int | None):
-    """`(config, env, agent, step, state, seed)` of the run's newest restorable checkpoint,
-    with `envs` fresh envs seeded with `seed` (None: the run's seed + 2e6)."""
-    agent, state, config, step = load(logdir)
-    seed = config.seed + EVAL_PROGRAM_SEED_OFFSET if seed is None else seed
-    env = VectorEnv(config.task, envs, seed, config.time_limit, config.action_repeat)
-    return config, env, agent, step, state, seed
-
-
 @quiet_on_broken_pipe
 def main(argv=None) -> int:
     with warnings.catch_warnings():
@@ -172,16 +163,14 @@ def _main(argv) -> int:
                 raise EvalError(f"--{name} must be >= 1, got {getattr(args, name)}")
         if args.seed is not None and not 0 <= args.seed <= MAX_SEED:  # as train's --seed
             raise EvalError(f"--seed must be in [0, {MAX_SEED}], got {args.seed}")
-        config, env, agent, step, state, seed = _restore(logdir, args.envs, args.seed)
+        run = load(logdir)
     # Only the errors of bad input: a bug in the code keeps its traceback.
     except (ConfigError, CheckpointError, EvalError, UnknownTaskError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    # One seed, on the seed axis every run uses.
-    (result,) = evaluate(
-        agent, env, stack([state]), args.episodes, jax.random.key(seed)[None], args.video
-    )
-    env.close()
+    config, step = run.config, run.step
+    seed = config.seed + EVAL_PROGRAM_SEED_OFFSET if args.seed is None else args.seed
+    result = run.evaluate(args.episodes, seed, args.envs, args.video)
     returns = result.returns
     mean, std = float(np.mean(returns)), float(np.std(returns))
     print(

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
+from dreamer_jax.api import load
 from dreamer_jax.eval import episode_shares, evaluate
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -234,6 +235,9 @@ def test_cli_evaluates_a_run_read_only(trained_run):
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["seed"] == 0 and summary["step"] == 400 and summary["episodes"] == 3
     assert summary["eval_seed"] == 2_000_000  # the run's seed + 2e6 by default
+    # The Python API plays the same episodes as the program, with the same arguments.
+    played = load(trained_run).evaluate(3, num_envs=2)
+    assert played.returns == summary["returns"] and played.lengths == summary["lengths"]
     assert "classic_cartpole seed 0 step 400: return " in result.stdout
     assert "over 3 episodes (eval seed 2000000)" in result.stdout
     assert len(summary["returns"]) == 3 and len(summary["lengths"]) == 3
