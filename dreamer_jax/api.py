@@ -14,6 +14,7 @@ A run trained with
 from __future__ import annotations
 
 import pathlib
+import warnings
 from typing import TYPE_CHECKING, NamedTuple
 
 import jax
@@ -116,4 +117,11 @@ def load(logdir: str | pathlib.Path) -> LoadedRun:
     if restored is None:
         raise CheckpointError(f"no checkpoint in {directory} could be restored")
     step, states, _ = restored
-    return LoadedRun(agent, select(states, index), config, step)
+    state = select(states, index)
+    if int(state.updates) == 0:  # e.g. a run still in its prefill
+        warnings.warn(
+            f"{logdir}: its newest checkpoint (step {step}) is from before the first update, "
+            "so the agent is untrained",
+            stacklevel=2,
+        )
+    return LoadedRun(agent, state, config, step)

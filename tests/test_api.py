@@ -29,7 +29,7 @@ def saved_run(tmp_path_factory):
     agent = make_agent(config)
     checkpointer = Checkpointer(logdir / "checkpoints")
     for step, seed in ((3, 1), (7, 2)):
-        state = agent.init(jax.random.key(seed))
+        state = agent.init(jax.random.key(seed)).replace(updates=jax.numpy.int32(step))
         checkpointer.save(step, stack([state]), {"step": step})  # a single run: one seed
     checkpointer.close()
     return logdir, state
@@ -52,6 +52,17 @@ def test_load_gives_the_newest_checkpoint_ready_to_act(saved_run):
     chex.assert_shape(action, (2, env.num_actions))
     np.testing.assert_array_equal(np.sum(action, -1), 1.0)  # one-hot
     assert _files(logdir) == before
+
+
+def test_a_checkpoint_from_before_the_first_update_loads_with_a_warning(tmp_path):
+    """A run loaded during its prefill has only its step-0 checkpoint: untrained, said so."""
+    config = tiny_config(logdir=str(tmp_path))
+    config.save(tmp_path / "config.yaml")
+    checkpointer = Checkpointer(tmp_path / "checkpoints")
+    checkpointer.save(0, stack([make_agent(config).init(jax.random.key(0))]), {"step": 0})
+    checkpointer.close()
+    with pytest.warns(UserWarning, match="step 0.* before the first update, so the agent is"):
+        assert dreamer_jax.load(tmp_path).step == 0
 
 
 def test_package_attribute_is_the_api_function():
