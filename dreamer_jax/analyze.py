@@ -100,15 +100,20 @@ def load_runs(runs_dir: str | pathlib.Path, only: str | None = None) -> list[Run
     if not runs_dir.is_dir():
         what = "is not a directory" if runs_dir.exists() else "does not exist"
         raise AnalysisError(f"{runs_dir} {what}")
-    folders = _metrics_folders(runs_dir)
+    every_folder = _metrics_folders(runs_dir)
+    folders = every_folder
     if only is not None:
         folders = [f for f in folders if fnmatch.fnmatchcase(str(f.relative_to(runs_dir)), only)]
     found = [_load_run(folder) for folder in folders]
     runs = [run for run in found if run is not None]
     if not runs:
         where = runs_dir if only is None else f"{runs_dir} matching {only!r}"
+        hint = ""
+        if only is not None and every_folder and not folders:
+            example = every_folder[0].relative_to(runs_dir)
+            hint = f" (--only matches a run's whole folder under {runs_dir}, like '{example}')"
         raise AnalysisError(
-            f"no run under {where}: a run is a folder holding {CONFIG_FILE} and a "
+            f"no run under {where}{hint}: a run is a folder holding {CONFIG_FILE} and a "
             f"{METRICS_FILE} with eval_return rows"
         )
     first: dict[tuple[str, int], Run] = {}

@@ -345,6 +345,9 @@ def test_run_folders_behind_links_are_read_once(tmp_path):
     assert [(run.seed, run.path.name) for run in runs] == [(0, "a"), (1, "b")]
     with pytest.raises(analyze.AnalysisError, match="matching 'kl_0.9/'"):
         analyze.load_runs(tmp_path, only="kl_0.9/")
+    # A pattern that matches no folder says what --only matches against.
+    with pytest.raises(analyze.AnalysisError, match="whole folder under .*, like 'store/pong0'"):
+        analyze.load_runs(tmp_path, only="store")
 
 
 def test_bin_curve_by_hand():
