@@ -395,6 +395,25 @@ def _truncate_metrics(path: pathlib.Path, resume_step: int | None) -> None:
     write_atomic(path, expected.encode("utf-8"))
 
 
+def check_wandb_key(mode: str, logdir: pathlib.Path) -> None:
+    """Raises WandbError if `mode` is online and wandb finds no API key: without one,
+    wandb.init would prompt, or fail only after several seconds. Needs no network."""
+    if mode != "online":
+        return
+    import wandb
+
+    if not _has_wandb_key(wandb):
+        raise WandbError(
+            "wandb online mode needs an API key (WANDB_API_KEY or `wandb login`); "
+            + _offline_hint(logdir)
+        )
+
+
+def _offline_hint(logdir: pathlib.Path) -> str:
+    offline_runs = f"{logdir}/wandb/offline-run-*"
+    return f"to log without a network use --wandb.mode offline, then `wandb sync {offline_runs}`"
+
+
 def _init_wandb(
     logdir: pathlib.Path, config_flat: dict, mode: str, run_name: str | None, **options: Any
 ):
@@ -402,10 +421,7 @@ def _init_wandb(
     `options` (project, entity, group, tags, notes) passed to `wandb.init`. Online, any
     failure is a WandbError; offline, a failure only warns and the run continues without
     wandb."""
-    hint = (
-        "to log without a network use --wandb.mode offline, "
-        f"then `wandb sync {logdir}/wandb/offline-run-*`"
-    )
+    hint = _offline_hint(logdir)
     try:
         import wandb
 
@@ -417,11 +433,7 @@ def _init_wandb(
             init_timeout=WANDB_INIT_TIMEOUT_S,
             x_transaction_log_flush_interval=WANDB_FLUSH_S,
         )
-        # Without a key, wandb.init would prompt or fail only after several seconds.
-        if mode == "online" and not _has_wandb_key(wandb):
-            raise WandbError(
-                f"wandb online mode needs an API key (WANDB_API_KEY or `wandb login`); {hint}"
-            )
+        check_wandb_key(mode, logdir)
         id_path = logdir / WANDB_ID_FILE
         if id_path.exists():
             run_id = id_path.read_text(encoding="utf-8").strip()

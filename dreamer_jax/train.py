@@ -65,6 +65,7 @@ from dreamer_jax.logger import (
     LogdirError,
     Logger,
     WandbError,
+    check_wandb_key,
     read_metrics,
     seeds_line,
 )
@@ -345,6 +346,7 @@ def check_inputs(config: Config, logdir: pathlib.Path) -> Agent:
         )
     agent = make_agent(config)
     check_state_fits(agent, config, memory_bytes())
+    check_wandb_key(config.wandb.mode, logdir)
     return agent
 
 

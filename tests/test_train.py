@@ -1453,7 +1453,8 @@ def test_a_start_that_fails_before_training_records_no_start(tmp_path):
     assert result.returncode == 2
     assert result.stderr == f"error: log directory {run / 'seed_1'} is a file, not a directory\n"
     assert sorted(p.name for p in run.rglob("*")) == [".lock", "seed_0", "seed_1"]
-    # wandb online without an API key (HOME without a netrc): no start in run.json.
+    # wandb online without an API key (HOME without a netrc): checked before anything is
+    # written, so not even the logdir is created.
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "NETRC"))}
     result = subprocess.run(
         [sys.executable, "-m", "dreamer_jax.train", *CLASSIC, "--wandb.mode", "online",
@@ -1462,7 +1463,7 @@ def test_a_start_that_fails_before_training_records_no_start(tmp_path):
         timeout=300,
     )  # fmt: skip
     assert result.returncode == 2 and "needs an API key" in result.stderr, result.stderr[-2000:]
-    assert not (tmp_path / "online" / "run.json").exists()
+    assert not (tmp_path / "online").exists()
 
 
 def test_a_training_state_that_cannot_fit_is_one_line_before_anything_is_written(tmp_path):
