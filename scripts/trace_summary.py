@@ -257,6 +257,11 @@ def print_kernels(
     small = [e["dur"] for e in kernels if e["dur"] < 5]
     total = sum(e["dur"] for e in kernels)
     counts = collections.Counter(e["name"] for e in kernels)
+    uneven = sum(count % updates != 0 for count in counts.values())
+    if uneven:
+        # Every kernel of identical updates runs a multiple of `updates` times.
+        print(f"warning: {uneven} of {len(counts)} {what} ran a number of times that "
+              f"--updates {updates} does not divide: does the trace hold {updates} updates?")  # fmt: skip
     # "  what the HLO says of it" per kernel name, or nothing.
     named = {e["name"]: f"  {op}" if (op := describe(e, hlo)) else "" for e in kernels}
     print(f"{what} per update: {len(kernels) / updates:.0f}, {total / updates / 1e3:.2f} "
@@ -272,7 +277,11 @@ def print_kernels(
         print(f"\n{what}' time per update by jax scope (the {top} costliest)")
         for scope, n, t in time_by_scope(kernels, updates, hlo)[:top]:
             print(f"  {t / 1e3:7.3f} ms {n:6.0f} kernels  {scope}")
-    if loop is not None:
+    runs_seen = sorted(kernels_by_runs(kernels, updates))
+    if loop is not None and loop not in runs_seen:
+        print(f"\nno {what} run {loop} times per update; they run "
+              f"{', '.join(map(str, runs_seen))} times")  # fmt: skip
+    elif loop is not None:
         iteration = loop_iteration(kernels, updates, loop)
         total = sum(e["dur"] for e in iteration)
         print(f"\none iteration of the loop run {loop} times per update: {len(iteration)} "
@@ -305,6 +314,8 @@ def main(argv: list[str]) -> int:
         args = parser.parse_args(argv)
         if not args.help and args.trace is None:
             raise ConfigError("give one trace file or folder (--help for usage)")
+        if args.loop is not None and args.updates is None:
+            raise ConfigError("--loop needs --updates (the updates the trace holds)")
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -323,7 +334,9 @@ def main(argv: list[str]) -> int:
         hlo_path = pathlib.Path(argv[0]) / HLO_FILE
     try:
         hlo = load_hlo(hlo_path) if hlo_path is not None else {}
-    except (OSError, UnicodeDecodeError, EOFError) as error:
+        if hlo_path is not None and not hlo:
+            raise ValueError("it holds no HLO instruction")
+    except (OSError, UnicodeDecodeError, EOFError, ValueError) as error:
         print(f"error: cannot read HLO text from {hlo_path}: {error}", file=sys.stderr)
         return 1
     if options["--updates"] is not None:

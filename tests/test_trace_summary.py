@@ -78,10 +78,17 @@ def test_main_prints_kernels_per_update(tmp_path, capsys):
     assert "GPU kernels per update: 8, 0.03 ms; under 5 µs: 7 kernels, 0.02 ms" in out
     assert "one iteration of the loop run 3 times per update: 2 kernels, 5.0 µs" in out
     assert "  0.009 ms per update  c\n    0.006 ms per update  b\n" in out
+    assert "warning" not in out
+    # A wrong --updates, or a --loop count no kernel has, is said rather than divided through.
+    assert trace_summary.main([str(path), "--updates", "2", "--loop", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "warning: 4 of 4 GPU kernels ran a number of times that --updates 2 does not" in out
+    assert "no GPU kernels run 5 times per update; they run 1, 4 times" in out
 
 
 def test_bad_options_are_one_line_and_exit_2(tmp_path, capsys):
     bad = (["x", "--updates"], ["x", "--updates", "0"], ["x", "--loop", "y"], ["a", "b"])
+    bad += (["x", "--loop", "3"],)  # without --updates
     for argv in (*bad, ["x", "--bogus"], []):
         assert trace_summary.main(argv) == 2
         err = capsys.readouterr().err
@@ -194,6 +201,9 @@ def test_main_names_kernels_from_an_hlo_file_or_fails_clearly(tmp_path, capsys):
     assert trace_summary.main([str(trace), "--hlo", str(tmp_path / "bad.gz")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: cannot read HLO text from ") and err.count("\n") == 1
+    (tmp_path / "empty.hlo.txt").write_text("not an HLO dump\n")
+    assert trace_summary.main([str(trace), "--hlo", str(tmp_path / "empty.hlo.txt")]) == 1
+    assert "empty.hlo.txt: it holds no HLO instruction\n" in capsys.readouterr().err
     assert trace_summary.main([str(trace), "--hlo"]) == 2
 
 
