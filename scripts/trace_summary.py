@@ -260,8 +260,10 @@ def print_kernels(
     uneven = sum(count % updates != 0 for count in counts.values())
     if uneven:
         # Every kernel of identical updates runs a multiple of `updates` times.
-        print(f"warning: {uneven} of {len(counts)} {what} ran a number of times that "
-              f"--updates {updates} does not divide: does the trace hold {updates} updates?")  # fmt: skip
+        print(
+            f"warning: {uneven} of {len(counts)} {what} ran a number of times that "
+            f"--updates {updates} does not divide: does the trace hold {updates} updates?"
+        )
     # "  what the HLO says of it" per kernel name, or nothing.
     named = {e["name"]: f"  {op}" if (op := describe(e, hlo)) else "" for e in kernels}
     print(f"{what} per update: {len(kernels) / updates:.0f}, {total / updates / 1e3:.2f} "
