@@ -564,6 +564,26 @@ def check_task(config) -> None:
         raise BenchError(str(error)) from None
 
 
+# The modes each option changes: given to another mode it would be ignored, silently.
+OPTION_MODES = {
+    "--updates": ("learner", "determinism", "observe", "policy"),
+    "--profile": ("learner",),
+    "--episode_length": ("data_age",),
+    "--data_steps": ("data_age",),
+}
+
+
+def check_mode_options(argv: list[str], mode: str) -> None:
+    """BenchError (one line) for an option of `argv` that the benchmark `mode` ignores."""
+    for option, modes in OPTION_MODES.items():
+        given = any(arg == option or arg.startswith(f"{option}=") for arg in argv)
+        if given and mode not in modes:
+            runs = " or ".join(
+                "the learner (default)" if m == "learner" else f"--{m}" for m in modes
+            )
+            raise BenchError(f"{option} does nothing with --{mode}: it applies to {runs}")
+
+
 def check_outputs(json_path: pathlib.Path | None, profile_dir: str | None) -> None:
     """BenchError or DirectoryError (one line) unless `--json`'s folder exists and is writable
     and `--profile`'s can be made: known before the benchmark runs, not after."""
@@ -585,6 +605,7 @@ def main(argv: list[str]) -> int:
     try:
         options, config_args = _parser().parse_known_args(argv)
         config = load_config(config_args)
+        check_mode_options(argv, options.mode)
         check_outputs(options.json, options.profile)
         check_task(config)
         # As training refuses it: a state that cannot fit would fail in its allocation.
@@ -626,7 +647,10 @@ def run(config, options: argparse.Namespace) -> None:
         *results,
     ]
     text = "\n".join(f"| {k} | {v} |" for k, v in rows)
-    what = mode if mode != "learner" else f"learner, precision {config.precision}"
+    what = {
+        "learner": f"learner, precision {config.precision}",
+        "replay": "replay of synthetic Atari-shaped episodes",
+    }.get(mode, mode)
     title = f"### {config.task}, {what} ({rows[0][1]})"
     block = f"\n{title}\n\n| what | value |\n|---|---|\n{text}\n"
     print(block)

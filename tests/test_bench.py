@@ -164,6 +164,9 @@ def one_line_error(capsys) -> str:
         (["--json", "{tmp}"], "--json {tmp} is a directory"),
         (["--profile", "{tmp}/file/trace"], "--profile directory {tmp}/file/trace is not"),
         (["--rssm.deter", "200000"], "needs 1341.9 GiB, and an update at least twice that"),
+        (["--collector", "--profile", "{tmp}/p"], "--profile does nothing with --collector: it"),
+        (["--flops", "--updates=3"], "--updates does nothing with --flops: it applies to the"),
+        (["--data_steps", "9"], "--data_steps does nothing with --learner: it applies to --data"),
     ],
 )
 def test_bad_arguments_are_one_line_before_anything_runs(
