@@ -37,7 +37,9 @@ class Imagination(NamedTuple):
     feats: jax.Array  # [H+1, N, F]
     actions: jax.Array  # [H+1, N, A]; actions[t+1] was taken in state t, actions[0] = 0
     rewards: jax.Array  # [H+1, N] reward-head mean of each state
-    discounts: jax.Array  # [H+1, N]; entry 0 is the real (1 − is_terminal)·γ of the start
+    # [H+1, N]; with pred_discount, entry 0 is the start's real (1 − is_terminal)·γ and the
+    # rest are predicted; without, γ everywhere (as the official code).
+    discounts: jax.Array
     weights: jax.Array  # [H+1, N] cumulative product of earlier discounts, weight_0 = 1
 
 
