@@ -39,7 +39,14 @@ from dreamer_jax.actor_critic import (
 )
 from dreamer_jax.config import Config
 from dreamer_jax.networks import RSSMState, action_noise, actor_mode, get_feat, initial_state
-from dreamer_jax.world_model import WorldModel, preprocess, rssm_sizes, world_model_loss
+from dreamer_jax.world_model import (
+    OPEN_LOOP_CONTEXT,
+    WorldModel,
+    open_loop_prediction,
+    preprocess,
+    rssm_sizes,
+    world_model_loss,
+)
 
 Params = Any
 ObsSpace = dict[str, tuple[tuple[int, ...], Any]]
@@ -158,6 +165,8 @@ class Agent:
         # The seed axis: vmap keeps every seed's maths and PRNG stream those of a single run.
         self.init_seeds = jax.jit(over_seeds(self._init))
         self.train_seeds = jax.jit(over_seeds(self._train_step), donate_argnums=0)
+        # Split over the devices like the states: no seed's parameters move.
+        self.open_loop_seeds = jax.jit(over_seeds(self._open_loop))
         self._act_seeds_jit = jax.jit(self._act_seeds, static_argnames="mode")
 
     # ------------------------------------------------------------------ acting
@@ -311,6 +320,16 @@ class Agent:
             nonfinite_total=new_state.nonfinite_total,
         )
         return new_state, metrics
+
+    # ------------------------------------------------------------ open-loop report
+    def _open_loop(
+        self, wm_params: Params, batch: dict[str, jax.Array], key: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
+        """`open_loop_prediction` of a raw batch `[B, T, ...]` as the replay samples it, with
+        the official context (fewer steps when chunks are shorter)."""
+        context = min(OPEN_LOOP_CONTEXT, self.config.dataset.length - 1)
+        data = preprocess(batch, self.config)
+        return open_loop_prediction(self.world_model, wm_params, data, key, context)
 
     # ----------------------------------------------------------- policy step
     def initial_carry(

@@ -30,7 +30,6 @@ if __name__ == "__main__":  # a program: set up XLA:CPU's speed before jax is im
     prepare()
 
 import contextlib
-import functools
 import os
 import pathlib
 import re
@@ -46,7 +45,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from dreamer_jax.agent import Agent, TrainState, over_seeds
+from dreamer_jax.agent import Agent, TrainState
 from dreamer_jax.api import make_agent
 from dreamer_jax.checkpoint import Checkpointer, CheckpointError
 from dreamer_jax.config import (
@@ -86,7 +85,6 @@ from dreamer_jax.seeds import (
     seed_sharding,
 )
 from dreamer_jax.startup import quiet_on_broken_pipe
-from dreamer_jax.world_model import open_loop_prediction, preprocess
 
 OPENL_SEQUENCES = 6
 
@@ -123,20 +121,6 @@ def replay_record(obs: dict[str, np.ndarray], prev_action: np.ndarray, spec: dic
     return {**obs, "action": action.astype(spec["action"][1])}
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _open_loop_seeds(agent: Agent, wm_params, batch: dict, keys: jax.Array):
-    """`open_loop_prediction` of every seed: `wm_params`, `batch` `[N, B, T, ...]` (raw, as
-    sampled) and `keys` `[N]` have a leading seed axis, split over the devices like the
-    states, so that no seed's parameters move (no collectives between devices)."""
-    context = min(5, agent.config.dataset.length - 1)
-
-    def one_seed(params, batch, key):
-        data = preprocess(batch, agent.config)
-        return open_loop_prediction(agent.world_model, params, data, key, context)
-
-    return over_seeds(one_seed)(wm_params, batch, keys)
-
-
 def open_loop_frames(
     agent: Agent, states: TrainState, batches: list[dict], keys: jax.Array, sharding
 ) -> list[np.ndarray]:
@@ -144,7 +128,7 @@ def open_loop_frames(
     per seed), as uint8 frames `[T, 3H, n·W, C]`."""
     batch = {k: np.stack([b[k][:OPENL_SEQUENCES] for b in batches]) for k in batches[0]}
     truth, prediction = jax.device_get(
-        _open_loop_seeds(agent, states.wm_params, jax.device_put(batch, sharding), keys)
+        agent.open_loop_seeds(states.wm_params, jax.device_put(batch, sharding), keys)
     )
     return [open_loop_video(*seed) for seed in zip(truth, prediction, strict=True)]
 

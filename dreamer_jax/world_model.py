@@ -291,12 +291,16 @@ def world_model_loss(
     return model_loss, (posterior, metrics)
 
 
+# The official report's context: 5 observed steps, then the prior alone.
+OPEN_LOOP_CONTEXT = 5
+
+
 def open_loop_prediction(
     model: WorldModel,
     params: Params,
     data: dict[str, jax.Array],
     key: jax.Array,
-    context: int = 5,
+    context: int,
 ) -> tuple[jax.Array, jax.Array]:
     """SPEC §6: observe the first `context` steps with the posterior, then imagine the rest
     with the prior under the recorded actions, and decode both.

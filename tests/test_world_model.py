@@ -17,6 +17,7 @@ from dreamer_jax.networks import RSSMState, get_feat, initial_state
 from dreamer_jax.world_model import (
     WorldModel,
     observe,
+    open_loop_prediction,
     posterior_scan,
     preprocess,
     rssm_sizes,
@@ -309,3 +310,40 @@ def test_posterior_scan_forward_loop_stores_only_matmul_results_for_the_backward
     hoisted, plain = _posterior_losses(model, data, embed)
     assert stored(plain) >= 30  # the check sees autodiff's residuals
     assert stored(hoisted) <= 12
+
+
+def test_open_loop_prediction_sees_only_the_context_then_follows_the_actions():
+    """The report's prediction: observations after the `context` steps never reach it (the
+    prior imagines them), the recorded actions do, and the first steps are the posterior's."""
+    config, model, params, data, _ = _observe_inputs()
+    data = jax.tree.map(jnp.asarray, data)
+    context, key = 3, jax.random.key(4)
+    truth, prediction = open_loop_prediction(model, params, data, key, context)
+    chex.assert_shape(prediction, data["vector"].shape)
+    np.testing.assert_array_equal(truth, data["vector"])
+    later_obs = {**data, "vector": data["vector"].at[:, context:].add(5.0)}
+    np.testing.assert_array_equal(
+        open_loop_prediction(model, params, later_obs, key, context)[1], prediction
+    )
+    later_action = {
+        **data,
+        "action": data["action"]
+        .at[:, context + 1]
+        .set(jnp.roll(data["action"][:, context + 1], 1, -1)),
+    }
+    moved = open_loop_prediction(model, params, later_action, key, context)[1]
+    np.testing.assert_array_equal(moved[:, : context + 1], prediction[:, : context + 1])
+    # action[t] led to step t: the step it leads to is the first that changes.
+    assert not np.allclose(moved[:, context + 1], prediction[:, context + 1])
+    observe_key = jax.random.split(key)[0]
+    embed = model.apply(params, data["vector"][:, :context], method=WorldModel.encode)
+    posterior, _ = observe(
+        model,
+        params,
+        embed,
+        data["action"][:, :context],
+        data["is_first"][:, :context],
+        observe_key,
+    )
+    decoded = model.apply(params, get_feat(posterior), method=WorldModel.decode)
+    np.testing.assert_allclose(prediction[:, :context], decoded, rtol=1e-5, atol=1e-6)
