@@ -157,7 +157,7 @@ def _main(argv) -> int:
         args = parser.parse_args(argv)
         if (args.logdir is None) == (args.run is None):
             raise EvalError("name the run once: --logdir DIR, or DIR alone")
-        logdir = pathlib.Path(args.logdir or args.run)
+        logdir = pathlib.Path(args.logdir if args.logdir is not None else args.run)
         for name in ("episodes", "envs"):
             if getattr(args, name) < 1:
                 raise EvalError(f"--{name} must be >= 1, got {getattr(args, name)}")

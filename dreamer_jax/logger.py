@@ -400,9 +400,17 @@ def check_wandb_key(mode: str, logdir: pathlib.Path) -> None:
     wandb.init would prompt, or fail only after several seconds. Needs no network."""
     if mode != "online":
         return
-    import wandb
+    try:
+        import wandb
 
-    if not _has_wandb_key(wandb):
+        has_key = _has_wandb_key(wandb)
+    except Exception as error:  # e.g. a malformed key: wandb's own errors, one line
+        reason = str(error).splitlines()[0] if str(error) else ""
+        raise WandbError(
+            f"wandb online mode cannot check the API key ({type(error).__name__}: {reason}); "
+            + _offline_hint(logdir)
+        ) from error
+    if not has_key:
         raise WandbError(
             "wandb online mode needs an API key (WANDB_API_KEY or `wandb login`); "
             + _offline_hint(logdir)

@@ -90,12 +90,12 @@ def provenance(argv: Sequence[str]) -> dict[str, Any]:
     }
 
 
-def first_command(logdir: pathlib.Path) -> str | None:
-    """The command line that started the run in `logdir` (from its run.json, shell-quoted),
-    or None if that cannot be read."""
+def last_command(logdir: pathlib.Path) -> str | None:
+    """The command line of the latest start of the run in `logdir` (from its run.json,
+    shell-quoted: each start saves its config), or None if that cannot be read."""
     try:
         starts = json.loads((logdir / RUN_FILE).read_text(encoding="utf-8"))["starts"]
-        return shlex.join(starts[0]["command"])
+        return shlex.join(starts[-1]["command"])
     except (OSError, ValueError, KeyError, IndexError, TypeError):
         return None
 

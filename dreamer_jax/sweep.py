@@ -405,8 +405,9 @@ def _done_at(logdir: pathlib.Path, step: int) -> bool:
 
 def finished_run_warnings(run: Run) -> list[str]:
     """Warnings for a finished `run` whose saved config is not the one the sweep file gives
-    it now: other values beyond run length and logging (which a resume may change), or more
-    `steps` than the file asks (a shorter run is resumed, a longer one is not cut back). []
+    it now: other values beyond run length and logging (which a resume may change), or a
+    latest checkpoint past the file's `steps` (a shorter run is resumed, a longer one is not
+    cut back). []
     if it saved no config that can be read (train names that when the run resumes)."""
     if run.config is None or run_state(run) != "finished":
         return []
@@ -422,11 +423,12 @@ def finished_run_warnings(run: Run) -> list[str]:
             f"warning: finished run {run.name} ran with another config than the sweep file "
             f"gives it now (it differs at {', '.join(drift)}); it is skipped as it is: {rename}"
         )
-    if saved["steps"] > run.config["steps"]:
+    reached = checkpoint_steps(run.logdir)[-1]  # a finished run has a checkpoint
+    if reached > run.config["steps"]:
         warnings.append(
-            f"warning: finished run {run.name} ran {saved['steps']} steps, more than the "
+            f"warning: finished run {run.name} ran {reached} steps, more than the "
             f"{run.config['steps']} the sweep file gives it now; it is skipped as it is and "
-            f"dreamer-analyze reads all {saved['steps']}: {rename}"
+            f"dreamer-analyze reads all {reached}: {rename}"
         )
     return warnings
 

@@ -69,7 +69,7 @@ from dreamer_jax.logger import (
     seeds_line,
 )
 from dreamer_jax.paths import DirectoryError, StorageError, ensure_writable, lock_directory
-from dreamer_jax.provenance import first_command, provenance, record_start
+from dreamer_jax.provenance import last_command, provenance, record_start
 from dreamer_jax.replay import Replay, bytes_per_step, set_aside_after
 from dreamer_jax.report import open_loop_video
 from dreamer_jax.seeds import (
@@ -313,8 +313,8 @@ def check_inputs(config: Config, logdir: pathlib.Path) -> Agent:
             )
         changed = changed_keys(saved, config)
         if changed and not config.resume.allow_config_change:
-            command = first_command(logdir)
-            started = f"; it was started with: {command}" if command else ""
+            command = last_command(logdir)
+            started = f"; it was last started with: {command}" if command else ""
             raise RunError(
                 f"config differs from the saved run in {logdir} at {', '.join(changed)}: "
                 f"resume with the --configs and overrides the run was started with{started} "
@@ -523,16 +523,15 @@ class Learning:
         goes on: its updates stay skipped (its parameters those of its last finite update)
         until one is finite again, so one diverged seed does not end the other seeds' run."""
         streaks = np.asarray(self.last["nonfinite_streak"])
-        limit, first = self.config.max_nonfinite, self.config.seed
+        limit, seeds = self.config.max_nonfinite, run_seeds(self.config)
         if streaks.min() >= limit:
-            seeds = seeds_text([first + i for i in range(len(streaks))])
             raise NonFiniteError(
-                f"{limit} consecutive non-finite updates at step {step} ({seeds}); "
+                f"{limit} consecutive non-finite updates at step {step} ({seeds_text(seeds)}); "
                 "stopping with the last good checkpoint kept"
             )
         for i in np.flatnonzero(streaks == limit):
             self.logger.warning(
-                f"warning: seed {first + i}: {limit} consecutive non-finite updates at step "
+                f"warning: seed {seeds[i]}: {limit} consecutive non-finite updates at step "
                 f"{step}; its updates are skipped while the other seeds go on (the run stops "
                 "if every seed gets there)"
             )
@@ -714,7 +713,7 @@ def _fresh_loop(config: Config) -> dict:
 
 
 def _make_logger(config, logdir, run_info, step, resumed, index) -> Logger:
-    seed = config.seed + index
+    seed = run_seeds(config)[index]
     group = config.wandb.group
     if config.num_seeds > 1 and not group:
         group = f"{config.task}-{logdir.name}"  # the N seeds of one run together in wandb
@@ -785,7 +784,15 @@ def _train(
             loggers.append(_make_logger(config, logdir, run_info, step, resumed, i))
             opened.callback(loggers[i].close)
             seed_loop = loop["seeds"][i] if resumed else None
-            replays.append(_open_replay(config, folder, env.step_spec, seeds[i], seed_loop, step))
+            try:
+                replay = _open_replay(config, folder, env.step_spec, seeds[i], seed_loop, step)
+            except MemoryError as error:  # loading a large replay on resume
+                raise RunError(
+                    f"out of memory loading the replay of {folder} ({out_of_memory(error)} "
+                    "failed); resume on a machine with more memory, or with a lower "
+                    "--replay.capacity"
+                ) from error
+            replays.append(replay)
             opened.callback(replays[i].close)
         _save_configs(config, logdir, seed_dirs)
         # A start that could not open its loggers (e.g. wandb online offline) is no start.

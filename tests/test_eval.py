@@ -184,7 +184,7 @@ def assert_one_line_error(result, *fragments):
 @pytest.mark.parametrize(
     "args, fragment",
     [([], "name the run once"), (["a", "--logdir", "b"], "name the run once"),
-     (["--logdir"], "expected one argument"),
+     (["--logdir"], "expected one argument"), (["--logdir", ""], "config.yaml not found"),
      (["--logdir", "x", "--episodes", "two"], "invalid int value: 'two'")],
 )  # fmt: skip
 def test_cli_bad_arguments_are_one_line(args, fragment):

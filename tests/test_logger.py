@@ -498,6 +498,14 @@ def test_wandb_online_without_an_api_key_is_one_line(tmp_path):
     assert "Traceback" not in err
 
 
+def test_wandb_online_with_a_malformed_api_key_is_one_line(tmp_path):
+    """wandb's own error for a key it refuses to read (train checks the key before writing
+    anything, outside the logger's init): one line, not its traceback."""
+    out, err = _wandb_online(tmp_path, WANDB_API_KEY="abc")
+    assert out.count("\n") == 1 and "cannot check the API key (" in out, (out, err)
+    assert "--wandb.mode offline" in out and "Traceback" not in err
+
+
 def test_wandb_online_without_a_server_is_one_line(tmp_path):
     # Port 9 (discard) on loopback: nothing listens, the connection is refused.
     out, err = _wandb_online(

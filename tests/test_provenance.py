@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from dreamer_jax.provenance import RUN_FILE, first_command, provenance, record_start
+from dreamer_jax.provenance import RUN_FILE, last_command, provenance, record_start
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -43,10 +43,10 @@ def test_unreadable_run_json_is_kept_aside(tmp_path):
     assert (tmp_path / (RUN_FILE + ".unreadable")).read_text() == "{not json"
 
 
-def test_first_command_is_the_first_starts_shell_quoted_or_none(tmp_path):
-    assert first_command(tmp_path) is None  # no run.json
-    record_start(tmp_path, {"command": ["python", "-m", "t", "--task", "a b"]}, step=0)
-    record_start(tmp_path, {"command": ["python", "-m", "t", "--steps", "9"]}, step=400)
-    assert first_command(tmp_path) == "python -m t --task 'a b'"
+def test_last_command_is_the_latest_starts_shell_quoted_or_none(tmp_path):
+    assert last_command(tmp_path) is None  # no run.json
+    record_start(tmp_path, {"command": ["python", "-m", "t", "--steps", "9"]}, step=0)
+    record_start(tmp_path, {"command": ["python", "-m", "t", "--task", "a b"]}, step=400)
+    assert last_command(tmp_path) == "python -m t --task 'a b'"
     (tmp_path / RUN_FILE).write_text('{"starts": []}')
-    assert first_command(tmp_path) is None
+    assert last_command(tmp_path) is None

@@ -230,10 +230,11 @@ def test_a_finished_run_with_another_config_than_the_file_is_named_in_a_warning(
         """,
     )
     runs = expand(load_sweep(path))
-    for run in runs:
-        make_checkpoint(run.logdir, 500)
+    for run, reached in zip(runs, (400, 400, 500, 400), strict=True):
+        make_checkpoint(run.logdir, reached)
     runs[0].config.update({"kl.balance": 0.5, "prefill": 200}).save(runs[0].logdir / "config.yaml")
-    runs[1].config.update({"log_every": 7, "steps": 300}).save(runs[1].logdir / "config.yaml")
+    # Asked for 500 steps, stopped at 400 and finished by the file's 400: nothing to say.
+    runs[1].config.update({"log_every": 7, "steps": 500}).save(runs[1].logdir / "config.yaml")
     runs[2].config.update({"steps": 500}).save(runs[2].logdir / "config.yaml")
     (runs[3].logdir / "config.yaml").write_text("{unclosed: [")  # train would name it
     files = lambda: {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("*") if p.is_file()}

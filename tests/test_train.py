@@ -202,7 +202,7 @@ def test_config_change_on_resume_is_refused_and_nothing_is_touched(tmp_path):
     assert result.returncode == 2
     assert "config differs" in result.stderr and "rssm.deter" in result.stderr
     # The likely cause, presets left out, is answered by the command the run began with.
-    started = "it was started with: " + shlex.join([sys.executable, "-m", "dreamer_jax.train"])
+    started = "it was last started with: " + shlex.join([sys.executable, "-m", "dreamer_jax.train"])
     assert f"{started} {shlex.join(CLASSIC)} --logdir {logdir} --steps 400 (" in result.stderr
     assert {p: p.read_bytes() for p in logdir.rglob("*") if p.is_file()} == snapshot
     # Run length is not part of the experiment's identity.
@@ -321,6 +321,20 @@ class NonFiniteRewards:
 
     def step(self, action, active=None):
         return self._poisoned(self.env.step(action, active))
+
+
+def test_running_out_of_memory_loading_a_replay_is_one_line_naming_it(tmp_path, monkeypatch):
+    """A replay too large to load (a resume on a smaller machine) ends in a RunError, the
+    one line train prints, not a MemoryError traceback; nothing is saved by that start."""
+    config = cartpole_config(tmp_path, steps=400)
+
+    def no_memory(*args):
+        raise MemoryError("Unable to allocate 3.00 GiB for an array with shape (400000,)")
+
+    monkeypatch.setattr(train_module, "_open_replay", no_memory)
+    with pytest.raises(train_module.RunError, match=r"out of memory loading the replay of .* \("):
+        train_module.train(config, types.SimpleNamespace(signum=None))
+    assert not (tmp_path / "run.json").exists()
 
 
 def test_a_log_row_that_fails_stays_owed_after_the_error_checkpoint(tmp_path, monkeypatch):
