@@ -62,6 +62,19 @@ def test_vector_encoder_and_decoder_have_one_layer_per_listed_width():
     assert kernel_shapes(params["decoder"]["MLP_0"]) == [(feat, 16), (16, 12), (12, 4)]
 
 
+def test_the_observation_at_t_reaches_the_posterior_at_t_and_not_the_prior():
+    """The posterior of step t reads that step's embedding; the prior of step t, computed
+    from h_t before the observation, does not."""
+    _, model, params, data, embed = _observe_inputs()
+    moved = jnp.asarray(embed).at[:, 4].add(1.0)
+    args = (data["action"], data["is_first"], jax.random.key(1))
+    posterior, prior_logits = observe(model, params, embed, *args)
+    posterior_moved, prior_moved = observe(model, params, moved, *args)
+    np.testing.assert_array_equal(posterior_moved.logits[:, :4], posterior.logits[:, :4])
+    assert not np.allclose(posterior_moved.logits[:, 4], posterior.logits[:, 4])
+    np.testing.assert_array_equal(prior_moved[:, :5], prior_logits[:, :5])
+
+
 def test_posterior_prior_shapes_and_chunk_reset():
     config, model, params, data, embed = _observe_inputs()
     posterior, prior_logits = observe(
