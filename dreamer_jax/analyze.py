@@ -426,10 +426,16 @@ def bin_curve(frames: np.ndarray, values: np.ndarray, edges: np.ndarray) -> np.n
 
 
 def curve_band(curves: Sequence[tuple], edges: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Each seed's `(frames, returns)` binned by `bin_curve`, then per bin the mean, min and
+    """Each seed's `(frames, returns)` binned by `bin_curve`, a seed that ended early held at
+    its last value in the later bins (as the official plot pads a shorter run with its last
+    score: the mean does not jump where a seed's data ends), then per bin the mean, min and
     max over the seeds that have a value there; bins empty for every seed are dropped.
     Returns bin centers, mean, min, max, each [K']."""
     binned = np.stack([bin_curve(frames, returns, edges) for frames, returns in curves])
+    for seed_bins in binned:
+        (filled_bins,) = np.nonzero(np.isfinite(seed_bins))
+        if filled_bins.size:
+            seed_bins[filled_bins[-1] + 1 :] = seed_bins[filled_bins[-1]]
     filled = np.isfinite(binned).any(axis=0)
     binned = binned[:, filled]  # [S, K']
     centers = ((edges[:-1] + edges[1:]) / 2)[filled]

@@ -372,6 +372,20 @@ def test_curve_band_is_mean_min_max_over_seeds_of_binned_curves():
     np.testing.assert_array_equal(high, [5.0, 20.0])
 
 
+def test_curve_band_holds_a_seed_that_ended_early_at_its_last_value():
+    """As the official plot pads a shorter run with its last score: the mean over seeds
+    does not jump where one seed's data ends, and the band still spans every seed."""
+    edges = np.array([0.0, 10.0, 20.0, 30.0, 40.0])
+    long = (np.array([5.0, 15.0, 25.0, 35.0]), np.array([1.0, 2.0, 3.0, 4.0]))
+    short = (np.array([5.0, 15.0]), np.array([11.0, 12.0]))  # ends in the second bin
+    late = (np.array([25.0, 35.0]), np.array([6.0, 8.0]))  # starts in the third: nothing before
+    x, mean, low, high = analyze.curve_band([long, short, late], edges)
+    np.testing.assert_array_equal(x, [5.0, 15.0, 25.0, 35.0])
+    np.testing.assert_array_equal(mean, [6.0, 7.0, 7.0, 8.0])  # (3 + 12 + 6) / 3, (4 + 12 + 8) / 3
+    np.testing.assert_array_equal(low, [1.0, 2.0, 3.0, 4.0])
+    np.testing.assert_array_equal(high, [11.0, 12.0, 12.0, 12.0])
+
+
 def test_plot_task_draws_reference_and_baselines_only_when_given(tmp_path):
     write_run(tmp_path, "atari_pong", 0, eval_rows([(0, -20.0), (100, 0.0)]))
     write_run(tmp_path, "atari_pong", 1, eval_rows([(0, -21.0), (100, 2.0)]))
@@ -439,7 +453,8 @@ def test_frame_edges_put_regular_evals_one_per_bin(tmp_path):
     # At most as many bins as evaluations (3), spanning the first to the last eval.
     edges = analyze.frame_edges(runs, bins=40)
     np.testing.assert_allclose(edges, [100, 100 + 200 / 3, 100 + 400 / 3, 300])
-    np.testing.assert_array_equal(analyze.curve_band(curves, edges)[1], [2.0, 3.0, 5.0])
+    # Seed 0 ends at 200: its last value holds in the bin of 300 (mean of 2 and 5).
+    np.testing.assert_array_equal(analyze.curve_band(curves, edges)[1], [2.0, 3.0, 3.5])
     edges = analyze.frame_edges(runs, bins=2)
     np.testing.assert_array_equal(edges, [100, 200, 300])
     # [100, 200): 1 and 3 | [200, 300]: 2 and mean(4, 5) for the two seeds.
