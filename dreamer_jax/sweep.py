@@ -188,7 +188,8 @@ def load_sweep(path: str | pathlib.Path) -> Sweep:
             raise fail(f"'{field}' is required")
     name = data.get("name", path.stem)
     if not isinstance(name, str) or not _SEGMENT.fullmatch(name):
-        raise fail(f"'name' must be {_SEGMENT_RULE}, got {name!r}")
+        given = "" if "name" in data else ", taken from the file's name: give a 'name'"
+        raise fail(f"'name' must be {_SEGMENT_RULE}, got {name!r}{given}")
     root = data.get("root", "runs")
     if not isinstance(root, str) or not root:
         raise fail(f"'root' must be a non-empty path, got {root!r}")

@@ -327,6 +327,12 @@ def test_bad_sweep_file_is_one_line_naming_the_file(tmp_path, capsys, text, frag
     assert fragment in captured.err
 
 
+def test_a_name_taken_from_a_bad_file_name_says_so(tmp_path, capsys):
+    path = write_sweep(tmp_path, "tasks: [classic_cartpole]\nseeds: [0]\n", name="my sweep.yaml")
+    assert main([str(path), "--dry-run"]) == 2
+    assert "got 'my sweep', taken from the file's name: give a 'name'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "args, fragment",
     [(["missing.yaml"], "sweep file missing.yaml not found"),
