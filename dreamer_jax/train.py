@@ -87,6 +87,8 @@ from dreamer_jax.seeds import (
 from dreamer_jax.startup import quiet_on_broken_pipe
 
 OPENL_SEQUENCES = 6
+# Train metrics that count since the run began: a row logs their latest value, not a mean.
+RUNNING_COUNTS = ("nonfinite_streak", "nonfinite_total")
 
 
 class RunError(Exception):
@@ -537,25 +539,32 @@ class Learning:
             )
 
     def take_metrics(self) -> list[dict[str, float]]:
-        """Each seed's mean of every train metric since the last call ({} if none)."""
-        means = [
-            {k: total / sums["count"] for k, total in sums["sums"].items()}
+        """Each seed's mean of every train metric since the last call, and the latest value
+        of each of `RUNNING_COUNTS` ({} if none)."""
+        rows = [
+            {
+                **{k: total / sums["count"] for k, total in sums["sums"].items()},
+                **sums.get("latest", {}),
+            }
             for sums in self.pending_sums()
         ]
         self.sums = [{"count": 0, "sums": {}} for _ in self.sums]
-        return means
+        return rows
 
     def pending_sums(self) -> list[dict]:
-        """Each seed's `{"count": updates, "sums": {metric: sum}}` since the last row."""
+        """Each seed's `{"count": updates, "sums": {metric: sum}, "latest": {count: value}}`
+        since the last row."""
         if self.metrics:
             host, self.metrics = jax.device_get(self.metrics), []
+            averaged = [k for k in host[0] if k not in RUNNING_COUNTS]
             self.sums = [
                 {
                     "count": sums["count"] + len(host),
                     "sums": {
                         k: sums["sums"].get(k, 0.0) + float(sum(float(m[k][i]) for m in host))
-                        for k in host[0]
+                        for k in averaged
                     },
+                    "latest": {k: float(host[-1][k][i]) for k in RUNNING_COUNTS if k in host[0]},
                 }
                 for i, sums in enumerate(self.sums)
             ]

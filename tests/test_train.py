@@ -337,6 +337,30 @@ def test_running_out_of_memory_loading_a_replay_is_one_line_naming_it(tmp_path, 
     assert not (tmp_path / "run.json").exists()
 
 
+def test_a_row_averages_the_train_metrics_but_logs_running_counts_as_they_stand():
+    """Per seed, the mean of each metric over the row's updates, except the counts since the
+    run began (`nonfinite_total`, `nonfinite_streak`): their latest value, also after the
+    pending sums went through a checkpoint."""
+    learning = object.__new__(train_module.Learning)
+    learning.sums = [{"count": 0, "sums": {}}, {"count": 0, "sums": {}}]
+    update = lambda loss, total: {
+        "model_loss": np.array([loss, 10 * loss]),
+        "nonfinite_total": np.array([total, 0.0]),
+        "nonfinite_streak": np.array([total, 0.0]),
+    }
+    learning.metrics = [update(1.0, 3.0), update(2.0, 3.0)]
+    saved = learning.seed_loops()  # what a checkpoint keeps of them
+    learning.metrics = [update(6.0, 4.0)]
+    first, second = learning.take_metrics()
+    assert first == {"model_loss": 3.0, "nonfinite_total": 4.0, "nonfinite_streak": 4.0}
+    assert second == {"model_loss": 30.0, "nonfinite_total": 0.0, "nonfinite_streak": 0.0}
+    assert saved[0]["pending_metrics"]["latest"] == {
+        "nonfinite_streak": 3.0,
+        "nonfinite_total": 3.0,
+    }
+    assert learning.take_metrics() == [{}, {}]
+
+
 def test_a_log_row_that_fails_stays_owed_after_the_error_checkpoint(tmp_path, monkeypatch):
     """A full disk at the log of step 500: the run saves a checkpoint there and stops; the
     resumed run still owes that row and writes it at its restored step, 500, then its last."""
