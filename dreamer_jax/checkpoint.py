@@ -40,7 +40,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from dreamer_jax.agent import TrainState
-from dreamer_jax.paths import ensure_writable
+from dreamer_jax.paths import ensure_writable, out_of_memory
 
 # orbax's temporary directory of an unfinished save of step N: "N.orbax-checkpoint-tmp...".
 _TMP_MARK = ".orbax-checkpoint-tmp"
@@ -353,7 +353,7 @@ class Checkpointer:
                     raise ValueError("no state metadata")
                 saved = _leaf_specs(metadata)
             except Exception as error:
-                self._set_aside(step, error)
+                self._set_aside_unless_out_of_memory(step, error)
                 continue
             mismatch = _first_mismatch(saved, _leaf_specs(abstract))
             if mismatch:
@@ -381,11 +381,23 @@ class Checkpointer:
                     if damaged:
                         raise ValueError(damaged)
             except Exception as error:
-                self._set_aside(step, error)
+                self._set_aside_unless_out_of_memory(step, error)
                 continue
             loop_state = {k: v for k, v in loop_state.items() if k != _CHECKSUMMED}
             return step, _from_disk(restored["state"]), loop_state
         return None
+
+    def _set_aside_unless_out_of_memory(self, step: int, error: Exception) -> None:
+        """`_set_aside`, except for a failed allocation: the machine's fault, not the
+        checkpoint's (a resume on a smaller accelerator), raised as a CheckpointError."""
+        asked = out_of_memory(error)
+        if asked is not None:
+            raise CheckpointError(
+                f"out of memory restoring checkpoint {self.directory / str(step)} (an "
+                f"allocation of {asked} failed); it is kept: restore it on a machine with "
+                "more memory"
+            ) from error
+        self._set_aside(step, error)
 
     def _set_aside(self, step: int, error: Exception) -> None:
         """Warns that checkpoint `step` is unreadable and, unless read-only, moves it out of

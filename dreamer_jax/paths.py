@@ -1,5 +1,6 @@
-"""The one check that a directory the run writes to is usable, the one atomic write, and
-the lock that keeps two runs out of one logdir."""
+"""The one check that a directory the run writes to is usable, the one atomic write, the
+lock that keeps two runs out of one logdir, and how to tell that the machine's memory, not
+the input, failed an allocation."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import errno
 import fcntl
 import os
 import pathlib
+import re
 from collections.abc import Iterator
 
 # A 0-byte probe succeeds on a full disk; 1 MiB of real data does not.
@@ -126,3 +128,21 @@ def lock_directory(directory: pathlib.Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+_OOM = re.compile(r"RESOURCE_EXHAUSTED|out of memory|unable to allocate", re.IGNORECASE)
+_ASKED = re.compile(r"allocat\w*\s+([\d.]+\s*[KMGTP]?i?B)\b|(\d+) bytes", re.IGNORECASE)
+
+
+def out_of_memory(error: BaseException) -> str | None:
+    """None, or how much memory a failed allocation asked for ("an unknown amount" when the
+    message does not say), for a numpy `MemoryError` or an XLA RESOURCE_EXHAUSTED error."""
+    text = str(error)
+    if not (isinstance(error, MemoryError) or _OOM.search(text)):
+        return None
+    match = _ASKED.search(text)
+    if match is None:
+        return "an unknown amount"
+    if match.group(1):
+        return match.group(1).replace(" ", "")
+    return f"{int(match.group(2)) / 2**30:.2f}GiB"

@@ -32,7 +32,6 @@ if __name__ == "__main__":  # a program: set up XLA:CPU's speed before jax is im
 import contextlib
 import os
 import pathlib
-import re
 import signal
 import socket
 import sys
@@ -68,7 +67,13 @@ from dreamer_jax.logger import (
     read_metrics,
     seeds_line,
 )
-from dreamer_jax.paths import DirectoryError, StorageError, ensure_writable, lock_directory
+from dreamer_jax.paths import (
+    DirectoryError,
+    StorageError,
+    ensure_writable,
+    lock_directory,
+    out_of_memory,
+)
 from dreamer_jax.provenance import last_command, provenance, record_start
 from dreamer_jax.replay import Replay, bytes_per_step, set_aside_after
 from dreamer_jax.report import open_loop_video
@@ -148,24 +153,6 @@ def _generator(state: dict) -> np.random.Generator:
     rng = np.random.default_rng()
     rng.bit_generator.state = state
     return rng
-
-
-_OOM = re.compile(r"RESOURCE_EXHAUSTED|out of memory|unable to allocate", re.IGNORECASE)
-_ASKED = re.compile(r"allocat\w*\s+([\d.]+\s*[KMGTP]?i?B)\b|(\d+) bytes", re.IGNORECASE)
-
-
-def out_of_memory(error: BaseException) -> str | None:
-    """None, or how much memory a failed allocation asked for ("an unknown amount" when the
-    message does not say), for a numpy `MemoryError` or an XLA RESOURCE_EXHAUSTED error."""
-    text = str(error)
-    if not (isinstance(error, MemoryError) or _OOM.search(text)):
-        return None
-    match = _ASKED.search(text)
-    if match is None:
-        return "an unknown amount"
-    if match.group(1):
-        return match.group(1).replace(" ", "")
-    return f"{int(match.group(2)) / 2**30:.2f}GiB"
 
 
 def out_of_memory_message(config: Config, asked: str) -> str:

@@ -223,6 +223,24 @@ def test_read_only_skips_an_unreadable_checkpoint_but_moves_nothing(tmp_path):
     assert not (tmp_path / "ckpt_unreadable").exists()
 
 
+def test_running_out_of_memory_while_restoring_moves_nothing(tmp_path, monkeypatch):
+    """A failed allocation (a resume on a smaller accelerator) is the machine's, not the
+    checkpoint's: one CheckpointError, and every checkpoint stays where it is."""
+    state, checkpointer = _save_steps(tmp_path / "ckpt", vector_agent(), (1, 2))
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError(
+            "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 3221225472 bytes."
+        )
+
+    monkeypatch.setattr(checkpointer._manager, "restore", no_memory)
+    with pytest.raises(
+        CheckpointError, match=r"out of memory restoring checkpoint .*2 \(an allocation of 3.00GiB"
+    ):
+        checkpointer.restore_latest(state)
+    assert checkpointer.steps() == [1, 2] and not (tmp_path / "ckpt_unreadable").exists()
+
+
 def test_other_network_sizes_are_one_line_and_move_nothing(tmp_path, capfd):
     state, _ = _save_steps(tmp_path / "ckpt", vector_agent(), (1,))
     wider = vector_agent(tiny_config(**{"rssm.deter": 64})).init(jax.random.key(0))

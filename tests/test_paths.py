@@ -15,6 +15,7 @@ from dreamer_jax.paths import (
     ensure_writable,
     lock_directory,
     naming,
+    out_of_memory,
 )
 
 HOLD = """
@@ -74,3 +75,13 @@ def test_check_creatable_creates_nothing_and_words_errors_as_ensure_writable(tmp
         with pytest.raises(DirectoryError) as ensured:
             ensure_writable(target, "folder")
         assert str(checked.value) == str(ensured.value)
+
+
+def test_out_of_memory_recognises_numpy_and_xla_messages():
+    numpy_error = MemoryError("Unable to allocate 381. GiB for an array with shape (10, 4)")
+    assert out_of_memory(numpy_error) == "381.GiB"
+    xla = RuntimeError(
+        "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 3221225472 bytes."
+    )
+    assert out_of_memory(xla) == "3.00GiB"
+    assert out_of_memory(RuntimeError("shapes do not match")) is None

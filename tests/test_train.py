@@ -1120,16 +1120,6 @@ def test_out_of_memory_batch_is_one_line_naming_dataset_batch(tmp_path):
     assert "GiB" in result.stderr
 
 
-def test_out_of_memory_recognises_numpy_and_xla_messages():
-    numpy_error = MemoryError("Unable to allocate 381. GiB for an array with shape (10, 4)")
-    assert train_module.out_of_memory(numpy_error) == "381.GiB"
-    xla = RuntimeError(
-        "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 3221225472 bytes."
-    )
-    assert train_module.out_of_memory(xla) == "3.00GiB"
-    assert train_module.out_of_memory(RuntimeError("shapes do not match")) is None
-
-
 def test_out_of_memory_message_names_the_seeds_only_when_there_are_several():
     single = make_config(["classic"], {"dataset.batch": 64})
     assert train_module.out_of_memory_message(single, "3.00GiB") == (
