@@ -766,7 +766,7 @@ def _train(
             atari_protocol_warning(config),
             replay_memory_warning(config, env.step_spec, _physical_memory()),
         ]
-        if config.steps <= config.prefill and loop["updates"] == 0:
+        if config.steps < config.prefill and loop["updates"] == 0:
             notes.append(
                 f"warning: --steps {config.steps} ends within the prefill ({config.prefill} "
                 "random-policy steps): the run collects data and trains no update"
@@ -923,6 +923,9 @@ def _run_loop(
     # The restored step's log row was written by the run that saved it (owed work may add a
     # row for its evaluation); the loop state saved last, to save only what changed.
     restored_step = step if resumed else None
+    if resumed:  # from this run's --checkpoint_every (the same step if it did not change)
+        every = config.checkpoint_every
+        loop["next_checkpoint"] = (step // every + 1) * every
     counters = ("step", "updates", "updates_owed", "next_eval", "next_log")
     saved = {key: loop[key] for key in counters} if resumed else None
 
@@ -968,8 +971,11 @@ def _run_loop(
                 loop["next_eval"] = (step // config.eval_every + 1) * config.eval_every
             # A finished run's last row is its last step, whatever `log_every` says, even
             # without an update yet (a run within the prefill: its returns and replay size).
+            # Only once the step's updates are all paid: a stop that left some owed leaves
+            # the row owed too, so that it averages them all when the resumed run pays them.
+            paid = learning.owed == 0
             due_log = step >= loop["next_log"] and learning.updates > 0
-            if due_log or (step >= config.steps and step != restored_step):
+            if paid and (due_log or (step >= config.steps and step != restored_step)):
                 logging.write(step, acting, learning, replays)
                 loop["next_log"] = (step // config.log_every + 1) * config.log_every
             elif evaluated:  # a row of its own: the next row's would replace its results

@@ -361,6 +361,51 @@ def test_a_row_averages_the_train_metrics_but_logs_running_counts_as_they_stand(
     assert learning.take_metrics() == [{}, {}]
 
 
+def test_a_stop_within_a_steps_updates_leaves_its_row_to_the_resumed_run(
+    tmp_path, monkeypatch, capsys
+):
+    """Step 300 (the last, where the prefill ends) owes 2 updates (the pretraining one and
+    its own); a stop after the first writes no row there: the resumed run pays the second
+    and writes the row then, the same as an uninterrupted run's (QA: it held 1 update)."""
+    whole = cartpole_config(tmp_path / "whole", steps=300, eval_every=100000)
+    train_module.train(whole, types.SimpleNamespace(signum=None))
+    assert "ends within the prefill" not in capsys.readouterr().err  # it trains at step 300
+    config = cartpole_config(tmp_path / "stopped", steps=300, eval_every=100000)
+    stop, train = types.SimpleNamespace(signum=None), train_module.Learning.train
+
+    def stop_after_one_update(self, states, step, stopping):
+        if stop.signum is None and self.owed == 2:
+            states = train(self, states, step, iter([False, True]).__next__)
+            stop.signum = 2  # as the signal handler would
+            return states
+        return train(self, states, step, stopping)
+
+    monkeypatch.setattr(train_module.Learning, "train", stop_after_one_update)
+    train_module.train(config, stop)
+    assert not (tmp_path / "stopped" / "metrics.jsonl").exists()  # no row yet
+    train_module.train(config, types.SimpleNamespace(signum=None))
+    rows = read_metrics(tmp_path / "stopped" / "metrics.jsonl")
+    assert rows[0]["updates"] == 2
+    # The evaluation's envs are reseeded on resume (docs/reproducibility.md): all else agrees.
+    no_eval = lambda rows: [
+        {k: v for k, v in row.items() if not k.startswith("eval_")} for row in _comparable(rows)
+    ]
+    assert no_eval(rows) == no_eval(read_metrics(tmp_path / "whole" / "metrics.jsonl"))
+
+
+def test_a_lower_checkpoint_every_on_resume_takes_effect_at_once(tmp_path):
+    """The next checkpoint comes from this start's `checkpoint_every`, not the saved run's
+    schedule (QA: lowered from 1000 to 100, the next save still waited for step 1000)."""
+    run = lambda **kw: train_module.train(
+        cartpole_config(tmp_path, log_every=1000, eval_every=100000, **kw),
+        types.SimpleNamespace(signum=None),
+    )
+    run(steps=400, checkpoint_every=1000)
+    run(steps=700, checkpoint_every=100, checkpoint_keep=10)
+    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [0, 400, 500, 600, 700]
+
+
 def test_a_log_row_that_fails_stays_owed_after_the_error_checkpoint(tmp_path, monkeypatch):
     """A full disk at the log of step 500: the run saves a checkpoint there and stops; the
     resumed run still owes that row and writes it at its restored step, 500, then its last."""
