@@ -145,6 +145,15 @@ def test_task_summary_by_hand(sweep):
     assert "final_gamer_normalized" not in cartpole
 
 
+def test_task_frames_are_the_fewest_any_seed_reached(tmp_path):
+    """A task's `frames` is how far all its seeds got (a sweep still running): seed 1's
+    8,000, not seed 0's 10,000."""
+    write_run(tmp_path, "atari_pong", 0, eval_rows([(1000, 1.0)], last_frames=10_000))
+    write_run(tmp_path, "atari_pong", 1, eval_rows([(1000, 2.0)], last_frames=8_000))
+    summary = analyze.task_summary(analyze.load_runs(tmp_path), analyze.load_baselines())
+    assert summary["atari_pong"]["frames"] == 8_000
+
+
 def test_aggregates_by_hand(sweep):
     baselines = analyze.load_baselines()
     summary = analyze.task_summary(analyze.load_runs(sweep), baselines)
@@ -174,6 +183,37 @@ def test_iqm_is_the_mean_of_the_middle_half_with_a_reproducible_ci():
     assert low <= iqm <= high and low < high
     assert analyze.iqm_with_ci(scores, reps=200, seed=5) == (iqm, [low, high])
     assert analyze.iqm_with_ci(scores, reps=200, seed=6)[1] != [low, high]
+
+
+def test_the_clipped_record_score_is_clipped_at_the_record_only():
+    """`min(record-normalized, 1)`: a seed worse than random play keeps its negative score
+    (-0.5 here), only one past the record counts as 1."""
+    baseline = {"random": 0.0, "human_gamer": 10.0, "human_record": 100.0}
+    means = analyze.normalized_means(np.array([-50.0, 50.0, 200.0]), baseline)
+    assert means == pytest.approx(
+        {
+            "final_gamer_normalized": (-5 + 5 + 20) / 3,
+            "final_record_normalized": (-0.5 + 0.5 + 2) / 3,
+            "final_clipped_record_normalized": (-0.5 + 0.5 + 1) / 3,
+        }
+    )
+
+
+def test_the_iqm_interval_is_rliables_95_percent_interval():
+    """`iqm_ci` is the 95 % interval its docstring and the report state: rliable's for the
+    same bootstrap draws (not one of another confidence level)."""
+    from rliable import library, metrics
+
+    scores = np.array([[0.0, 7.0], [1.0, 3.0], [2.0, 50.0], [-9.0, 4.0]])  # [seeds, tasks]
+    np.random.seed(5)
+    _, intervals = library.get_interval_estimates(
+        {"iqm": scores},
+        lambda x: np.array([metrics.aggregate_iqm(x)]),
+        reps=200,
+        confidence_interval_size=0.95,
+    )
+    _, ci = analyze.iqm_with_ci(scores, reps=200, seed=5)
+    assert ci == pytest.approx(list(intervals["iqm"][:, 0]))
 
 
 def test_iqm_with_unequal_seed_counts_uses_each_tasks_lowest_seeds(tmp_path):

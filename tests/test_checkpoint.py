@@ -1,5 +1,6 @@
 """Checkpoint round trip, corrupt-checkpoint fallback and exact learner resume."""
 
+import json
 import os
 import pathlib
 import shutil
@@ -73,6 +74,13 @@ def _edit_the_loop_state(checkpoint):
     (checkpoint / "loop" / "metadata").write_text('{"step": 7}')
 
 
+def _edit_a_loop_value(checkpoint):
+    """The loop state as saved but for one counter: the same keys, another value."""
+    path = checkpoint / "loop" / "metadata"
+    loop = json.loads(path.read_text())
+    path.write_text(json.dumps({**loop, "updates": loop["updates"] + 1}))
+
+
 def _edit_the_checksums(checkpoint):
     """Valid JSON, but not checksums: the check must not fail with a Python error."""
     (checkpoint / "checksums" / "metadata").write_text("[]")
@@ -132,11 +140,13 @@ def test_unreadable_latest_is_moved_aside_and_its_step_can_be_saved_again(tmp_pa
 
 
 @pytest.mark.parametrize(
-    "damage", [None, _edit_the_loop_state, _edit_the_checksums, _delete_the_checksums]
+    "damage",
+    [None, _edit_the_loop_state, _edit_a_loop_value, _edit_the_checksums, _delete_the_checksums],
 )
 def test_saved_loop_state_reads_a_saved_loop_only_as_saved(tmp_path, damage):
     """What dreamer-sweep reads of a checkpoint without orbax: the loop state as saved (an
-    edited one, or one whose checksums are damaged or gone, is None)."""
+    edited one, even in a value alone, or one whose checksums are damaged or gone, is
+    None)."""
     loop = {"step": 2, "updates": 5, "seeds": [{"act_key": [1, 2], "random_rng": 2**100}]}
     state = vector_agent().init(jax.random.key(0))
     Checkpointer(tmp_path / "ckpt").save(2, state, loop)

@@ -145,6 +145,28 @@ def test_resume_step_drops_later_lines(tmp_path):
     assert [r["step"] for r in read_metrics(aside / "3.1.jsonl")] == [1, 2, 3, 4]
 
 
+def test_a_resume_purges_the_tensorboard_steps_after_the_checkpoint_only(tmp_path):
+    """A resume at step 3 writes TensorBoard's START event at step 4: TensorBoard then drops
+    the earlier events of steps 4 and up (the interrupted run's 4 and 5) and keeps the
+    checkpoint's row of step 3, which the resumed run does not write again."""
+    logger = _logger(tmp_path)
+    for step in range(1, 6):
+        logger.scalar("loss", step)
+        logger.write(step)
+    logger.close()
+    _logger(tmp_path, resume_step=3).close()
+    starts = []
+    for path in tmp_path.glob("events.out.tfevents.*"):  # read as in _tb_events
+        data, offset = path.read_bytes(), 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset : offset + 8])
+            event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
+            offset += 12 + length + 4
+            if event.session_log.status == event.session_log.START:
+                starts.append(event.step)
+    assert starts == [4]  # the fresh run's file has none
+
+
 def test_nonfinite_literals_read_as_none(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "a": NaN, "b": Infinity, "c": -Infinity, "d": 2.5, "e": null}\n')

@@ -129,6 +129,25 @@ def test_seeds_per_run_packs_consecutive_seeds_into_one_program(tmp_path):
         assert config.logdir == str(run.logdir)
 
 
+def test_two_seeds_per_run_train_both_seeds(tmp_path):
+    """The smallest packing: each program of `seeds_per_run: 2` trains its two seeds
+    (`--num_seeds 2`), not only the first one its folder is named after."""
+    path = write_sweep(
+        tmp_path,
+        f"""
+        tasks: [classic_cartpole]
+        seeds: [0, 1, 2, 3]
+        seeds_per_run: 2
+        root: {tmp_path}
+        """,
+    )
+    runs = expand(load_sweep(path))
+    assert [run.logdir.name for run in runs] == ["seeds_0-1", "seeds_2-3"]
+    for run, first in zip(runs, (0, 2), strict=True):
+        config = run_config(run)
+        assert (config.seed, config.num_seeds, run.num_seeds) == (first, 2, 2)
+
+
 def test_without_variants_there_is_one_named_base(tmp_path):
     path = write_sweep(tmp_path, "tasks: [classic_cartpole]\nseeds: [0]\n", name="mine.yaml")
     sweep = load_sweep(path)

@@ -61,6 +61,19 @@ def test_a_seeds_host_streams_are_all_different(tmp_path):
         assert len(draws) == 3
 
 
+def test_a_resumed_replay_samples_on_from_its_checkpointed_stream(tmp_path):
+    """A resumed seed's replay draws its batches on from the stream its checkpoint saved,
+    not again from the start of its seed's (the batches of the run's beginning again)."""
+    config = make_config(["classic", "debug"], {"seed": 3})
+    spec = VectorEnv(config.task, 1, 0).step_spec
+    fresh = train_module._open_replay(config, tmp_path / "fresh", spec, 3, None, 0)
+    saved = train_module._generator(fresh.get_rng_state())
+    saved.integers(0, 2**62, 5)  # the stream moved on by the batches drawn before the stop
+    seed_loop = {"replay_rng": saved.bit_generator.state, "replay_next_index": 0}
+    resumed = train_module._open_replay(config, tmp_path / "resumed", spec, 3, seed_loop, 400)
+    assert resumed.get_rng_state() == saved.bit_generator.state != fresh.get_rng_state()
+
+
 def test_classic_debug_run_end_to_end(tmp_path):
     logdir = tmp_path / "run"
     result = run_cli(
@@ -1602,3 +1615,110 @@ def test_a_run_that_ends_within_the_prefill_says_so_and_logs_its_last_step(tmp_p
     (row,) = read_metrics(logdir / "metrics.jsonl")
     assert row["step"] == 100 and row["updates"] == 0 and row["replay_steps"] > 0
     assert "no return logged yet" not in result.stdout
+
+
+def test_learning_owes_train_steps_per_train_every_crossed_and_the_pretraining_once():
+    """`Learning.owe` with 3 envs (the step moves 3 a policy step, past most multiples of
+    train_every 10, not onto them): from the end of the prefill (step 300) to 600, each of
+    the 31 multiples of 10 in [300, 600] owes 2 updates once, plus the pretraining (5) once:
+    67."""
+    config = make_config(
+        ["classic", "debug"], {"envs": 3, "train_steps": 2, "pretrain": 5, "prefill": 300}
+    )
+    replay = types.SimpleNamespace(ready=True, dataset=lambda: iter(()))
+    loop = {"updates": 0, "updates_owed": 0, "seeds": [{}]}
+    logger = types.SimpleNamespace(message=lambda text: None)
+    learning = train_module.Learning(None, config, [replay], None, loop, logger)
+    owed = {}
+    for step in range(3, 601, 3):  # as the loop calls it, after each policy step
+        learning.owe(step)
+        if learning.owed:
+            owed[step] = learning.owed
+        learning.updates, learning.owed = learning.updates + learning.owed, 0  # paid
+    assert min(owed) == 300 and owed[300] == 5 + 2  # the pretraining, and crossing 300
+    assert 303 not in owed and owed[312] == owed[330] == 2  # 312 crosses 310, 330 itself
+    assert learning.updates == 5 + 2 * 31
+
+
+def test_learning_owes_nothing_until_every_seeds_replay_can_be_sampled():
+    """Two seeds, the second's replay not ready at the end of the prefill: no update is owed
+    (one would sample its empty replay), and the wait is said once, naming that seed."""
+    config = make_config(["classic", "debug"], {"num_seeds": 2, "prefill": 300})
+    replays = [
+        types.SimpleNamespace(ready=ready, dataset=lambda: iter(())) for ready in (True, False)
+    ]
+    loop = {"updates": 0, "updates_owed": 0, "seeds": [{}, {}]}
+    messages = []
+    logger = types.SimpleNamespace(message=messages.append)
+    learning = train_module.Learning(None, config, replays, None, loop, logger)
+    for step in (300, 310, 320):
+        learning.owe(step)
+    assert learning.owed == 0 and len(messages) == 1
+    assert messages[0].startswith("step 300: seed 1 stored no episode")
+    replays[1].ready = True
+    learning.owe(330)
+    assert learning.owed == config.pretrain + config.train_steps
+
+
+def test_env_seed_is_the_seed_when_fresh_and_a_new_one_per_resumed_step_and_offset():
+    """A fresh run's envs take its seed (+ the eval offset); a resume reseeds from (seed,
+    step, offset): not the fresh run's episodes again, other episodes for another step or
+    the eval envs, and the same for two resumes of one checkpoint."""
+    offset = train_module.TRAIN_EVAL_SEED_OFFSET
+    assert train_module.env_seed(3, 0, False) == 3
+    assert train_module.env_seed(3, 800, False, offset) == 3 + offset
+    resumed = {
+        (seed, step, off): train_module.env_seed(seed, step, True, off)
+        for seed in (3, 4) for step in (400, 800) for off in (0, offset)
+    }  # fmt: skip
+    assert len(set(resumed.values()) | {3, 4, 3 + offset, 4 + offset}) == 8 + 4
+    assert resumed[3, 800, 0] == train_module.env_seed(3, 800, True)
+
+
+def test_schedules_stay_on_their_multiples_when_the_step_moves_past_them(tmp_path, monkeypatch):
+    """3 envs: the step moves 3 a policy step (0, 3, ..., 300, 303, ...), past most
+    multiples. Each schedule's next step is its next multiple, not the step it fired at plus
+    its interval: evals (every 200) at 300 (the first update), 402 and 600; log rows (every
+    250) at 300, 501 and the last step 600, with the eval of 402 in a row of its own;
+    checkpoints (every 250) at 0, 252, 501 and 600. Updates: the pretraining (1) and one per
+    multiple of 10 in [300, 600] (31)."""
+    config = cartpole_config(
+        tmp_path, steps=600, envs=3, eval_every=200, log_every=250, checkpoint_every=250
+    )
+    saves, save = [], train_module.Checkpointer.save
+
+    def recorded_save(self, step, *args):
+        saves.append(step)
+        return save(self, step, *args)
+
+    monkeypatch.setattr(train_module.Checkpointer, "save", recorded_save)
+    train_module.train(config, types.SimpleNamespace(signum=None))
+    rows = read_metrics(tmp_path / METRICS)
+    assert [row["step"] for row in rows] == [300, 402, 501, 600]
+    assert [row["step"] for row in rows if row.get("eval_return") is not None] == [300, 402, 600]
+    assert saves == [0, 252, 501, 600]
+    assert rows[-1]["updates"] == 1 + 31
+
+
+def test_owed_work_names_the_updates_and_an_evaluation_due_after_an_update():
+    """What a stop leaves: the owed updates, and the evaluation once its step is reached;
+    none before the first update (in the prefill nothing is evaluated)."""
+
+    def loop(owed, updates, step, next_eval):
+        return {"updates_owed": owed, "updates": updates, "step": step, "next_eval": next_eval}
+
+    assert train_module.owed_work(loop(0, 0, 200, 0)) == []
+    assert train_module.owed_work(loop(1, 5, 399, 400)) == ["1 update"]
+    assert train_module.owed_work(loop(3, 5, 400, 400)) == ["3 updates", "the evaluation"]
+
+
+def test_the_eval_row_holds_the_mean_return_and_length_of_the_evaluated_episodes(
+    tmp_path, monkeypatch
+):
+    """The episodes of an evaluation (returns 1, 2 and 6, lengths 10, 20 and 30 here) are
+    logged as their means, 3 and 20, not as one episode's."""
+    result = eval_module.Evaluation([1.0, 2.0, 6.0], [10, 20, 30], [])
+    monkeypatch.setattr(train_module, "evaluate", lambda *args, **kwargs: [result])
+    train_module.train(cartpole_config(tmp_path, steps=300), types.SimpleNamespace(signum=None))
+    (row,) = read_metrics(tmp_path / METRICS)
+    assert (row["step"], row["eval_return"], row["eval_length"]) == (300, 3.0, 20.0)
