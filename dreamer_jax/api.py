@@ -7,8 +7,8 @@
     action, carry = run.agent.policy_step(run.state, obs, carry, step_key, mode="eval")
     run.evaluate(episodes=10).returns  # whole episodes, as `python -m dreamer_jax.eval`
 
-A run trained with
-`--num_seeds N` is loaded one seed at a time, from its folder `<logdir>/seed_<s>`.
+A run trained with `--num_seeds N` is loaded one seed at a time, from its folder
+`<logdir>/seed_<s>`.
 """
 
 from __future__ import annotations
