@@ -130,7 +130,8 @@ def load_runs(runs_dir: str | pathlib.Path, only: str | None = None) -> list[Run
 def _metrics_folders(runs_dir: pathlib.Path) -> list[pathlib.Path]:
     """The folders under `runs_dir` that hold a metrics file or a run's config, sorted,
     following links to folders (run folders gathered from several places) but entering each
-    folder once."""
+    folder once. Inside a run only its seed folders are searched: its `wandb/`, `replay/`
+    and `checkpoints/` hold no run (an online wandb run's `files/config.yaml` is wandb's)."""
     folders, seen = [], set()
     for root, dirs, files in os.walk(runs_dir, followlinks=True):
         real = os.path.realpath(root)
@@ -140,6 +141,7 @@ def _metrics_folders(runs_dir: pathlib.Path) -> list[pathlib.Path]:
         seen.add(real)
         if METRICS_FILE in files or CONFIG_FILE in files:
             folders.append(pathlib.Path(root))
+            dirs[:] = [name for name in dirs if name.startswith("seed_")]
     return sorted(folders)
 
 
@@ -543,7 +545,8 @@ def plot_aggregate(ax, agg: Mapping[str, Any]) -> None:
     ax.errorbar(
         [agg["iqm"]],
         [0],
-        xerr=[[agg["iqm"] - low], [high - agg["iqm"]]],
+        # A few bootstrap draws (--reps 1) can leave the point outside its interval.
+        xerr=[[max(agg["iqm"] - low, 0.0)], [max(high - agg["iqm"], 0.0)]],
         fmt="o",
         capsize=4,
         label=f"IQM, {CONFIDENCE:.0%} CI" if agg["iqm_ci"] else "IQM (one seed per task: no CI)",

@@ -35,7 +35,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -226,6 +226,10 @@ def load_sweep(path: str | pathlib.Path) -> Sweep:
     slurm = data.get("slurm", {})
     if not isinstance(slurm, dict) or not all(isinstance(key, str) for key in slurm):
         raise fail(f"'slurm' must be a mapping of option to value, got {slurm!r}")
+    if "job_name" in slurm:
+        raise fail("'slurm' sets no job_name: each job is named after its run")
+    if "time" in slurm:
+        slurm = {**slurm, "time": _slurm_minutes(slurm["time"], fail)}
     return Sweep(
         path=path,
         name=name,
@@ -235,9 +239,34 @@ def load_sweep(path: str | pathlib.Path) -> Sweep:
         seeds=seeds,
         seeds_per_run=per_run,
         variants={v: _overrides(o, f"variant '{v}'", fail) for v, o in variants.items()},
-        root=pathlib.Path(root),
+        root=pathlib.Path(root).expanduser(),  # as train reads its --logdir
         slurm=dict(slurm),
     )
+
+
+_SLURM_TIME = re.compile(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?")
+
+
+def _slurm_minutes(value: Any, fail: Callable[[str], SweepError]) -> int:
+    """`slurm: time` in minutes, as submitit takes it: an int, or Slurm's own text
+    ("2-00:00:00", "12:00:00", "90"), rounded up to whole minutes."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    match = _SLURM_TIME.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        raise fail(
+            f"'slurm: time' must be minutes (an int > 0) or Slurm's D-HH:MM:SS, got {value!r}"
+        )
+    days, first, second, third = (int(part) if part else None for part in match.groups())
+    if days is not None:  # D-HH, D-HH:MM, D-HH:MM:SS
+        seconds = ((days * 24 + first) * 60 + (second or 0)) * 60 + (third or 0)
+    elif third is not None:  # HH:MM:SS
+        seconds = (first * 60 + second) * 60 + third
+    else:  # MM or MM:SS
+        seconds = first * 60 + (second or 0)
+    if seconds <= 0:
+        raise fail(f"'slurm: time' must be longer than 0, got {value!r}")
+    return -(-seconds // 60)
 
 
 def _seed_groups(seeds: Sequence[int], per_run: int) -> list[tuple[int, ...]]:
@@ -287,11 +316,17 @@ def _flatten(tree: Mapping, prefix: str = "") -> list[tuple[str, Any]]:
 
 
 def _cli_value(value: Any) -> str:
-    """A value as the train command line reads it back (config.parse_args)."""
+    """A value as the train command line reads it back (config.parse_args); ConfigError for
+    one it cannot: null (no key takes it) and a list item with a comma (the separator)."""
+    if value is None:
+        raise ConfigError("null is no value of a config key; use '' for an empty string")
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, list | tuple):
-        return f"[{','.join(map(_cli_value, value))}]"
+        items = [_cli_value(item) for item in value]
+        if any("," in item for item in items):
+            raise ConfigError(f"a list item cannot hold a comma on the command line: {value!r}")
+        return f"[{','.join(items)}]"
     if isinstance(value, float) and value.is_integer():
         return str(int(value))  # YAML's 1.0e+7: --steps 10000000
     return str(value)
@@ -320,9 +355,11 @@ def expand(sweep: Sweep) -> list[Run]:
                     args += ["--num_seeds", str(count)]
                 if sweep.configs:
                     args = ["--configs", *sweep.configs, *args]
-                for key, value in overrides.items():
-                    args += [f"--{key}", _cli_value(value)]
                 try:
+                    for key, value in overrides.items():
+                        text = _cli_value(value)
+                        # "--key=--x": a value that looks like an option is still the value.
+                        args += [f"--{key}={text}"] if text.startswith("--") else [f"--{key}", text]
                     config = load_config(args)
                 except ConfigError as error:
                     name = f"{task}/{variant}/{folder}"
@@ -750,6 +787,12 @@ def _submitit():
             "--launcher slurm needs the submitit package, which is not installed: pip install "
             "submitit (or dreamer-jax[slurm])"
         ) from None
+    missing = [command for command in ("sbatch", "srun") if shutil.which(command) is None]
+    if missing:  # submitit's own check is a traceback
+        raise SweepError(
+            f"--launcher slurm finds no Slurm on this machine ({' and '.join(missing)} not on "
+            "PATH): submit from a Slurm login node, or run here with --launcher local"
+        )
     return submitit
 
 

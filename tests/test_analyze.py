@@ -6,6 +6,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import warnings
 
 import chex
 import numpy as np
@@ -483,6 +484,33 @@ def test_plot_aggregate_draws_the_iqm_interval_and_the_four_aggregates():
     np.testing.assert_array_equal(bars.get_segments()[0][:, 0], [1.0, 2.5])
     points = [line for line in ax.get_lines() if line.get_marker() == "s"]
     np.testing.assert_array_equal(points[0].get_xdata(), [2.0, 3.0, 0.5, 0.4])
+
+
+def test_plot_aggregate_draws_an_iqm_outside_its_few_draws_interval():
+    """`--reps 1` can leave the IQM outside its interval: the bar reaches the point instead
+    of a negative length (QA: matplotlib raised, after aggregate.json was written)."""
+    agg = {"tasks": 3, "gamer_median": 2.0, "gamer_mean": 3.0, "record_mean": 0.5,
+           "clipped_record_mean": 0.4, "iqm": 1.5, "iqm_ci": [1.6, 2.5],
+           "iqm_seeds_per_task": 1}  # fmt: skip
+    ax = Figure().add_subplot()
+    analyze.plot_aggregate(ax, agg)
+    (errorbar,) = ax.containers
+    _, _, (bars,) = errorbar
+    np.testing.assert_array_equal(bars.get_segments()[0][:, 0], [1.5, 2.5])
+
+
+def test_a_runs_own_subfolders_are_not_searched_for_runs(tmp_path):
+    """An online wandb run leaves `wandb/run-*/files/config.yaml` (wandb's, not a run's) in
+    the run folder; it is not read (QA: a 'skipping a run' warning per run)."""
+    run = write_run(tmp_path, "atari_pong", 0, eval_rows([(10, 1.0)]))
+    files = run / "wandb" / "run-20261129_000000-abc" / "files"
+    files.mkdir(parents=True)
+    (files / "config.yaml").write_text("_wandb:\n  value: {}\n")
+    (run / "replay").mkdir()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        runs = analyze.load_runs(tmp_path)
+    assert [(r.task, r.seed) for r in runs] == [("atari_pong", 0)]
 
 
 def test_frame_edges_put_regular_evals_one_per_bin(tmp_path):

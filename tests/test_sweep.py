@@ -333,6 +333,18 @@ BAD_SWEEPS = [
      "variants 'base' and 'none' give classic_cartpole the same config"),
     ("tasks: [classic_cartpole\n", "is not valid YAML at line"),
     ("- 1\n", "must hold a mapping"),
+    # The command line cannot say these (QA: null became 'None', a comma two tags).
+    ("tasks: [classic_cartpole]\nseeds: [0]\noverrides: {wandb.entity: null}\n",
+     "run classic_cartpole/base/seed_0: null is no value of a config key; use ''"),
+    ("tasks: [classic_cartpole]\nseeds: [0]\noverrides: {wandb.tags: ['a,b', c]}\n",
+     "a list item cannot hold a comma on the command line: ['a,b', 'c']"),
+    # QA: a time submitit cannot read broke its requeue on preemption; a job_name was dropped.
+    ("tasks: [classic_cartpole]\nseeds: [0]\nslurm: {time: abc}\n",
+     "'slurm: time' must be minutes (an int > 0) or Slurm's D-HH:MM:SS, got 'abc'"),
+    ("tasks: [classic_cartpole]\nseeds: [0]\nslurm: {time: '0:00'}\n",
+     "'slurm: time' must be longer than 0"),
+    ("tasks: [classic_cartpole]\nseeds: [0]\nslurm: {job_name: x}\n",
+     "'slurm' sets no job_name: each job is named after its run"),
 ]  # fmt: skip
 
 
@@ -694,6 +706,45 @@ def test_slurm_job_specs(tmp_path):
     }
 
 
+@pytest.mark.parametrize(
+    "time, minutes",
+    [(90, 90), ("90", 90), ("1:30", 2), ("12:00:00", 720), ("2-00:00:00", 2880), ("1-02:03", 1563)],
+)
+def test_a_slurm_time_in_slurms_own_format_is_given_to_submitit_in_minutes(tmp_path, time, minutes):
+    text = SLURM_SWEEP.replace("ROOT", str(tmp_path)).replace("time: 60", f"time: '{time}'")
+    (job, _) = slurm_jobs(sweep := load_sweep(write_sweep(tmp_path, text)), expand(sweep))
+    assert job.parameters["slurm_time"] == minutes
+
+
+def test_overrides_reach_train_as_the_file_wrote_them(tmp_path):
+    """A string that looks like an option goes as `--key=value` (QA: refused as 'no
+    value'); an empty string stays empty."""
+    path = write_sweep(
+        tmp_path,
+        """
+        tasks: [classic_cartpole]
+        seeds: [0]
+        overrides: {wandb.notes: --lr sweep, wandb.entity: '', wandb.tags: [a b, c]}
+        """,
+    )
+    (run,) = expand(load_sweep(path))
+    assert "--wandb.notes=--lr sweep" in run.command
+    config = run_config(run)
+    assert (config.wandb.notes, config.wandb.entity) == ("--lr sweep", "")
+    assert list(config.wandb.tags) == ["a b", "c"]
+
+
+def test_a_root_under_home_is_where_train_puts_the_runs(tmp_path, monkeypatch):
+    """`root: ~/runs` is the home folder's, as train reads a --logdir (QA: the sweep looked
+    in ./~/runs, so a finished run was never seen as finished)."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    path = write_sweep(tmp_path, "tasks: [classic_cartpole]\nseeds: [0]\nroot: ~/runs\n")
+    (run,) = expand(load_sweep(path))
+    assert run.logdir == tmp_path / "home" / "runs" / "sweep" / "classic_cartpole/base/seed_0"
+    make_checkpoint(run.logdir, run.steps)
+    assert run_state(run) == "finished"
+
+
 class FakeExecutor:
     """Records what submitit's AutoExecutor would be asked to do."""
 
@@ -710,8 +761,18 @@ class FakeExecutor:
         return types.SimpleNamespace(job_id=str(1000 + len(FakeExecutor.submitted)))
 
 
+def fake_slurm(folder, monkeypatch):
+    """`sbatch` and `srun` on PATH, as on a Slurm login node (they are never run)."""
+    folder.mkdir()
+    for command in ("sbatch", "srun"):
+        (folder / command).write_text("#!/bin/sh\nexit 1\n")
+        (folder / command).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
+
+
 def test_slurm_launcher_submits_the_unfinished_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "submitit", types.SimpleNamespace(AutoExecutor=FakeExecutor))
+    fake_slurm(tmp_path / "bin", monkeypatch)
     monkeypatch.setattr(FakeExecutor, "submitted", [])
     path = write_sweep(tmp_path, SLURM_SWEEP.replace("ROOT", str(tmp_path)))
     finished, todo = expand(load_sweep(path))
@@ -741,6 +802,20 @@ def test_slurm_without_submitit_is_one_line(tmp_path, monkeypatch, capsys):
         make_checkpoint(run.logdir, 400)
     assert main([str(path), "--launcher", "slurm"]) == 0
     assert "0 job(s) submitted, 2 finished run(s) skipped" in capsys.readouterr().out
+
+
+def test_slurm_on_a_machine_without_slurm_is_one_line(tmp_path, monkeypatch, capsys):
+    """submitit installed but no sbatch or srun (QA: submitit's traceback, exit 1, and an
+    empty sweep folder left behind)."""
+    monkeypatch.setitem(sys.modules, "submitit", types.SimpleNamespace(AutoExecutor=FakeExecutor))
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    path = write_sweep(tmp_path, SLURM_SWEEP.replace("ROOT", str(tmp_path)))
+    assert main([str(path), "--launcher", "slurm"]) == 2
+    assert capsys.readouterr().err == (
+        "error: --launcher slurm finds no Slurm on this machine (sbatch and srun not on PATH): "
+        "submit from a Slurm login node, or run here with --launcher local\n"
+    )
+    assert not (tmp_path / load_sweep(path).name).exists()
 
 
 # A Slurm job's body as submitit runs it: its SIGUSR2 handler raises (the job timed out).
