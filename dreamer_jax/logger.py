@@ -204,8 +204,7 @@ class Logger:
             import wandb
 
             # From the GIF path: encoding a numpy array would need moviepy.
-            self._wandb.log({name: wandb.Video(str(path))}, step=step)
-            self._wandb_row_open = True
+            self._wandb_log({name: wandb.Video(str(path))}, step=step)
 
     def write(self, step: int) -> dict[str, Any]:
         """Writes the buffered scalars as one log step to every output and clears the buffer.
@@ -226,8 +225,7 @@ class Logger:
         with naming(self._events_path()):
             self._tb.flush()
         if self._wandb is not None and scalars:
-            self._wandb.log(scalars, step=step)
-            self._wandb_row_open = True
+            self._wandb_log(scalars, step=step)
         if not (self._use_bar or self._quiet):
             header = _header(step, self.total_steps, self.action_repeat, self._eta_fps(step))
             print(_plain_line(header, scalars), flush=True)
@@ -294,11 +292,18 @@ class Logger:
         Call once the step's rows are all written: wandb drops later values of its step."""
         if self._wandb is not None and self._wandb_row_open:
             self._wandb_row_open = False
-            try:
-                self._wandb.log({}, commit=True)
-            except Exception as error:  # its service gone: the checkpoint still matters more
-                self._wandb = None
-                warnings.warn(f"wandb failed, continuing without it: {error}", stacklevel=2)
+            self._wandb_log({}, commit=True)
+
+    def _wandb_log(self, data: dict, **kwargs: Any) -> None:
+        """`wandb.log`, and on its failure (its service gone) a warning and no wandb from
+        then on: the files, TensorBoard and the checkpoints matter more than one output."""
+        try:
+            self._wandb.log(data, **kwargs)
+        except Exception as error:
+            self._wandb = None
+            warnings.warn(f"wandb failed, continuing without it: {error}", stacklevel=3)
+            return
+        self._wandb_row_open = not kwargs.get("commit", False)
 
     def _events_path(self) -> pathlib.Path:
         return self.logdir / "events.out.tfevents.*"  # which one: tensorboardX's business

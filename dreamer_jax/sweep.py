@@ -420,23 +420,23 @@ def run_state(run: Run) -> str:
     work: a run stopped during its last evaluation is not), `resume` (the logdir exists) or
     `new`."""
     steps = checkpoint_steps(run.logdir)
-    if steps and steps[-1] >= run.steps and _done_at(run.logdir, steps[-1]):
+    if steps and steps[-1] >= run.steps and _done_at(run.logdir, steps[-1], run.steps):
         return "finished"
     return "resume" if run.logdir.exists() else "new"
 
 
-def _done_at(logdir: pathlib.Path, step: int) -> bool:
-    """Whether checkpoint `step` of a run has a loop state that matches its checksum and
-    owes no updates or evaluation. One that does not read is not done: resumed, the run sets
-    it aside and redoes its steps from the checkpoint before (its arrays are not read here,
-    a whole sweep's would take minutes)."""
+def _done_at(logdir: pathlib.Path, step: int, steps: int) -> bool:
+    """Whether checkpoint `step` of a run of `steps` has a loop state that matches its
+    checksum and owes no updates, evaluation or log row. One that does not read is not
+    done: resumed, the run sets it aside and redoes its steps from the checkpoint before
+    (its arrays are not read here, a whole sweep's would take minutes)."""
     # jax and flax: only for a run at its end.
     from dreamer_jax.checkpoint import saved_loop_state
     from dreamer_jax.train import owed_work
 
     loop = saved_loop_state(logdir / "checkpoints" / str(step))
     try:
-        return loop is not None and not owed_work(loop)
+        return loop is not None and not owed_work(loop, steps)
     except (KeyError, TypeError):  # not a loop state train restores: it sets it aside too
         return False
 

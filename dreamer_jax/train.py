@@ -1,4 +1,4 @@
-"""The training run: collect with N envpool envs, replay, one jitted update every
+"""The training run: collect with N envpool envs, replay, `train_steps` jitted updates every
 `train_every` policy steps, evaluate, log, checkpoint, resume.
 
     python -m dreamer_jax.train --configs atari --task atari_pong --logdir runs/atari_pong/0
@@ -7,8 +7,9 @@
 
 `--num_seeds N` trains seeds seed..seed+N-1 as one program (`dreamer_jax.seeds`): each seed
 is the single run `--seed s` and logs to `<logdir>/seed_<s>/`; one checkpoint holds them all.
-The loop is one piece per concern: `Acting` (envs, policy, replay writes), `Learning`
-(updates owed and paid), `Evaluating`, `Logging`, and the checkpoint of their states.
+The loop is one piece per concern, each with its own schedule and its part of the
+checkpoint: `Acting` (envs, policy, replay writes), `Learning` (the train states, updates
+owed and paid), `Evaluating`, `Logging` and `Checkpointing` (which saves them all).
 
 Tasks: atari_<game> (the paper's 55 games, e.g. atari_ms_pacman), classic_cartpole,
 classic_acrobot, dmc_<domain>_<task> (e.g. dmc_walker_walk).
@@ -131,8 +132,9 @@ def replay_record(obs: dict[str, np.ndarray], prev_action: np.ndarray, spec: dic
 def open_loop_frames(
     agent: Agent, states: TrainState, batches: list[dict], keys: jax.Array, sharding
 ) -> list[np.ndarray]:
-    """The SPEC §6 picture of each seed, for up to 6 chunks of its sampled batch (one batch
-    per seed), as uint8 frames `[T, 3H, n·W, C]`."""
+    """The open-loop video of each seed (true frames, the model's, their difference), for up
+    to `OPENL_SEQUENCES` chunks of its sampled batch (one batch per seed), as uint8 frames
+    `[T, 3H, n·W, C]`."""
     batch = {k: np.stack([b[k][:OPENL_SEQUENCES] for b in batches]) for k in batches[0]}
     truth, prediction = jax.device_get(
         agent.open_loop_seeds(states.wm_params, jax.device_put(batch, sharding), keys)
@@ -155,15 +157,19 @@ def _generator(state: dict) -> np.random.Generator:
     return rng
 
 
-def out_of_memory_message(config: Config, asked: str) -> str:
+def out_of_memory_message(config: Config, error: BaseException, asked: str) -> str:
     """The one line an out-of-memory error ends the run with: the sizes that set the memory
-    and how to lower them."""
+    that ran out and how to lower them. XLA's allocations are the update's (its batch); the
+    host's (numpy's MemoryError) may also be the replays growing."""
     several = config.num_seeds > 1
     seeds = f" and num_seeds {config.num_seeds}" if several else ""
     fewer = " or fewer --num_seeds" if several else ""
+    host = isinstance(error, MemoryError)
+    capacity = f" and replay.capacity {config.replay.capacity}" if host else ""
+    smaller = "--dataset.batch or --replay.capacity" if host else "--dataset.batch"
     return (
-        f"out of memory with dataset.batch {config.dataset.batch}{seeds} (an allocation of "
-        f"{asked} failed); use a smaller --dataset.batch{fewer}"
+        f"out of memory with dataset.batch {config.dataset.batch}{capacity}{seeds} (an "
+        f"allocation of {asked} failed); use a smaller {smaller}{fewer}"
     )
 
 
@@ -262,6 +268,18 @@ def atari_protocol_warning(config: Config) -> str | None:
     return (
         f"warning: {config.task} runs with action_repeat {config.action_repeat}, not the "
         "Atari protocol's 4 (frames = steps x action_repeat): did you leave out --configs atari?"
+    )
+
+
+def prefill_warning(config: Config) -> str | None:
+    """A warning when the run's last step (the first multiple of `envs` at or past `steps`)
+    comes before the prefill ends: it would train nothing."""
+    last_step = -(-config.steps // config.envs) * config.envs
+    if last_step >= config.prefill:
+        return None
+    return (
+        f"warning: --steps {config.steps} ends within the prefill ({config.prefill} "
+        "random-policy steps): the run collects data and trains no update"
     )
 
 
@@ -379,18 +397,23 @@ def _holds_run_data(seed_dirs: Sequence[pathlib.Path]) -> bool:
     return False
 
 
+def next_multiple(step: int, every: int) -> int:
+    """The first multiple of `every` after `step`: where a schedule fires next."""
+    return (step // every + 1) * every
+
+
 class Acting:
     """Steps the one pool of N × `envs` envs (seed i's envs are rows `i·E … i·E + E − 1`):
     uniform random actions during the prefill, then every seed's policy in one jitted call;
     adds each seed's steps to its own replay."""
 
-    def __init__(self, agent, config, env, replays, seed_loops, sharding):
+    def __init__(self, agent, config, env, replays, seed_states, sharding):
         self.agent, self.env, self.replays, self.sharding = agent, env, replays, sharding
         self.num_seeds, self.envs = len(replays), config.envs
         # Every input of the jitted policy placed like its outputs: one compile, not three.
-        act_keys = _wrap_key([seed_loop["act_key"] for seed_loop in seed_loops])
+        act_keys = _wrap_key([seed_state["act_key"] for seed_state in seed_states])
         self.act_keys = jax.device_put(act_keys, sharding)
-        self.random_rngs = [_generator(loop["random_rng"]) for loop in seed_loops]
+        self.random_rngs = [_generator(state["random_rng"]) for state in seed_states]
         self.spec = env.step_spec
         self.obs = env.reset()
         self.prev_action = np.zeros((env.num_envs, env.num_actions), np.float32)
@@ -398,7 +421,7 @@ class Acting:
         # Returns of the episodes finished since the last row; checkpointed, so that a row
         # after a stop and resume still counts those finished before the stop.
         self.episode_returns = [
-            list(seed_loop.get("pending_returns", [])) for seed_loop in seed_loops
+            list(seed_state.get("pending_returns", [])) for seed_state in seed_states
         ]
 
     def step(self, states: TrainState, prefill: bool) -> None:
@@ -423,12 +446,13 @@ class Acting:
         self.obs = self.env.step(action)
         self.prev_action = action
 
-    def take_returns(self) -> list[list[float]]:
-        """Each seed's returns of the episodes finished since the last call."""
-        returns, self.episode_returns = self.episode_returns, [[] for _ in self.replays]
-        return returns
+    def clear_returns(self) -> None:
+        """Forgets the returns a written row has logged."""
+        self.episode_returns = [[] for _ in self.replays]
 
-    def seed_loops(self) -> list[dict]:
+    def seed_states(self) -> list[dict]:
+        """Each seed's part of the checkpoint: its policy key, prefill stream and the returns
+        no row has logged yet."""
         parts = zip(_key_data(self.act_keys), self.random_rngs, self.episode_returns, strict=True)
         return [
             {
@@ -443,10 +467,12 @@ class Acting:
 class Learning:
     """Owes `train_steps` updates every `train_every` policy steps (plus `pretrain` once)
     from the end of the prefill, once every seed's replay can be sampled, and pays them
-    with one jitted update of all seeds on a batch `[N, B, T, ...]` from their replays."""
+    with one jitted update of all seeds on a batch `[N, B, T, ...]` from their replays.
+    Holds the train states `[N, ...]`, which it replaces after every update."""
 
-    def __init__(self, agent, config, replays, sharding, loop, logger: Logger):
+    def __init__(self, agent, config, replays, sharding, loop, logger: Logger, states):
         self.agent, self.config, self.replays, self.sharding = agent, config, replays, sharding
+        self.states = states
         self.logger = logger  # the first seed's: its lines go above the progress bar
         self.compile_announced = False  # the first update of this process compiles
         self.wait_announced = False  # the prefill is over but a replay cannot be sampled
@@ -456,23 +482,27 @@ class Learning:
         # Each seed's sums and count of the metrics since the last row, on the host;
         # checkpointed, so that a row after a stop and resume averages all its updates.
         empty = {"count": 0, "sums": {}}
-        self.sums = [seed_loop.get("pending_metrics", empty) for seed_loop in loop["seeds"]]
-        self.last: dict | None = None
+        self.sums = [seed_state.get("pending_metrics", empty) for seed_state in loop["seeds"]]
+        self.last_metrics: dict | None = None  # the latest update's, on device
 
     def owe(self, step: int) -> None:
         config = self.config
-        if step < config.prefill:
+        if step < config.prefill or not self._can_sample(step):
             return
-        if not all(replay.ready for replay in self.replays):
-            if not self.wait_announced:
-                self.logger.message(f"step {step}: {self.waiting()}; training waits for one")
-                self.wait_announced = True
-            return
-        if self.updates == 0:
+        if self.updates == 0 and self.owed == 0:  # owed already: it waited for a replay
             self.owed += config.pretrain  # the official one-off pretraining
         self.owed += config.train_steps * (
             step // config.train_every - (step - config.envs) // config.train_every
         )
+
+    def _can_sample(self, step: int) -> bool:
+        """Whether every seed's replay can be sampled; says once when one cannot."""
+        if all(replay.ready for replay in self.replays):
+            return True
+        if not self.wait_announced:
+            self.logger.message(f"step {step}: {self.waiting()}; training waits for one")
+            self.wait_announced = True
+        return False
 
     def waiting(self) -> str:
         """Which seeds have no episode to sample yet, and the length it needs, in words."""
@@ -487,31 +517,37 @@ class Learning:
             f"dataset.length) = {need} steps"
         )
 
-    def train(self, states: TrainState, step: int, stop: Callable[[], bool]) -> TrainState:
+    def train(self, step: int, stop: Callable[[], bool]) -> None:
         """Pays the owed updates; those left when `stop()` turns true stay owed (and
-        checkpointed): the one-off pretraining is minutes of updates on a CPU."""
-        if self.owed > 0 and not self.compile_announced and self.config.jit:
+        checkpointed): the one-off pretraining is minutes of updates on a CPU. Updates a
+        resumed run owes wait while a replay cannot be sampled (its files lost)."""
+        if self.owed == 0 or not self._can_sample(step):
+            return
+        if not self.compile_announced and self.config.jit:
             # The first update compiles first: on a CPU, a minute without progress otherwise.
             self.logger.message(f"step {step}: compiling the update (once per start)")
             self.compile_announced = True
         while self.owed > 0 and not stop():
             # Checked one update late, so the host never waits on the update in flight.
-            if self.last is not None:
+            if self.last_metrics is not None:
                 self._check_finite(step)
             batches = [next(dataset) for dataset in self.datasets]
             batch = {k: np.stack([b[k] for b in batches]) for k in batches[0]}
-            states, self.last = self.agent.train_seeds(states, jax.device_put(batch, self.sharding))
-            self.metrics.append(self.last)
+            # Replaced at once: an error in a later update leaves the states that match
+            # the counters for the checkpoint saved after it.
+            self.states, self.last_metrics = self.agent.train_seeds(
+                self.states, jax.device_put(batch, self.sharding)
+            )
+            self.metrics.append(self.last_metrics)
             self.updates += 1
             self.owed -= 1
-        return states
 
     def _check_finite(self, step: int) -> None:
         """Stops the run (NonFiniteError) once every seed's last `max_nonfinite` updates were
         non-finite. A seed that gets there while others learn is reported once per streak and
         goes on: its updates stay skipped (its parameters those of its last finite update)
         until one is finite again, so one diverged seed does not end the other seeds' run."""
-        streaks = np.asarray(self.last["nonfinite_streak"])
+        streaks = np.asarray(self.last_metrics["nonfinite_streak"])
         limit, seeds = self.config.max_nonfinite, run_seeds(self.config)
         if streaks.min() >= limit:
             raise NonFiniteError(
@@ -525,22 +561,25 @@ class Learning:
                 "if every seed gets there)"
             )
 
-    def take_metrics(self) -> list[dict[str, float]]:
-        """Each seed's mean of every train metric since the last call, and the latest value
+    def row_metrics(self) -> list[dict[str, float]]:
+        """Each seed's mean of every train metric since the last row, and the latest value
         of each of `RUNNING_COUNTS` ({} if none)."""
-        rows = [
+        return [
             {
                 **{k: total / sums["count"] for k, total in sums["sums"].items()},
                 **sums.get("latest", {}),
             }
-            for sums in self.pending_sums()
+            for sums in self._pending_sums()
         ]
-        self.sums = [{"count": 0, "sums": {}} for _ in self.sums]
-        return rows
 
-    def pending_sums(self) -> list[dict]:
+    def clear_metrics(self) -> None:
+        """Forgets the metrics a written row has logged (`row_metrics` took in those still
+        on device)."""
+        self.sums = [{"count": 0, "sums": {}} for _ in self.sums]
+
+    def _pending_sums(self) -> list[dict]:
         """Each seed's `{"count": updates, "sums": {metric: sum}, "latest": {count: value}}`
-        since the last row."""
+        since the last row, with the updates still on device added first."""
         if self.metrics:
             host, self.metrics = jax.device_get(self.metrics), []
             averaged = [k for k in host[0] if k not in RUNNING_COUNTS]
@@ -557,26 +596,44 @@ class Learning:
             ]
         return self.sums
 
-    def seed_loops(self) -> list[dict]:
-        return [{"pending_metrics": sums} for sums in self.pending_sums()]
+    def seed_states(self) -> list[dict]:
+        """Each seed's part of the checkpoint: the metrics no row has logged yet, and its
+        replay's sampling stream and position (episodes stored, next file index)."""
+        return [
+            {
+                "pending_metrics": sums,
+                "replay_rng": replay.get_rng_state(),
+                "replay_episodes": replay.stats["num_episodes"],
+                "replay_next_index": replay.next_index,
+            }
+            for sums, replay in zip(self._pending_sums(), self.replays, strict=True)
+        ]
 
 
 class Evaluating:
-    """Every `eval_every` steps: `eval_eps` episodes of each seed's eval policy in its own
-    eval envs (one pool for all seeds), and the open-loop report of its replay."""
+    """Every `eval_every` steps once an update is made: `eval_eps` episodes of each seed's
+    eval policy in its own eval envs (one pool for all seeds), and the open-loop report of
+    its replay."""
 
-    def __init__(self, agent, config, env, seed_loops, sharding):
+    def __init__(self, agent, config, env, replays, loggers, loop, sharding):
         self.agent, self.config, self.env, self.sharding = agent, config, env, sharding
-        eval_keys = _wrap_key([seed_loop["eval_key"] for seed_loop in seed_loops])
+        self.replays, self.loggers = replays, loggers
+        # A resumed run's changed eval_every applies at once, unless an eval is owed.
+        self.next_eval = loop["next_eval"]
+        if loop["step"] < self.next_eval:
+            self.next_eval = next_multiple(loop["step"], config.eval_every)
+        eval_keys = _wrap_key([seed_state["eval_key"] for seed_state in loop["seeds"]])
         self.eval_keys = jax.device_put(eval_keys, sharding)
         # The open-loop report samples its chunks from a stream of its own, so that a report
         # never shifts the batches the learner sees (exact resume across evals).
-        self.report_rngs = [_generator(loop["report_rng"]) for loop in seed_loops]
+        self.report_rngs = [_generator(state["report_rng"]) for state in loop["seeds"]]
 
-    def run(
-        self, states: TrainState, replays: list[Replay], loggers: list[Logger], step: int,
-        stop: Callable[[], bool],
-    ) -> bool:  # fmt: skip
+    def due(self, step: int, learning: Learning) -> bool:
+        """Whether `step` gets its evaluation: a multiple of `eval_every` past an update,
+        once the step's updates are all paid (those waiting for a replay, too)."""
+        return step >= self.next_eval and learning.updates > 0 and not learning.owed
+
+    def run(self, states: TrainState, step: int, stop: Callable[[], bool]) -> bool:
         """Whether the evaluation was done: False when `stop()` cut it short (nothing logged,
         the streams unmoved, so it is still owed and a resumed run does it)."""
         keys = jax.vmap(lambda key: jax.random.split(key, 3))(self.eval_keys)
@@ -588,23 +645,25 @@ class Evaluating:
         )  # fmt: skip
         if results is None:
             return False
-        for result, logger in zip(results, loggers, strict=True):
+        for result, logger in zip(results, self.loggers, strict=True):
             logger.scalar("eval_return", float(np.mean(result.returns)))
             logger.scalar("eval_length", float(np.mean(result.lengths)))
             if result.frames:
                 logger.video("eval_policy", np.stack(result.frames), step=step)
         report_rngs = [_generator(rng.bit_generator.state) for rng in self.report_rngs]
-        samples = zip(replays, report_rngs, strict=True)
+        samples = zip(self.replays, report_rngs, strict=True)
         batches = [replay.sample(rng) for replay, rng in samples]
         videos = open_loop_frames(self.agent, states, batches, openl_keys, self.sharding)
-        for logger, frames in zip(loggers, videos, strict=True):
+        for logger, frames in zip(self.loggers, videos, strict=True):
             logger.video("openl", frames, step=step)
         # The streams move on only once the eval is done: an eval that failed (and was
         # checkpointed as owed) is redone with the same draws.
         self.eval_keys, self.report_rngs = eval_keys, report_rngs
+        self.next_eval = next_multiple(step, self.config.eval_every)
         return True
 
-    def seed_loops(self) -> list[dict]:
+    def seed_states(self) -> list[dict]:
+        """Each seed's part of the checkpoint: its eval key and open-loop report stream."""
         return [
             {"eval_key": key, "report_rng": rng.bit_generator.state}
             for key, rng in zip(_key_data(self.eval_keys), self.report_rngs, strict=True)
@@ -612,17 +671,35 @@ class Evaluating:
 
 
 class Logging:
-    """Every `log_every` steps, each seed's train metrics, returns, speed and replay size to
-    its own logger (with the evaluation's results if one ran at that step; one that ran at
-    another step gets a row of its own); the first seed's logger shows the progress,
-    followed in a many-seed run by one line of every seed's returns."""
+    """Every `log_every` steps once an update is made, and at the run's last step: each
+    seed's train metrics, returns, speed and replay size to its own logger (with the
+    evaluation's results if one ran at that step; one that ran at another step gets a row of
+    its own); the first seed's logger shows the progress, followed in a many-seed run by one
+    line of every seed's returns."""
 
     TICK_SECONDS = 0.5  # how often the progress bar moves between rows
 
-    def __init__(self, config, loggers, step, updates):
-        self.config, self.loggers, self.seeds = config, loggers, run_seeds(config)
-        self.clock, self.clock_step, self.clock_updates = time.perf_counter(), step, updates
+    def __init__(self, config, loggers, replays, loop):
+        self.config, self.loggers, self.replays = config, loggers, replays
+        self.seeds = run_seeds(config)
+        # A resumed run's changed log_every applies at once, unless a row is owed.
+        self.next_log = loop["next_log"]
+        if loop["step"] < self.next_log:
+            self.next_log = next_multiple(loop["step"], config.log_every)
+        self.last_row = loop["last_row"]  # the step of the latest row with train metrics
+        self.clock, self.clock_step = time.perf_counter(), loop["step"]
+        self.clock_updates = loop["updates"]
         self.ticked = self.clock
+
+    def due(self, step: int, learning: Learning) -> bool:
+        """Whether `step` gets its row: all its updates paid (a stop that left some owed
+        leaves the row owed too, so that it averages them all when the resumed run pays
+        them), and a multiple of `log_every` past an update, or the run's last step, even
+        without an update yet (a run within the prefill: its returns and replay size)."""
+        if learning.owed:
+            return False
+        last = step >= self.config.steps and self.last_row != step
+        return last or (step >= self.next_log and learning.updates > 0)
 
     def tick(self, step: int) -> None:
         """Moves the progress bar (if any) to `step` between rows, prefill included, at most
@@ -632,17 +709,21 @@ class Logging:
             self.loggers[0].progress(step, {})
             self.ticked = now
 
-    def write(self, step: int, acting: Acting, learning: Learning, replays: list[Replay]):
+    def write(self, step: int, acting: Acting, learning: Learning) -> None:
+        """The row of `step`; what it logged is cleared from `acting` and `learning` only
+        once every seed's row is written (an error keeps it for the error checkpoint)."""
         now = time.perf_counter()
         seconds = now - self.clock
         speed = {
-            "fps": (step - self.clock_step) * self.config.action_repeat / seconds,
             "updates_per_sec": (learning.updates - self.clock_updates) / seconds,
             "updates": learning.updates,
         }
+        if step > self.clock_step:  # not a resumed run's row of its restored step
+            speed["fps"] = (step - self.clock_step) * self.config.action_repeat / seconds
         per_seed = zip(
-            self.loggers, learning.take_metrics(), acting.take_returns(), replays, strict=True
-        )
+            self.loggers, learning.row_metrics(), acting.episode_returns, self.replays,
+            strict=True,
+        )  # fmt: skip
         for logger, metrics, returns, replay in per_seed:
             logger.scalars(metrics)
             if returns:
@@ -656,6 +737,10 @@ class Logging:
                 }
             )
         self.write_rows(step)
+        learning.clear_metrics()
+        acting.clear_returns()
+        self.next_log = next_multiple(step, self.config.log_every)
+        self.last_row = step
         self.clock, self.clock_step, self.clock_updates = now, step, learning.updates
 
     def write_rows(self, step: int) -> None:
@@ -671,6 +756,70 @@ class Logging:
         if line:  # the progress shows the first seed only
             self.loggers[0].message(line)
 
+    def end_progress(self) -> None:
+        self.loggers[0].end_progress()
+
+
+class Checkpointing:
+    """Saves the run, every seed's train state and the loop state (the counters, the
+    schedules and each piece's part of every seed), every `checkpoint_every` steps of this
+    start (a changed value applies at once on resume), at the end, and after an unexpected
+    error; only when a counter moved since the last save (a resumed run's restored step is
+    saved again once the work it owed is done)."""
+
+    COUNTERS = ("step", "updates", "updates_owed", "next_eval", "next_log", "last_row")
+
+    def __init__(self, checkpointer, config, loggers, pieces, loop, resumed):
+        self.checkpointer, self.loggers = checkpointer, loggers
+        self.acting, self.learning, self.evaluating, self.logging = pieces
+        self.every = config.checkpoint_every
+        self.next = next_multiple(loop["step"], self.every)
+        self.saved = {key: loop[key] for key in self.COUNTERS} if resumed else None
+
+    def _counters(self, step: int) -> dict:
+        learning, evaluating, logging = self.learning, self.evaluating, self.logging
+        values = (step, learning.updates, learning.owed, evaluating.next_eval,
+                  logging.next_log, logging.last_row)  # fmt: skip
+        return dict(zip(self.COUNTERS, values, strict=True))
+
+    def loop_state(self, step: int) -> dict:
+        """What the checkpoint of `step` saves beside the train states (JSON)."""
+        parts = zip(
+            self.acting.seed_states(), self.learning.seed_states(),
+            self.evaluating.seed_states(), strict=True,
+        )  # fmt: skip
+        return {**self._counters(step), "seeds": [{**a, **b, **c} for a, b, c in parts]}
+
+    def unsaved(self, step: int) -> bool:
+        return self._counters(step) != self.saved
+
+    def save(self, step: int) -> None:
+        loop = self.loop_state(step)
+        for logger in self.loggers:  # their rows up to here, as the loop state has them
+            logger.commit()
+        self.checkpointer.save(step, self.learning.states, loop)
+        self.saved = self._counters(step)
+
+    def tick(self, step: int) -> None:
+        """Saves at the first step at or past each multiple of `checkpoint_every`."""
+        if step >= self.next:
+            self.next = next_multiple(step, self.every)
+            if self.unsaved(step):
+                self.save(step)
+
+    def save_after_error(self, step: int) -> None:
+        """After an unexpected error, the work done since the last checkpoint (steps, or
+        the owed updates of a resumed run's restored step), when the states are intact (not
+        donated to the failed update, all finite). Never raises: the error is told."""
+        try:
+            if not self.unsaved(step) or not _restorable(self.learning.states):
+                return
+            self.save(step)
+        except Exception as error:  # e.g. the device failed: the first error matters
+            print(f"warning: could not save a checkpoint after the error: {error}", file=sys.stderr)
+            return
+        print(f"saved a checkpoint at step {step} before stopping on the error", file=sys.stderr)
+
 
 def train(config: Config, stop: StopSignal, argv: Sequence[str] = ()) -> dict[str, Any]:
     """Run (or resume) training to `config.steps`; returns the final loop state. `argv` is
@@ -684,16 +833,14 @@ def train(config: Config, stop: StopSignal, argv: Sequence[str] = ()) -> dict[st
 
 def _fresh_loop(config: Config) -> dict:
     """The loop state of a run at step 0: counters, and each seed's PRNG streams."""
-    seed_loops = []
+    seed_states = []
     for seed in run_seeds(config):
         _, act_key, eval_key = seed_keys(seed)
-        seed_loops.append(
+        seed_states.append(
             {
                 "act_key": _key_data(act_key),
                 "eval_key": _key_data(eval_key),
                 "random_rng": host_rng_state(seed, "random_actions"),
-                "replay_rng": None,  # the replay's own, seeded with `seed`
-                "replay_next_index": 0,
                 "report_rng": host_rng_state(seed, "report"),
             }
         )
@@ -703,8 +850,8 @@ def _fresh_loop(config: Config) -> dict:
         "updates_owed": 0,
         "next_log": 0,
         "next_eval": 0,
-        "next_checkpoint": config.checkpoint_every,
-        "seeds": seed_loops,
+        "last_row": None,  # the step of the latest row with train metrics
+        "seeds": seed_states,
     }
 
 
@@ -745,15 +892,14 @@ def _train(
         opened.callback(checkpointer.close)
         states, loop, resumed = _restore(config, agent, logdir, checkpointer, seed_dirs)
         step = loop["step"]
-        if resumed and step >= config.steps and not owed_work(loop):
+        if resumed and step >= config.steps and not owed_work(loop, config.steps):
             # Before any env, logger or run.json entry: a finished run stays as it was.
             print(
                 f"the run is at step {step} (--steps {config.steps}): nothing to train; a "
                 "larger --steps continues it",
                 flush=True,
             )
-            for seed, folder in zip(seeds, seed_dirs, strict=True):
-                print(latest_returns(seed, folder / METRICS_FILE), flush=True)
+            _print_returns(seeds, seed_dirs)
             return loop
         sharding = seed_sharding(config.num_seeds)
         states = jax.device_put(states, sharding)
@@ -766,11 +912,8 @@ def _train(
             atari_protocol_warning(config),
             replay_memory_warning(config, env.step_spec, _physical_memory()),
         ]
-        if config.steps < config.prefill and loop["updates"] == 0:
-            notes.append(
-                f"warning: --steps {config.steps} ends within the prefill ({config.prefill} "
-                "random-policy steps): the run collects data and trains no update"
-            )
+        if loop["updates"] == 0:
+            notes.append(prefill_warning(config))
         for warning in filter(None, notes):
             print(warning, file=sys.stderr, flush=True)
         run_info = provenance(argv)
@@ -779,9 +922,9 @@ def _train(
         for i, folder in enumerate(seed_dirs):
             loggers.append(_make_logger(config, logdir, run_info, step, resumed, i))
             opened.callback(loggers[i].close)
-            seed_loop = loop["seeds"][i] if resumed else None
+            seed_state = loop["seeds"][i] if resumed else None
             try:
-                replay = _open_replay(config, folder, env.step_spec, seeds[i], seed_loop, step)
+                replay = _open_replay(config, folder, env.step_spec, seeds[i], seed_state, step)
             except MemoryError as error:  # loading a large replay on resume
                 raise RunError(
                     f"out of memory loading the replay of {folder} ({out_of_memory(error)} "
@@ -793,10 +936,50 @@ def _train(
         _save_configs(config, logdir, seed_dirs)
         # A start that could not open its loggers (e.g. wandb online offline) is no start.
         record_start(logdir, run_info, step)
-        return _run_loop(
-            config, agent, states, loop, env, eval_env, replays, loggers, checkpointer,
-            sharding, stop, resumed,
-        )  # fmt: skip
+        print(_start_line(config, replays, sharding), flush=True)
+        acting = Acting(agent, config, env, replays, loop["seeds"], sharding)
+        learning = Learning(agent, config, replays, sharding, loop, loggers[0], states)
+        evaluating = Evaluating(agent, config, eval_env, replays, loggers, loop, sharding)
+        logging = Logging(config, loggers, replays, loop)
+        pieces = (acting, learning, evaluating, logging)
+        checkpointing = Checkpointing(checkpointer, config, loggers, pieces, loop, resumed)
+        stopping = lambda: stop.signum is not None
+        step = _run_loop(config, step, *pieces, checkpointing, stopping)
+        final = checkpointing.loop_state(step)  # as saved
+        if stop.signum is not None:
+            owed = owed_work(final, config.steps)
+            left = f" ({in_words(owed)} left for the resumed run)" if owed else ""
+            print(f"stopping on signal {stop.signum} at step {step}{left}", flush=True)
+        print(f"checkpoint saved at step {step} in {checkpointer.directory}", flush=True)
+        _print_returns(seeds, seed_dirs)
+        waiting = not all(replay.ready for replay in replays)
+        if learning.updates == 0 and learning.wait_announced and waiting:
+            # Episodes that never reach a sample's length (a short time_limit or game, a
+            # large replay.minlen): a run that exits 0 having trained nothing at all.
+            print(f"warning: the run has made no update: {learning.waiting()}", file=sys.stderr)
+        elif learning.owed and waiting and stop.signum is None:
+            # Its replay lost under a checkpoint that owed them: a larger --steps pays them.
+            print(
+                f"warning: the run ends owing {learning.owed} update(s): {learning.waiting()}",
+                file=sys.stderr,
+            )
+        return final
+
+
+def _start_line(config: Config, replays: list[Replay], sharding) -> str:
+    stats = [replay.stats for replay in replays]
+    return (
+        f"dreamer-jax: {config.task} on {jax.default_backend()}, "
+        f"{seeds_text(run_seeds(config))} on {sharding.mesh.size} device(s), logs in "
+        f"{config.logdir} (replay: {sum(s['num_episodes'] for s in stats)} episodes, "
+        f"{sum(s['num_steps'] for s in stats)} steps, "
+        f"{sum(s['skipped_files'] for s in stats)} files skipped)"
+    )
+
+
+def _print_returns(seeds: list[int], seed_dirs: list[pathlib.Path]) -> None:
+    for seed, folder in zip(seeds, seed_dirs, strict=True):
+        print(latest_returns(seed, folder / METRICS_FILE), flush=True)
 
 
 def _check_run_files(folder: pathlib.Path) -> None:
@@ -823,14 +1006,15 @@ def _restore(
     states = agent.init_seeds(init_keys(config))
     loop = _fresh_loop(config)
     if checkpointer.steps():
-        restored = checkpointer.restore_latest(states, loop_keys=loop)
+        # `last_row` came later; a checkpoint saved without it gets `saved_last_row`'s.
+        restored = checkpointer.restore_latest(states, loop_keys=set(loop) - {"last_row"})
         if restored is None:
             raise RunError(
                 f"no checkpoint in {checkpointer.directory} could be restored; "
                 "refusing to start over in a logdir that holds a run"
             )
         _, states, saved_loop = restored
-        loop.update(saved_loop)
+        loop.update({"last_row": saved_last_row(saved_loop), **saved_loop})
         print(f"resuming from checkpoint at step {loop['step']}", flush=True)
         return states, loop, True
     if _holds_run_data(seed_dirs):
@@ -848,14 +1032,14 @@ def _open_replay(
     folder: pathlib.Path,
     spec: dict,
     seed: int,
-    seed_loop: dict | None,
+    seed_state: dict | None,
     step: int,
 ) -> Replay:
-    """A seed's replay from `<folder>/replay`. Resumed (`seed_loop` is the seed's part of the
+    """A seed's replay from `<folder>/replay`. Resumed (`seed_state` is the seed's part of the
     checkpoint's loop state): the episodes finished after the checkpoint set aside first, the
     sampler's generator restored, and a warning if it loads other episodes than were saved."""
-    if seed_loop is not None:
-        _set_aside_replay(folder, seed_loop.get("replay_next_index"), step)
+    if seed_state is not None:
+        _set_aside_replay(folder, seed_state.get("replay_next_index"), step)
     replay = Replay(
         folder / "replay",
         spec=spec,
@@ -868,11 +1052,10 @@ def _open_replay(
         prefetch=config.replay.prefetch,
         ongoing=config.replay.ongoing,
     )
-    if seed_loop is None:
+    if seed_state is None:
         return replay
-    if seed_loop["replay_rng"] is not None:
-        replay.set_rng_state(seed_loop["replay_rng"])
-    saved, loaded = seed_loop.get("replay_episodes"), replay.stats["num_episodes"]
+    replay.set_rng_state(seed_state["replay_rng"])
+    saved, loaded = seed_state.get("replay_episodes"), replay.stats["num_episodes"]
     if saved is not None and loaded != saved:
         warnings.warn(
             f"seed {seed}: the replay holds {loaded} episodes where its checkpoint at step "
@@ -900,131 +1083,81 @@ def _save_configs(config: Config, logdir: pathlib.Path, seed_dirs: list[pathlib.
 
 
 def _run_loop(
-    config, agent, states, loop, env, eval_env, replays, loggers, checkpointer, sharding, stop,
-    resumed,
-) -> dict:  # fmt: skip
-    """Acts, learns, evaluates, logs and checkpoints until `config.steps` or a stop signal."""
-    stats = [replay.stats for replay in replays]
-    print(
-        f"dreamer-jax: {config.task} on {jax.default_backend()}, "
-        f"{seeds_text(run_seeds(config))} "
-        f"on {sharding.mesh.size} device(s), logs in "
-        f"{config.logdir} (replay: {sum(s['num_episodes'] for s in stats)} episodes, "
-        f"{sum(s['num_steps'] for s in stats)} steps, "
-        f"{sum(s['skipped_files'] for s in stats)} files skipped)",
-        flush=True,
-    )
-    acting = Acting(agent, config, env, replays, loop["seeds"], sharding)
-    learning = Learning(agent, config, replays, sharding, loop, loggers[0])
-    evaluating = Evaluating(agent, config, eval_env, loop["seeds"], sharding)
-    logging = Logging(config, loggers, loop["step"], loop["updates"])
-    step = loop["step"]
-    stopping = lambda: stop.signum is not None
-    # The restored step's log row was written by the run that saved it (owed work may add a
-    # row for its evaluation); the loop state saved last, to save only what changed.
-    restored_step = step if resumed else None
-    if resumed:  # from this run's --checkpoint_every (the same step if it did not change)
-        every = config.checkpoint_every
-        loop["next_checkpoint"] = (step // every + 1) * every
-    counters = ("step", "updates", "updates_owed", "next_eval", "next_log")
-    saved = {key: loop[key] for key in counters} if resumed else None
-
-    def save_checkpoint():
-        nonlocal saved
-        parts = zip(
-            acting.seed_loops(), learning.seed_loops(), evaluating.seed_loops(), replays,
-            strict=True,
-        )  # fmt: skip
-        loop.update(
-            step=step,
-            updates=learning.updates,
-            updates_owed=learning.owed,
-            seeds=[
-                {**act, **learn, **ev, "replay_rng": replay.get_rng_state(),
-                 "replay_episodes": replay.stats["num_episodes"],
-                 "replay_next_index": replay.next_index}
-                for act, learn, ev, replay in parts
-            ],
-        )  # fmt: skip
-        for logger in loggers:  # their rows up to here, as the checkpoint's state has them
-            logger.commit()
-        checkpointer.save(step, states, loop)
-        saved = {key: loop[key] for key in counters}
-
-    def unsaved() -> bool:
-        now = dict(step=step, updates=learning.updates, updates_owed=learning.owed)
-        return saved != {**{key: loop[key] for key in counters}, **now}
-
+    config: Config,
+    step: int,
+    acting: Acting,
+    learning: Learning,
+    evaluating: Evaluating,
+    logging: Logging,
+    checkpointing: Checkpointing,
+    stopping: Callable[[], bool],
+) -> int:
+    """Acts, learns, evaluates, logs and checkpoints from `step` until `config.steps` or
+    `stopping()`; returns the step it ended at, saved."""
     try:
-        if not resumed:
+        if checkpointing.saved is None:
             # Step 0 is saved before any data: a run killed in its prefill then resumes,
             # and a logdir with data but no checkpoint can only be a damaged one.
-            save_checkpoint()
+            checkpointing.save(step)
         while True:
             # This step's work, each part marked done once done: a checkpoint saved on an
             # error inside one, or a stop request, keeps it owed, and the resumed run does it
             # at this same step (its restored one) before it acts.
-            states = learning.train(states, step, stopping)
-            due = step >= loop["next_eval"] and learning.updates > 0
-            evaluated = due and evaluating.run(states, replays, loggers, step, stopping)
-            if evaluated:
-                loop["next_eval"] = (step // config.eval_every + 1) * config.eval_every
-            # A finished run's last row is its last step, whatever `log_every` says, even
-            # without an update yet (a run within the prefill: its returns and replay size).
-            # Only once the step's updates are all paid: a stop that left some owed leaves
-            # the row owed too, so that it averages them all when the resumed run pays them.
-            paid = learning.owed == 0
-            due_log = step >= loop["next_log"] and learning.updates > 0
-            if paid and (due_log or (step >= config.steps and step != restored_step)):
-                logging.write(step, acting, learning, replays)
-                loop["next_log"] = (step // config.log_every + 1) * config.log_every
+            learning.train(step, stopping)
+            evaluated = evaluating.due(step, learning) and evaluating.run(
+                learning.states, step, stopping
+            )
+            if logging.due(step, learning):
+                logging.write(step, acting, learning)
             elif evaluated:  # a row of its own: the next row's would replace its results
                 logging.write_rows(step)
             logging.tick(step)
-            if step >= loop["next_checkpoint"]:
-                every = config.checkpoint_every
-                loop["next_checkpoint"] = (step // every + 1) * every
-                if unsaved():  # a resumed run's restored step may be saved as it is
-                    save_checkpoint()
-            if step >= config.steps or stop.signum is not None:
+            checkpointing.tick(step)
+            if step >= config.steps or stopping():
                 break
-            acting.step(states, prefill=step < config.prefill)
+            acting.step(learning.states, prefill=step < config.prefill)
             step += config.envs
             learning.owe(step)
-        loggers[0].end_progress()
-        if unsaved():  # the periodic save may have just written it
-            save_checkpoint()
-        if stop.signum is not None:
-            owed = owed_work(loop)
-            left = f" ({' and '.join(owed)} left for the resumed run)" if owed else ""
-            print(f"stopping on signal {stop.signum} at step {step}{left}", flush=True)
-        print(f"checkpoint saved at step {step} in {checkpointer.directory}", flush=True)
-        for seed, logger in zip(run_seeds(config), loggers, strict=True):
-            print(latest_returns(seed, logger.metrics_path), flush=True)
-        waiting = not all(replay.ready for replay in replays)
-        if learning.updates == 0 and learning.wait_announced and waiting:
-            # Episodes that never reach a sample's length (a short time_limit or game, a
-            # large replay.minlen): a run that exits 0 having trained nothing at all.
-            print(f"warning: the run has made no update: {learning.waiting()}", file=sys.stderr)
+        logging.end_progress()
+        if checkpointing.unsaved(step):  # the periodic save may have just written it
+            checkpointing.save(step)
     except Exception as error:
-        loggers[0].end_progress()
+        logging.end_progress()
         if not isinstance(error, CheckpointError | NonFiniteError):
-            _save_after_error(save_checkpoint, unsaved, states, step)
+            checkpointing.save_after_error(step)
         asked = out_of_memory(error)
         if asked is not None:
-            raise RunError(out_of_memory_message(config, asked)) from error
+            raise RunError(out_of_memory_message(config, error, asked)) from error
         raise
-    return loop
+    return step
 
 
-def owed_work(loop: dict) -> list[str]:
+def saved_last_row(loop: dict) -> int | None:
+    """A loop state's `last_row`. One saved before it was recorded wrote the row of its
+    step, unless it owed updates there (a row waits for its step's updates)."""
+    if "last_row" in loop:
+        return loop["last_row"]
+    return None if loop["updates_owed"] else loop["step"]
+
+
+def owed_work(loop: dict, steps: int) -> list[str]:
     """What a loop state still owes at its step, in words ([] for nothing): the updates a
-    stop request left, and the evaluation due there (`["3 updates", "the evaluation"]`)."""
-    owed = loop["updates_owed"]
+    stop request left, the evaluation due there, and the log row due there (or the last row
+    of a run of `steps`): `["3 updates", "the evaluation", "the log row"]`. A loop state
+    without `next_log` owes no row due by the schedule."""
+    owed, step = loop["updates_owed"], loop["step"]
     words = [f"{owed} update{'s' * (owed > 1)}"] if owed else []
-    if loop["updates"] and loop["step"] >= loop["next_eval"]:
+    if loop["updates"] and step >= loop["next_eval"]:
         words.append("the evaluation")
+    row_due = loop["updates"] and step >= loop.get("next_log", step + 1)
+    if row_due or (step >= steps and saved_last_row(loop) != step):
+        words.append("the log row")
     return words
+
+
+def in_words(items: list[str]) -> str:
+    """`["a", "b", "c"]` as "a, b and c"."""
+    return " and ".join(filter(None, [", ".join(items[:-1]), *items[-1:]]))
 
 
 def seeds_text(seeds: list[int]) -> str:
@@ -1047,22 +1180,6 @@ def latest_returns(seed: int, metrics_path: pathlib.Path) -> str:
         if logged:
             parts.append(f"{key} {logged[-1][1]:.4g} (step {logged[-1][0]})")
     return f"seed {seed}: {', '.join(parts) or 'no return logged yet'}"
-
-
-def _save_after_error(
-    save_checkpoint, unsaved: Callable[[], bool], state: TrainState, step: int
-) -> None:
-    """An unexpected error still keeps the work done since the last checkpoint (steps, or
-    the owed updates of a resumed run's restored step), when the state is intact (not
-    donated to the failed update, all finite)."""
-    if not unsaved() or not _restorable(state):
-        return
-    try:
-        save_checkpoint()
-    except CheckpointError as error:
-        print(f"warning: could not save a checkpoint after the error: {error}", file=sys.stderr)
-        return
-    print(f"saved a checkpoint at step {step} before stopping on the error", file=sys.stderr)
 
 
 @quiet_on_broken_pipe

@@ -389,18 +389,28 @@ def test_each_logger_of_one_process_has_its_own_wandb_run(tmp_path, monkeypatch)
         assert [(row["_step"], row["model_loss"]) for row in wandb_history(run_file)] == [(1, seed)]
 
 
-def test_a_wandb_that_fails_at_a_commit_warns_and_logging_goes_on(tmp_path):
-    # Its service gone: the checkpoint the commit comes before must still be saved.
+@pytest.mark.parametrize("failing_call", ["commit", "write", "video"])
+def test_a_wandb_that_fails_warns_and_logging_goes_on(tmp_path, failing_call):
+    """Its service gone, at any call: the row still reaches metrics.jsonl and TensorBoard,
+    and the checkpoint a commit comes before is still saved (review: a failure in `write`
+    or `video` ended the run)."""
     logger = _logger(tmp_path)
     failing = types.SimpleNamespace(log=lambda *a, **k: (_ for _ in ()).throw(OSError(32, "gone")))
     logger._wandb, logger._wandb_row_open = failing, True
     with pytest.warns(UserWarning, match="wandb failed, continuing without it: .*gone"):
-        logger.commit()
+        if failing_call == "commit":
+            logger.commit()
+        elif failing_call == "write":
+            logger.scalar("model_loss", 1.0)
+            logger.write(1)
+        else:
+            logger.video("openl", np.zeros((2, 4, 4, 1), np.uint8), step=1)
     assert logger._wandb is None
-    logger.scalar("model_loss", 1.0)
-    logger.write(1)
+    logger.scalar("model_loss", 2.0)
+    logger.write(2)
     logger.close()
-    assert [row["step"] for row in read_metrics(tmp_path / "metrics.jsonl")] == [1]
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [row["step"] for row in rows] == ([1, 2] if failing_call == "write" else [2])
 
 
 KILLED_AFTER_COMMIT_SCRIPT = textwrap.dedent(

@@ -53,10 +53,10 @@ def test_a_seeds_host_streams_are_all_different(tmp_path):
     one seed each draw from their own numpy stream (they once shared `default_rng(seed)`)."""
     config = make_config(["classic", "debug"], {"seed": 3, "num_seeds": 2})
     spec = VectorEnv(config.task, 1, 0).step_spec
-    for index, seed_loop in enumerate(train_module._fresh_loop(config)["seeds"]):
+    for index, seed_state in enumerate(train_module._fresh_loop(config)["seeds"]):
         seed = config.seed + index
         replay = train_module._open_replay(config, tmp_path / str(seed), spec, seed, None, 0)
-        states = [seed_loop["random_rng"], seed_loop["report_rng"], replay.get_rng_state()]
+        states = [seed_state["random_rng"], seed_state["report_rng"], replay.get_rng_state()]
         draws = {tuple(train_module._generator(s).integers(0, 2**62, 4)) for s in states}
         assert len(draws) == 3
 
@@ -69,8 +69,8 @@ def test_a_resumed_replay_samples_on_from_its_checkpointed_stream(tmp_path):
     fresh = train_module._open_replay(config, tmp_path / "fresh", spec, 3, None, 0)
     saved = train_module._generator(fresh.get_rng_state())
     saved.integers(0, 2**62, 5)  # the stream moved on by the batches drawn before the stop
-    seed_loop = {"replay_rng": saved.bit_generator.state, "replay_next_index": 0}
-    resumed = train_module._open_replay(config, tmp_path / "resumed", spec, 3, seed_loop, 400)
+    seed_state = {"replay_rng": saved.bit_generator.state, "replay_next_index": 0}
+    resumed = train_module._open_replay(config, tmp_path / "resumed", spec, 3, seed_state, 400)
     assert resumed.get_rng_state() == saved.bit_generator.state != fresh.get_rng_state()
 
 
@@ -353,25 +353,31 @@ def test_running_out_of_memory_loading_a_replay_is_one_line_naming_it(tmp_path, 
 def test_a_row_averages_the_train_metrics_but_logs_running_counts_as_they_stand():
     """Per seed, the mean of each metric over the row's updates, except the counts since the
     run began (`nonfinite_total`, `nonfinite_streak`): their latest value, also after the
-    pending sums went through a checkpoint."""
+    pending sums went through a checkpoint. The sums stay until the row is written."""
     learning = object.__new__(train_module.Learning)
     learning.sums = [{"count": 0, "sums": {}}, {"count": 0, "sums": {}}]
+    replay = types.SimpleNamespace(
+        get_rng_state=lambda: {}, stats={"num_episodes": 0}, next_index=0
+    )
+    learning.replays = [replay, replay]
     update = lambda loss, total: {
         "model_loss": np.array([loss, 10 * loss]),
         "nonfinite_total": np.array([total, 0.0]),
         "nonfinite_streak": np.array([total, 0.0]),
     }
     learning.metrics = [update(1.0, 3.0), update(2.0, 3.0)]
-    saved = learning.seed_loops()  # what a checkpoint keeps of them
+    saved = learning.seed_states()  # what a checkpoint keeps of them
     learning.metrics = [update(6.0, 4.0)]
-    first, second = learning.take_metrics()
+    first, second = learning.row_metrics()
     assert first == {"model_loss": 3.0, "nonfinite_total": 4.0, "nonfinite_streak": 4.0}
     assert second == {"model_loss": 30.0, "nonfinite_total": 0.0, "nonfinite_streak": 0.0}
     assert saved[0]["pending_metrics"]["latest"] == {
         "nonfinite_streak": 3.0,
         "nonfinite_total": 3.0,
     }
-    assert learning.take_metrics() == [{}, {}]
+    assert learning.row_metrics() == [first, second]  # not yet written
+    learning.clear_metrics()
+    assert learning.row_metrics() == [{}, {}]
 
 
 def test_a_stop_within_a_steps_updates_leaves_its_row_to_the_resumed_run(
@@ -386,12 +392,12 @@ def test_a_stop_within_a_steps_updates_leaves_its_row_to_the_resumed_run(
     config = cartpole_config(tmp_path / "stopped", steps=300, eval_every=100000)
     stop, train = types.SimpleNamespace(signum=None), train_module.Learning.train
 
-    def stop_after_one_update(self, states, step, stopping):
+    def stop_after_one_update(self, step, stopping):
         if stop.signum is None and self.owed == 2:
-            states = train(self, states, step, iter([False, True]).__next__)
+            train(self, step, iter([False, True]).__next__)
             stop.signum = 2  # as the signal handler would
-            return states
-        return train(self, states, step, stopping)
+            return
+        train(self, step, stopping)
 
     monkeypatch.setattr(train_module.Learning, "train", stop_after_one_update)
     train_module.train(config, stop)
@@ -404,6 +410,147 @@ def test_a_stop_within_a_steps_updates_leaves_its_row_to_the_resumed_run(
         {k: v for k, v in row.items() if not k.startswith("eval_")} for row in _comparable(rows)
     ]
     assert no_eval(rows) == no_eval(read_metrics(tmp_path / "whole" / "metrics.jsonl"))
+
+
+def test_a_stop_within_the_last_steps_updates_off_the_log_schedule_leaves_its_row_owed(
+    tmp_path, monkeypatch
+):
+    """The last step, 600, is no multiple of log_every (250) and owes 2 updates; a stop after
+    the first leaves its row owed, and the resumed run writes it once it pays the second,
+    the same as an uninterrupted run's (review: the row was lost for good, the resumed run
+    taking its restored step's row for written)."""
+    # One batch drawn ahead: the resumed run redraws it from the same replay (2 ahead, it
+    # would have been drawn at step 590, before episodes the resumed run's draw sees).
+    settings = {"steps": 600, "log_every": 250, "eval_every": 100000, "train_steps": 2,
+                "replay.prefetch": 1}  # fmt: skip
+    train_module.train(
+        cartpole_config(tmp_path / "whole", **settings), types.SimpleNamespace(signum=None)
+    )
+    config = cartpole_config(tmp_path / "stopped", **settings)
+    stop, train = types.SimpleNamespace(signum=None), train_module.Learning.train
+
+    def stop_after_the_first_update_of_600(self, step, stopping):
+        if step == 600 and stop.signum is None:
+            train(self, step, iter([False, True]).__next__)
+            stop.signum = 2  # as the signal handler would
+            return
+        train(self, step, stopping)
+
+    monkeypatch.setattr(train_module.Learning, "train", stop_after_the_first_update_of_600)
+    train_module.train(config, stop)
+    metrics = tmp_path / "stopped" / "metrics.jsonl"
+    assert [row["step"] for row in read_metrics(metrics)] == [300, 500]
+    monkeypatch.undo()
+    train_module.train(config, types.SimpleNamespace(signum=None))
+    rows = read_metrics(metrics)
+    assert [row["step"] for row in rows] == [300, 500, 600]
+    assert _comparable(rows) == _comparable(read_metrics(tmp_path / "whole" / "metrics.jsonl"))
+    assert "fps" not in rows[-1]  # no step taken since the restored one (QA: fps 0.0)
+
+
+def test_an_error_between_a_steps_updates_saves_the_states_of_the_updates_done(
+    tmp_path, monkeypatch
+):
+    """Step 300, the last, owes 3 updates (the pretraining one and its 2); the sampler fails
+    before the third. The error checkpoint holds the states after the second, 1 update owed
+    (review: it saved nothing, the loop's states having been donated to the first update),
+    and the resumed run's row equals an uninterrupted run's."""
+    settings = dict(steps=300, eval_every=100000, train_steps=2)
+    train_module.train(
+        cartpole_config(tmp_path / "whole", **settings), types.SimpleNamespace(signum=None)
+    )
+    config = cartpole_config(tmp_path / "failed", **settings)
+
+    class FailingReplay(train_module.Replay):
+        def dataset(self):  # fails before it draws the third batch
+            batches = super().dataset()
+            yield next(batches)
+            yield next(batches)
+            raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(train_module, "Replay", FailingReplay)
+    with pytest.raises(OSError, match="Input/output error"):
+        train_module.train(config, types.SimpleNamespace(signum=None))
+    saved = json.loads((tmp_path / "failed/checkpoints/300/loop/metadata").read_text())
+    assert (saved["updates"], saved["updates_owed"]) == (2, 1)
+    monkeypatch.undo()
+    train_module.train(config, types.SimpleNamespace(signum=None))
+    rows = read_metrics(tmp_path / "failed" / "metrics.jsonl")
+    assert [row["step"] for row in rows] == [300]
+    no_eval = lambda rows: [
+        {k: v for k, v in row.items() if not k.startswith("eval_")} for row in _comparable(rows)
+    ]  # the evaluation's envs are reseeded on resume (docs/reproducibility.md)
+    assert no_eval(rows) == no_eval(read_metrics(tmp_path / "whole" / "metrics.jsonl"))
+
+
+@pytest.mark.parametrize("paid", [0, 1])
+def test_owed_updates_wait_while_the_replay_they_sample_is_lost(
+    tmp_path, monkeypatch, capsys, paid
+):
+    """Stopped after `paid` of the 2 updates of step 300 (the pretraining one and its own),
+    then the replay's files lost: the resumed run says its updates wait, collects episodes
+    again and pays them once it can sample (review: a traceback from the empty replay). The
+    evaluation due at 300 waits for them too, and the pretraining is owed once."""
+    config = cartpole_config(tmp_path, steps=400, log_every=100, eval_every=100000)
+    stop, train = types.SimpleNamespace(signum=None), train_module.Learning.train
+
+    def stop_after_paid(self, step, stopping):
+        if step == 300 and stop.signum is None:
+            train(self, step, iter([False] * paid + [True]).__next__)
+            stop.signum = 15
+            return
+        train(self, step, stopping)
+
+    monkeypatch.setattr(train_module.Learning, "train", stop_after_paid)
+    train_module.train(config, stop)
+    monkeypatch.undo()
+    for episode in (tmp_path / "replay").glob("*.npz"):
+        episode.unlink()
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match="the replay holds 0 episodes"):
+        train_module.train(config, types.SimpleNamespace(signum=None))
+    assert "step 300: seed 0 stored no episode" in capsys.readouterr().out
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    ready = rows[0]["step"]  # the first step it could sample at, where it paid them
+    assert ready > 300 and rows[0]["eval_return"] is not None and rows[-1]["step"] == 400
+    # Each step from `ready` that crosses a multiple of train_every owes 1 update more.
+    assert rows[-1]["updates"] == 2 + sum(step % 10 == 0 for step in range(ready, 401))
+
+
+def test_a_changed_log_or_eval_every_on_resume_takes_effect_at_once(tmp_path):
+    """As `checkpoint_every`: the next row and eval come from this start's schedule, not the
+    saved run's (review: lowered from 1000 to 100, they waited for step 1000)."""
+    run = lambda **kw: train_module.train(
+        cartpole_config(tmp_path, checkpoint_every=1000, **kw), types.SimpleNamespace(signum=None)
+    )
+    run(steps=400, log_every=1000, eval_every=1000)
+    run(steps=700, log_every=100, eval_every=200)
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [row["step"] for row in rows] == [300, 400, 500, 600, 700]
+    assert [row["step"] for row in rows if "eval_return" in row] == [300, 600]
+
+
+def test_a_loop_state_saved_before_last_row_wrote_its_row_unless_it_owed_updates():
+    saved = {"step": 600, "updates": 9, "updates_owed": 0, "next_eval": 700, "next_log": 750}
+    assert train_module.saved_last_row(saved) == 600
+    assert train_module.saved_last_row({**saved, "updates_owed": 1}) is None
+    assert train_module.saved_last_row({**saved, "last_row": 500}) == 500
+    assert train_module.owed_work({**saved, "updates_owed": 1}, 600) == ["1 update", "the log row"]
+
+
+def test_in_words():
+    assert train_module.in_words(["a"]) == "a"
+    assert train_module.in_words(["a", "b"]) == "a and b"
+    assert train_module.in_words(["a", "b", "c"]) == "a, b and c"
+
+
+def test_the_prefill_warning_reckons_with_the_last_step_past_steps():
+    """The run ends at the first multiple of `envs` at or past `steps`: with 16 envs,
+    --steps 290 ends at 304, past a prefill of 300, and trains there."""
+    warn = lambda **kw: train_module.prefill_warning(make_config(["classic", "debug"], kw))
+    assert warn(steps=290, envs=16, prefill=300) is None
+    assert warn(steps=300, prefill=300) is None
+    assert warn(steps=299, prefill=300).startswith("warning: --steps 299 ends within")
 
 
 def test_a_lower_checkpoint_every_on_resume_takes_effect_at_once(tmp_path):
@@ -438,6 +585,33 @@ def test_a_log_row_that_fails_stays_owed_after_the_error_checkpoint(tmp_path, mo
     train_module.train(config, types.SimpleNamespace(signum=None))
     # 300: the first step with an update (the prefill ends there).
     assert [row["step"] for row in read_metrics(tmp_path / "metrics.jsonl")] == [300, 500, 600]
+
+
+def test_a_row_whose_file_write_fails_keeps_its_metrics_for_the_resumed_run(tmp_path, monkeypatch):
+    """metrics.jsonl cannot be written at step 500 (a full disk): the error checkpoint still
+    holds the row's train metrics and returns, and the resumed run's row 500 is the one an
+    uninterrupted run writes (review: they were taken before the write, and the resumed
+    row had none)."""
+    settings = dict(steps=500, log_every=250, eval_every=100000)
+    train_module.train(
+        cartpole_config(tmp_path / "whole", **settings), types.SimpleNamespace(signum=None)
+    )
+    config = cartpole_config(tmp_path / "failed", **settings)
+    write = train_module.Logger.write
+
+    def full_disk_at_500(self, step):
+        if step == 500:
+            raise OSError(28, "No space left on device")
+        return write(self, step)
+
+    monkeypatch.setattr(train_module.Logger, "write", full_disk_at_500)
+    with pytest.raises(OSError, match="No space left"):
+        train_module.train(config, types.SimpleNamespace(signum=None))
+    monkeypatch.undo()
+    train_module.train(config, types.SimpleNamespace(signum=None))
+    rows = read_metrics(tmp_path / "failed" / "metrics.jsonl")
+    assert [row["step"] for row in rows] == [300, 500] and "model_loss" in rows[1]
+    assert _comparable(rows) == _comparable(read_metrics(tmp_path / "whole" / "metrics.jsonl"))
 
 
 def test_an_eval_that_fails_is_redone_with_the_same_draws_after_the_error_checkpoint(
@@ -591,7 +765,9 @@ def test_a_stop_during_the_last_evaluation_leaves_it_to_the_same_command(
     assert "at step 400 (the evaluation left for the resumed run)" in capsys.readouterr().out
     monkeypatch.undo()
     loop = train_module.train(config, types.SimpleNamespace(signum=None))
-    assert "nothing to train" not in capsys.readouterr().out and not train_module.owed_work(loop)
+    assert "nothing to train" not in capsys.readouterr().out and not train_module.owed_work(
+        loop, 400
+    )
     rows = read_metrics(tmp_path / METRICS)
     assert [(row["step"], row.get("eval_return") is not None) for row in rows] == [
         (300, True), (400, False), (400, True)
@@ -611,9 +787,9 @@ def test_an_error_after_a_resumed_runs_owed_updates_keeps_them(tmp_path, monkeyp
     stop = types.SimpleNamespace(signum=None)
     train = train_module.Learning.train
 
-    def stopped_before_the_first_updates(self, states, step, stopping):
+    def stopped_before_the_first_updates(self, step, stopping):
         stop.signum = 15 if self.owed else None
-        return train(self, states, step, stopping)
+        train(self, step, stopping)
 
     monkeypatch.setattr(train_module.Learning, "train", stopped_before_the_first_updates)
     train_module.train(config, stop)
@@ -656,10 +832,9 @@ def test_a_row_after_a_stop_and_resume_counts_the_updates_and_episodes_before_th
     monkeypatch.setattr(train_module, "check_inputs", recording_agent)
     stop, train = types.SimpleNamespace(signum=None), train_module.Learning.train
 
-    def stopping_after_step_350(self, states, step, stopping):
-        states = train(self, states, step, stopping)
+    def stopping_after_step_350(self, step, stopping):
+        train(self, step, stopping)
         stop.signum = 15 if step == 350 else None
-        return states
 
     monkeypatch.setattr(train_module.Learning, "train", stopping_after_step_350)
     train_module.train(config, stop)
@@ -833,14 +1008,14 @@ def test_acting_records_at_each_step_the_action_chosen_at_the_step_before():
                prioritize_ends=False, seed=0)
         for _ in range(seeds)
     ]  # fmt: skip
-    seed_loops = [
+    seed_states = [
         {"act_key": train_module._key_data(jax.random.key(i)),
          "random_rng": np.random.default_rng(i).bit_generator.state}
         for i in range(seeds)
     ]  # fmt: skip
     agent = types.SimpleNamespace(initial_carry=lambda envs, num: np.zeros((num, envs)))
     config = types.SimpleNamespace(envs=env.num_envs // seeds)
-    acting = train_module.Acting(agent, config, env, replays, seed_loops, None)
+    acting = train_module.Acting(agent, config, env, replays, seed_states, None)
     for _ in range(20):
         acting.step(None, prefill=True)
     rows = 0
@@ -1178,16 +1353,26 @@ def test_out_of_memory_batch_is_one_line_naming_dataset_batch(tmp_path):
     assert "GiB" in result.stderr
 
 
-def test_out_of_memory_message_names_the_seeds_only_when_there_are_several():
-    single = make_config(["classic"], {"dataset.batch": 64})
-    assert train_module.out_of_memory_message(single, "3.00GiB") == (
+def test_out_of_memory_message_names_the_sizes_of_the_memory_that_ran_out():
+    """XLA's allocation: the batch (and the seeds when several); the host's (numpy's
+    MemoryError: a sampled batch, or the replays growing) also the replay capacity (review:
+    it blamed the batch alone)."""
+    single = make_config(["classic"], {"dataset.batch": 64, "replay.capacity": 1000})
+    xla = RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 3.00GiB")
+    assert train_module.out_of_memory_message(single, xla, "3.00GiB") == (
         "out of memory with dataset.batch 64 (an allocation of 3.00GiB failed); "
         "use a smaller --dataset.batch"
     )
     several = single.update({"num_seeds": 8})
-    assert train_module.out_of_memory_message(several, "3.00GiB") == (
+    assert train_module.out_of_memory_message(several, xla, "3.00GiB") == (
         "out of memory with dataset.batch 64 and num_seeds 8 (an allocation of 3.00GiB "
         "failed); use a smaller --dataset.batch or fewer --num_seeds"
+    )
+    host = MemoryError("Unable to allocate 3.00 GiB for an array")
+    assert train_module.out_of_memory_message(several, host, "3.00GiB") == (
+        "out of memory with dataset.batch 64 and replay.capacity 1000 and num_seeds 8 (an "
+        "allocation of 3.00GiB failed); use a smaller --dataset.batch or --replay.capacity or "
+        "fewer --num_seeds"
     )
 
 
@@ -1299,7 +1484,7 @@ def test_a_stop_request_leaves_the_pretraining_and_the_evaluation_owed(tmp_path)
         process.kill()
     assert process.returncode == 128 + signal.SIGTERM, output[-2000:]
     stopped = int(output.split("stopping on signal 15 at step ")[1].split()[0])
-    assert "updates and the evaluation left for the resumed run" in output
+    assert "updates, the evaluation and the log row left for the resumed run" in output
     loop = json.loads((logdir / "checkpoints" / str(stopped) / "loop" / "metadata").read_text())
     assert loop["updates"] >= 1 and loop["updates_owed"] > 90000
     assert loop["next_eval"] == 0 and "eval_return" not in output
@@ -1571,7 +1756,8 @@ def test_the_progress_bar_moves_between_rows_at_most_every_tick(monkeypatch):
     logger = types.SimpleNamespace(progress=lambda step, info: moved.append((step, info)))
     clock = [100.0]
     monkeypatch.setattr(train_module.time, "perf_counter", lambda: clock[0])
-    logging = train_module.Logging(make_config(["classic", "debug"]), [logger], 0, 0)
+    loop = {"step": 0, "updates": 0, "next_log": 0, "last_row": None}
+    logging = train_module.Logging(make_config(["classic", "debug"]), [logger], [], loop)
     for step in range(1, 9):  # 0.2 s per step: one tick every 3 steps
         clock[0] += 0.2
         logging.tick(step)
@@ -1628,7 +1814,7 @@ def test_learning_owes_train_steps_per_train_every_crossed_and_the_pretraining_o
     replay = types.SimpleNamespace(ready=True, dataset=lambda: iter(()))
     loop = {"updates": 0, "updates_owed": 0, "seeds": [{}]}
     logger = types.SimpleNamespace(message=lambda text: None)
-    learning = train_module.Learning(None, config, [replay], None, loop, logger)
+    learning = train_module.Learning(None, config, [replay], None, loop, logger, None)
     owed = {}
     for step in range(3, 601, 3):  # as the loop calls it, after each policy step
         learning.owe(step)
@@ -1650,7 +1836,7 @@ def test_learning_owes_nothing_until_every_seeds_replay_can_be_sampled():
     loop = {"updates": 0, "updates_owed": 0, "seeds": [{}, {}]}
     messages = []
     logger = types.SimpleNamespace(message=messages.append)
-    learning = train_module.Learning(None, config, replays, None, loop, logger)
+    learning = train_module.Learning(None, config, replays, None, loop, logger, None)
     for step in (300, 310, 320):
         learning.owe(step)
     assert learning.owed == 0 and len(messages) == 1
@@ -1700,16 +1886,26 @@ def test_schedules_stay_on_their_multiples_when_the_step_moves_past_them(tmp_pat
     assert rows[-1]["updates"] == 1 + 31
 
 
-def test_owed_work_names_the_updates_and_an_evaluation_due_after_an_update():
-    """What a stop leaves: the owed updates, and the evaluation once its step is reached;
-    none before the first update (in the prefill nothing is evaluated)."""
+def test_owed_work_names_the_updates_and_an_evaluation_or_row_due_after_an_update():
+    """What a stop leaves: the owed updates, the evaluation once its step is reached (none
+    before the first update: in the prefill nothing is evaluated), the log row due there,
+    and at the run's last step (400) a last row not yet written."""
 
-    def loop(owed, updates, step, next_eval):
-        return {"updates_owed": owed, "updates": updates, "step": step, "next_eval": next_eval}
+    def loop(owed, updates, step, next_eval, next_log=None, last_row=None):
+        return {"updates_owed": owed, "updates": updates, "step": step, "next_eval": next_eval,
+                "next_log": step + 1 if next_log is None else next_log,
+                "last_row": step if last_row is None else last_row}  # fmt: skip
 
-    assert train_module.owed_work(loop(0, 0, 200, 0)) == []
-    assert train_module.owed_work(loop(1, 5, 399, 400)) == ["1 update"]
-    assert train_module.owed_work(loop(3, 5, 400, 400)) == ["3 updates", "the evaluation"]
+    owed_work = lambda loop: train_module.owed_work(loop, 400)
+    assert owed_work(loop(0, 0, 200, 0)) == []
+    assert owed_work(loop(1, 5, 399, 400)) == ["1 update"]
+    assert owed_work(loop(3, 5, 400, 400)) == ["3 updates", "the evaluation"]
+    assert owed_work(loop(0, 5, 350, 400, next_log=350)) == ["the log row"]
+    assert owed_work(loop(0, 0, 350, 400, next_log=350)) == []  # no row before an update
+    assert owed_work(loop(0, 5, 400, 500, last_row=350)) == ["the log row"]
+    assert owed_work(loop(0, 5, 399, 500, last_row=350)) == []  # not the last step
+    old = {"updates_owed": 0, "updates": 5, "step": 400, "next_eval": 500}  # no row counters
+    assert owed_work(old) == []
 
 
 def test_the_eval_row_holds_the_mean_return_and_length_of_the_evaluated_episodes(
