@@ -890,7 +890,8 @@ def _train(
     with contextlib.ExitStack() as opened:  # each closed on the way out, last opened first
         checkpointer = Checkpointer(logdir / "checkpoints", keep=config.checkpoint_keep)
         opened.callback(checkpointer.close)
-        states, loop, resumed = _restore(config, agent, logdir, checkpointer, seed_dirs)
+        sharding = seed_sharding(config.num_seeds)
+        states, loop, resumed = _restore(config, agent, logdir, checkpointer, seed_dirs, sharding)
         step = loop["step"]
         if resumed and step >= config.steps and not owed_work(loop, config.steps):
             # Before any env, logger or run.json entry: a finished run stays as it was.
@@ -901,7 +902,6 @@ def _train(
             )
             _print_returns(seeds, seed_dirs)
             return loop
-        sharding = seed_sharding(config.num_seeds)
         states = jax.device_put(states, sharding)
         env = make_env(config, config.envs, [env_seed(s, step, resumed) for s in seeds])
         opened.callback(env.close)
@@ -1000,10 +1000,12 @@ def _restore(
     logdir: pathlib.Path,
     checkpointer: Checkpointer,
     seed_dirs: list[pathlib.Path],
+    sharding: jax.sharding.NamedSharding,
 ) -> tuple[TrainState, dict, bool]:
     """The run's states `[N, ...]` and loop state, from its latest good checkpoint or fresh,
     and whether they were restored. Refuses to start over in a logdir that holds a run."""
-    states = agent.init_seeds(init_keys(config))
+    # Built, and restored, split over the devices as they train: not all on the first.
+    states = agent.init_seeds(jax.device_put(init_keys(config), sharding))
     loop = _fresh_loop(config)
     if checkpointer.steps():
         # `last_row` came later; a checkpoint saved without it gets `saved_last_row`'s.

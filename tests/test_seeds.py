@@ -85,6 +85,38 @@ def test_seed_axis_splits_over_the_devices_that_divide_it():
     assert result.stdout.split("\n")[:5] == ["8 4 4", "4 4 4", "6 3 3", "3 3 3", "5 1 1"]
 
 
+RESTORED = """
+import pathlib, sys, jax
+from dreamer_jax import train
+from dreamer_jax.api import make_agent
+from dreamer_jax.checkpoint import Checkpointer
+from dreamer_jax.config import make_config
+from dreamer_jax.seeds import seed_sharding
+logdir = pathlib.Path(sys.argv[1])
+config = make_config(["classic", "debug"], {"task": "classic_cartpole", "num_seeds": 4})
+agent, sharding = make_agent(config), seed_sharding(4)
+checkpointer = Checkpointer(logdir / "checkpoints", keep=2)
+for fresh in (True, False):
+    states, loop, resumed = train._restore(config, agent, logdir, checkpointer, [], sharding)
+    print(resumed, *{len(leaf.devices()) for leaf in jax.tree.leaves(states)})
+    checkpointer.save(0, states, loop)
+checkpointer.close()
+"""
+
+
+def test_the_states_are_built_and_restored_split_over_the_devices(tmp_path):
+    """Fresh or restored, each seed's state is on its own device from the start (review:
+    all N seeds were built, and restored, on the first device, then moved: a run that fits
+    the devices together could run out of memory on the first)."""
+    result = subprocess.run(
+        [sys.executable, "-c", RESTORED, str(tmp_path)], cwd=ROOT, env=_four_devices(),
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith(("True", "False"))]
+    assert lines == ["False 4", "True 4"]
+
+
 @pytest.mark.slow
 def test_four_seeds_on_four_devices_train_as_on_one(tmp_path):
     """The real CLI with the seed axis split over 4 (forced host) devices: the same metrics
