@@ -315,8 +315,9 @@ def check_inputs(config: Config, logdir: pathlib.Path) -> Agent:
         if (saved.seed, saved.num_seeds) != (config.seed, config.num_seeds):
             # Other seeds are another experiment, and the checkpoint's seed axis fixes N.
             raise RunError(
-                f"{logdir} holds seed(s) {_seed_range(saved)}, not {_seed_range(config)}: a "
-                "run's seeds cannot change; train those in a new --logdir"
+                f"{logdir} holds {seeds_text(run_seeds(saved))}, not "
+                f"{seeds_text(run_seeds(config))}: a run's seeds cannot change; train those "
+                "in a new --logdir"
             )
         changed = changed_keys(saved, config)
         if changed and not config.resume.allow_config_change:
@@ -380,11 +381,6 @@ def _set_aside_replay(folder: pathlib.Path, next_index: int | None, step: int) -
             f"{step}; set aside in {moved_to} (their steps are collected again)",
             flush=True,
         )
-
-
-def _seed_range(config: Config) -> str:
-    seeds = run_seeds(config)
-    return f"{seeds[0]}..{seeds[-1]}" if len(seeds) > 1 else str(seeds[0])
 
 
 def _holds_run_data(seed_dirs: Sequence[pathlib.Path]) -> bool:

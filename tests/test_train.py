@@ -1677,8 +1677,8 @@ def test_a_many_seed_run_keeps_its_seeds_and_its_seed_folders_are_not_runs(two_s
     )
     for seeds in changes:
         other = run_cli(*SEEDS, "--logdir", str(logdir), *seeds, *allow)
-        assert other.returncode == 2 and other.stderr.startswith(f"error: {logdir} holds seed(s)")
-        assert "1..2, not " in other.stderr and "a run's seeds cannot change" in other.stderr
+        assert other.returncode == 2 and other.stderr.startswith(f"error: {logdir} holds seeds")
+        assert "seeds 1, 2, not " in other.stderr and "a run's seeds cannot change" in other.stderr
     assert {p: p.read_bytes() for p in logdir.rglob("*") if p.is_file()} == snapshot
 
 
