@@ -28,6 +28,7 @@ from dreamer_jax.seeds import (
     enclosing_run,
     init_keys,
     run_seeds,
+    seeds_text,
     select,
     stack,
 )
@@ -84,9 +85,9 @@ def _locate(logdir: pathlib.Path) -> tuple[pathlib.Path, Config, int, Config]:
     folder (`<logdir>/seed_<s>`) of a many-seed run, whose checkpoints hold all seeds."""
     config = load_run_config(logdir / "config.yaml")
     if config.num_seeds > 1:
-        first, *_, last = run_seeds(config)
-        example = logdir / f"seed_{first}"
-        raise CheckpointError(f"{logdir} holds seeds {first}..{last}; load one, e.g. {example}")
+        seeds = run_seeds(config)
+        example = logdir / f"seed_{seeds[0]}"
+        raise CheckpointError(f"{logdir} holds {seeds_text(seeds)}; load one, e.g. {example}")
     run = enclosing_run(logdir)
     if run is not None:
         run_dir, run_config = run

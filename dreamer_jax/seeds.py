@@ -107,3 +107,12 @@ def seed_sharding(num_seeds: int) -> jax.sharding.NamedSharding:
     count = max(d for d in range(1, len(devices) + 1) if num_seeds % d == 0)
     mesh = jax.sharding.Mesh(np.asarray(devices[:count]), (SEED_AXIS,))
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(SEED_AXIS))
+
+
+def seeds_text(seeds: list[int]) -> str:
+    """'seed 3', 'seeds 3, 4, 5' or, past five (they are consecutive), 'seeds 3-1026 (1024)'."""
+    if len(seeds) == 1:
+        return f"seed {seeds[0]}"
+    if len(seeds) <= 5:
+        return f"seeds {', '.join(map(str, seeds))}"
+    return f"seeds {seeds[0]}-{seeds[-1]} ({len(seeds)})"

@@ -89,6 +89,7 @@ from dreamer_jax.seeds import (
     seed_keys,
     seed_logdir,
     seed_sharding,
+    seeds_text,
 )
 from dreamer_jax.startup import quiet_on_broken_pipe
 
@@ -1156,15 +1157,6 @@ def owed_work(loop: dict, steps: int) -> list[str]:
 def in_words(items: list[str]) -> str:
     """`["a", "b", "c"]` as "a, b and c"."""
     return " and ".join(filter(None, [", ".join(items[:-1]), *items[-1:]]))
-
-
-def seeds_text(seeds: list[int]) -> str:
-    """'seed 3', 'seeds 3, 4, 5' or, past five (they are consecutive), 'seeds 3-1026 (1024)'."""
-    if len(seeds) == 1:
-        return f"seed {seeds[0]}"
-    if len(seeds) <= 5:
-        return f"seeds {', '.join(map(str, seeds))}"
-    return f"seeds {seeds[0]}-{seeds[-1]} ({len(seeds)})"
 
 
 def latest_returns(seed: int, metrics_path: pathlib.Path) -> str:

@@ -20,6 +20,7 @@ from dreamer_jax.seeds import (
     seed_keys,
     seed_logdir,
     seed_sharding,
+    seeds_text,
     select,
     stack,
 )
@@ -156,3 +157,9 @@ def test_four_seeds_on_four_devices_train_as_on_one(tmp_path):
     assert any("_train_step" in p.name for p in programs)
     collectives = re.compile(r"all-reduce|all-gather|all-to-all|reduce-scatter|collective-")
     assert [p.name for p in programs if collectives.search(p.read_text())] == []
+
+
+def test_the_startup_line_names_many_seeds_as_a_range():
+    assert seeds_text([7]) == "seed 7"
+    assert seeds_text([3, 4, 5, 6, 7]) == "seeds 3, 4, 5, 6, 7"
+    assert seeds_text(list(range(3, 1027))) == "seeds 3-1026 (1024)"
