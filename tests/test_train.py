@@ -380,6 +380,22 @@ def test_a_row_averages_the_train_metrics_but_logs_running_counts_as_they_stand(
     assert learning.row_metrics() == [{}, {}]
 
 
+def stop_during_updates(monkeypatch, step: int, paid: int) -> types.SimpleNamespace:
+    """The stop flag for `train`, set as a signal would after `paid` of the updates `step`
+    owes (`Learning.train` patched; `monkeypatch.undo()` lifts it)."""
+    stop, train = types.SimpleNamespace(signum=None), train_module.Learning.train
+
+    def stopping_at(self, at, stopping):
+        if at == step and stop.signum is None:
+            train(self, at, iter([False] * paid + [True]).__next__)
+            stop.signum = 2
+            return
+        train(self, at, stopping)
+
+    monkeypatch.setattr(train_module.Learning, "train", stopping_at)
+    return stop
+
+
 def test_a_stop_within_a_steps_updates_leaves_its_row_to_the_resumed_run(
     tmp_path, monkeypatch, capsys
 ):
@@ -390,17 +406,7 @@ def test_a_stop_within_a_steps_updates_leaves_its_row_to_the_resumed_run(
     train_module.train(whole, types.SimpleNamespace(signum=None))
     assert "ends within the prefill" not in capsys.readouterr().err  # it trains at step 300
     config = cartpole_config(tmp_path / "stopped", steps=300, eval_every=100000)
-    stop, train = types.SimpleNamespace(signum=None), train_module.Learning.train
-
-    def stop_after_one_update(self, step, stopping):
-        if stop.signum is None and self.owed == 2:
-            train(self, step, iter([False, True]).__next__)
-            stop.signum = 2  # as the signal handler would
-            return
-        train(self, step, stopping)
-
-    monkeypatch.setattr(train_module.Learning, "train", stop_after_one_update)
-    train_module.train(config, stop)
+    train_module.train(config, stop_during_updates(monkeypatch, step=300, paid=1))
     assert not (tmp_path / "stopped" / "metrics.jsonl").exists()  # no row yet
     train_module.train(config, types.SimpleNamespace(signum=None))
     rows = read_metrics(tmp_path / "stopped" / "metrics.jsonl")
@@ -427,17 +433,7 @@ def test_a_stop_within_the_last_steps_updates_off_the_log_schedule_leaves_its_ro
         cartpole_config(tmp_path / "whole", **settings), types.SimpleNamespace(signum=None)
     )
     config = cartpole_config(tmp_path / "stopped", **settings)
-    stop, train = types.SimpleNamespace(signum=None), train_module.Learning.train
-
-    def stop_after_the_first_update_of_600(self, step, stopping):
-        if step == 600 and stop.signum is None:
-            train(self, step, iter([False, True]).__next__)
-            stop.signum = 2  # as the signal handler would
-            return
-        train(self, step, stopping)
-
-    monkeypatch.setattr(train_module.Learning, "train", stop_after_the_first_update_of_600)
-    train_module.train(config, stop)
+    train_module.train(config, stop_during_updates(monkeypatch, step=600, paid=1))
     metrics = tmp_path / "stopped" / "metrics.jsonl"
     assert [row["step"] for row in read_metrics(metrics)] == [300, 500]
     monkeypatch.undo()
@@ -492,17 +488,7 @@ def test_owed_updates_wait_while_the_replay_they_sample_is_lost(
     again and pays them once it can sample (review: a traceback from the empty replay). The
     evaluation due at 300 waits for them too, and the pretraining is owed once."""
     config = cartpole_config(tmp_path, steps=400, log_every=100, eval_every=100000)
-    stop, train = types.SimpleNamespace(signum=None), train_module.Learning.train
-
-    def stop_after_paid(self, step, stopping):
-        if step == 300 and stop.signum is None:
-            train(self, step, iter([False] * paid + [True]).__next__)
-            stop.signum = 15
-            return
-        train(self, step, stopping)
-
-    monkeypatch.setattr(train_module.Learning, "train", stop_after_paid)
-    train_module.train(config, stop)
+    train_module.train(config, stop_during_updates(monkeypatch, step=300, paid=paid))
     monkeypatch.undo()
     for episode in (tmp_path / "replay").glob("*.npz"):
         episode.unlink()
