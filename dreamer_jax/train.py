@@ -632,7 +632,8 @@ class Evaluating:
 
     def run(self, states: TrainState, step: int, stop: Callable[[], bool]) -> bool:
         """Whether the evaluation was done: False when `stop()` cut it short (nothing logged,
-        the streams unmoved, so it is still owed and a resumed run does it)."""
+        the streams unmoved, so it is still owed and a resumed run does it). Its results wait
+        in the loggers for the row of `step`; `done` then moves the streams on."""
         keys = jax.vmap(lambda key: jax.random.split(key, 3))(self.eval_keys)
         eval_keys, episodes_keys, openl_keys = keys[:, 0], keys[:, 1], keys[:, 2]
         results = evaluate(
@@ -653,11 +654,15 @@ class Evaluating:
         videos = open_loop_frames(self.agent, states, batches, openl_keys, self.sharding)
         for logger, frames in zip(self.loggers, videos, strict=True):
             logger.video("openl", frames, step=step)
-        # The streams move on only once the eval is done: an eval that failed (and was
-        # checkpointed as owed) is redone with the same draws.
-        self.eval_keys, self.report_rngs = eval_keys, report_rngs
-        self.next_eval = next_multiple(step, self.config.eval_every)
+        self._next_streams = eval_keys, report_rngs
         return True
+
+    def done(self, step: int) -> None:
+        """The evaluation of `step` is in its row: the streams and the schedule move on. Not
+        before: an eval whose report or row failed (checkpointed as owed) is redone with the
+        same draws."""
+        self.eval_keys, self.report_rngs = self._next_streams
+        self.next_eval = next_multiple(step, self.config.eval_every)
 
     def seed_states(self) -> list[dict]:
         """Each seed's part of the checkpoint: its eval key and open-loop report stream."""
@@ -762,7 +767,7 @@ class Checkpointing:
     schedules and each piece's part of every seed), every `checkpoint_every` steps of this
     start (a changed value applies at once on resume), at the end, and after an unexpected
     error; only when a counter moved since the last save (a resumed run's restored step is
-    saved again once the work it owed is done)."""
+    saved again at once when the work it owed is done)."""
 
     COUNTERS = ("step", "updates", "updates_owed", "next_eval", "next_log", "last_row")
 
@@ -798,11 +803,16 @@ class Checkpointing:
         self.saved = self._counters(step)
 
     def tick(self, step: int) -> None:
-        """Saves at the first step at or past each multiple of `checkpoint_every`."""
+        """Saves at the first step at or past each multiple of `checkpoint_every`, and at a
+        resumed run's restored step once it has done the work it owed there: a kill before
+        the next save would otherwise resume from a checkpoint owing rows already written."""
+        restored = self.saved is not None and self.saved["step"] == step
         if step >= self.next:
             self.next = next_multiple(step, self.every)
-            if self.unsaved(step):
-                self.save(step)
+        elif not restored:
+            return
+        if self.unsaved(step):
+            self.save(step)
 
     def save_after_error(self, step: int) -> None:
         """After an unexpected error, the work done since the last checkpoint (steps, or
@@ -1110,6 +1120,8 @@ def _run_loop(
                 logging.write(step, acting, learning)
             elif evaluated:  # a row of its own: the next row's would replace its results
                 logging.write_rows(step)
+            if evaluated:
+                evaluating.done(step)
             logging.tick(step)
             checkpointing.tick(step)
             if step >= config.steps or stopping():

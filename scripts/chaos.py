@@ -3,7 +3,9 @@
     python scripts/chaos.py --kills 3 [--seed 0] [--num_seeds 1] [--logdir DIR] [-- extra options]
 
 Starts `python -m dreamer_jax.train` on a tiny classic-control config, SIGKILLs it at a
-random moment K times, restarts it each time, then lets it finish. Checks, every time:
+random moment K times (each once the run is a random number of steps, up to two checkpoint
+intervals, past where it last resumed), restarts it each time, then lets it finish.
+Checks, every time:
 - it resumes (after the first checkpoint exists) and its step never goes back past the
   last checkpoint seen before the kill;
 - every episode file finished before a kill is still there, loads (allow_pickle=False),
@@ -34,11 +36,20 @@ from dreamer_jax.logger import read_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EPISODE = re.compile(r"^(\d+)-(\d+)\.npz$")
+CHECKPOINT_EVERY = 300
 TRAIN = [
     "--configs", "classic", "debug", "--task", "classic_cartpole",
-    "--checkpoint_every", "300", "--log_every", "100", "--eval_every", "1000",
+    "--checkpoint_every", str(CHECKPOINT_EVERY), "--log_every", "100", "--eval_every", "1000",
     "--wandb.mode", "disabled",
 ]  # fmt: skip
+LOGGED_STEP = re.compile(r'"step": (\d+)')
+
+
+def logged_step(folder: pathlib.Path) -> int:
+    """The latest step in `folder`'s metrics.jsonl (0 before its first row)."""
+    path = folder / "metrics.jsonl"
+    steps = LOGGED_STEP.findall(path.read_text()) if path.exists() else []
+    return int(steps[-1]) if steps else 0
 
 
 class ChaosFailure(AssertionError):
@@ -143,13 +154,18 @@ def run(kills: int, seed: int, logdir: pathlib.Path, extra: list[str], num_seeds
     resumed = 0
     for kill in range(kills):
         # A random moment after the run has made progress past its last resume point: a new
-        # checkpoint exists, then 0-4 s more (mid-update, mid-episode or mid-save).
+        # checkpoint exists and the log has reached a random step up to one checkpoint
+        # interval past it, then 0-0.5 s more (mid-update, mid-episode or mid-save). Chosen
+        # by step, not by time: with compiled programs cached a run can take 700 steps a
+        # second, and a few seconds' wait once ran past the run's end.
+        target = resumed + CHECKPOINT_EVERY + int(rng.integers(0, CHECKPOINT_EVERY))
         deadline = time.time() + 600
         while time.time() < deadline and process.poll() is None:
-            if any(step > resumed for step in checkpoint_steps(logdir)):
+            checkpointed = any(step > resumed for step in checkpoint_steps(logdir))
+            if checkpointed and logged_step(folders[0]) >= target:
                 break
-            time.sleep(0.2)
-        time.sleep(rng.uniform(0.0, 4.0))
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 0.5))
         if process.poll() is not None:
             check(process.returncode == 0, f"run failed: {log.read_text()[-2000:]}")
             print(f"the run finished before kill {kill + 1}")
@@ -207,6 +223,10 @@ def main(argv: list[str]) -> int:
     if args.logdir is not None and args.logdir.exists() and any(args.logdir.iterdir()):
         parser.error(f"--logdir {args.logdir} is not empty: the check needs a fresh run")
     logdir = args.logdir or pathlib.Path(tempfile.mkdtemp(prefix="chaos-")) / "run"
+    try:  # the runs' logs go beside the logdir
+        logdir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        parser.error(f"--logdir {logdir}: cannot create its parent folder: {error.strerror}")
     try:
         run(args.kills, args.seed, logdir, extra, args.num_seeds)
     except ChaosFailure as failure:

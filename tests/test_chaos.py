@@ -30,6 +30,7 @@ def test_chaos_kills(tmp_path, kills, num_seeds):
         (["--kills", "-1"], "--kills must be >= 0"),
         (["--num_seeds", "0"], "--num_seeds >= 1"),
         (["--logdir", "tests"], "--logdir tests is not empty"),
+        (["--logdir", "/proc/no/run"], "--logdir /proc/no/run: cannot create its parent folder"),
     ],
 )
 def test_bad_arguments_exit_2_before_any_run(args, fragment):

@@ -413,6 +413,23 @@ def test_a_wandb_that_fails_warns_and_logging_goes_on(tmp_path, failing_call):
     assert [row["step"] for row in rows] == ([1, 2] if failing_call == "write" else [2])
 
 
+def test_commit_closes_an_open_wandb_row_once_and_nothing_else(tmp_path):
+    """Every checkpoint commits, and two may come with no row between them (a periodic save,
+    then the save at the end): only a row left open is committed; a commit with none open
+    would add an empty row to wandb's history and move its step past the run's."""
+    logger = _logger(tmp_path)
+    calls = []
+    logger._wandb = types.SimpleNamespace(log=lambda data, **kwargs: calls.append((data, kwargs)))
+    logger.commit()  # nothing logged yet
+    logger.scalar("model_loss", 1.0)
+    logger.write(1)
+    logger.commit()
+    logger.commit()
+    logger._wandb = None
+    logger.close()
+    assert calls == [({"model_loss": 1.0}, {"step": 1}), ({}, {"commit": True})]
+
+
 KILLED_AFTER_COMMIT_SCRIPT = textwrap.dedent(
     """
     import os, pathlib, signal, sys, time

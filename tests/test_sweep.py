@@ -343,6 +343,9 @@ BAD_SWEEPS = [
      "'slurm: time' must be minutes (an int > 0) or Slurm's D-HH:MM:SS, got 'abc'"),
     ("tasks: [classic_cartpole]\nseeds: [0]\nslurm: {time: '0:00'}\n",
      "'slurm: time' must be longer than 0"),
+    # An int 0 is Slurm's "no time limit", not the minutes a job asks for.
+    ("tasks: [classic_cartpole]\nseeds: [0]\nslurm: {time: 0}\n",
+     "'slurm: time' must be minutes (an int > 0) or Slurm's D-HH:MM:SS, got 0"),
     ("tasks: [classic_cartpole]\nseeds: [0]\nslurm: {job_name: x}\n",
      "'slurm' sets no job_name: each job is named after its run"),
 ]  # fmt: skip

@@ -313,6 +313,10 @@ def test_nonfinite_updates_stop_the_run(tmp_path, num_seeds):
     seeds = "seed 0" if num_seeds == "1" else "seeds 0, 1"
     assert "3 consecutive non-finite updates at step" in result.stderr
     assert f"({seeds}); stopping with the last good checkpoint kept" in result.stderr
+    # No checkpoint of the diverged states at the stop: a resume starts from before it.
+    stopped_at = int(re.search(r"non-finite updates at step (\d+)", result.stderr)[1])
+    saved = [int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()]
+    assert max(saved) < stopped_at and "saved a checkpoint at step" not in result.stderr
 
 
 class NonFiniteRewards:
@@ -365,7 +369,8 @@ def test_a_row_averages_the_train_metrics_but_logs_running_counts_as_they_stand(
         "nonfinite_total": np.array([total, 0.0]),
         "nonfinite_streak": np.array([total, 0.0]),
     }
-    learning.metrics = [update(1.0, 3.0), update(2.0, 3.0)]
+    # Counts that differ between the updates: the latest one's is kept, not the first's.
+    learning.metrics = [update(1.0, 2.0), update(2.0, 3.0)]
     saved = learning.seed_states()  # what a checkpoint keeps of them
     learning.metrics = [update(6.0, 4.0)]
     first, second = learning.row_metrics()
@@ -524,6 +529,74 @@ def test_a_loop_state_saved_before_last_row_wrote_its_row_unless_it_owed_updates
     assert train_module.owed_work({**saved, "updates_owed": 1}, 600) == ["1 update", "the log row"]
 
 
+def test_a_checkpoint_saved_before_last_row_resumes(tmp_path, capsys):
+    """A run whose checkpoint a version without `last_row` saved resumes from it (its row
+    taken as written, it owed no update), not refused as unreadable: an upgrade mid-run
+    would otherwise leave "no checkpoint could be restored" and the run lost."""
+    from dreamer_jax import checkpoint as checkpoint_module
+
+    settings = {"log_every": 100, "eval_every": 100000}
+    first = cartpole_config(tmp_path, steps=400, **settings)
+    train_module.train(first, types.SimpleNamespace(signum=None))
+    saved = tmp_path / "checkpoints" / "400"
+    loop = json.loads((saved / "loop" / "metadata").read_text())
+    del loop["last_row"]
+    (saved / "loop" / "metadata").write_text(json.dumps(loop))
+    checksums = json.loads((saved / "checksums" / "metadata").read_text())
+    checksums["loop"] = checkpoint_module._loop_checksum(loop)
+    (saved / "checksums" / "metadata").write_text(json.dumps(checksums))
+    final = train_module.train(
+        cartpole_config(tmp_path, steps=500, **settings), types.SimpleNamespace(signum=None)
+    )
+    # From it, not from step 0 with it moved aside (the same rows, every step redone).
+    assert "resuming from checkpoint at step 400" in capsys.readouterr().out
+    assert not (tmp_path / "checkpoints_unreadable").exists()
+    assert final["step"] == 500 and final["last_row"] == 500
+    assert [row["step"] for row in read_metrics(tmp_path / "metrics.jsonl")] == [300, 400, 500]
+
+
+class Killed(BaseException):
+    """A kill the process gets no say in: no `except Exception` sees it, nothing is saved."""
+
+
+def test_a_run_killed_in_its_prefill_resumes_from_its_step_0_checkpoint(tmp_path, monkeypatch):
+    """Step 0 is saved before any data: a run killed in its prefill, its replay already
+    holding episodes, resumes from it rather than being refused as a logdir with data but
+    no checkpoint (the run would have to be started over in a new logdir)."""
+    config = cartpole_config(tmp_path, steps=400, eval_every=100000)
+    step, calls = train_module.Acting.step, []
+
+    def killed_at_the_150th_step(self, states, prefill):
+        calls.append(prefill)
+        if len(calls) == 150:
+            raise Killed
+        return step(self, states, prefill)
+
+    monkeypatch.setattr(train_module.Acting, "step", killed_at_the_150th_step)
+    with pytest.raises(Killed):
+        train_module.train(config, types.SimpleNamespace(signum=None))
+    assert all(calls) and list((tmp_path / "replay").glob("*.npz"))  # data, in the prefill
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()] == ["0"]
+    monkeypatch.undo()
+    final = train_module.train(config, types.SimpleNamespace(signum=None))
+    assert final["step"] == 400 and final["updates"] > 0
+
+
+def test_the_prefill_is_exactly_prefill_random_policy_steps(tmp_path, monkeypatch):
+    """Steps 0 … prefill − 1 act at random, from step `prefill` on the policy acts: the
+    paper's count of random steps (one more would shift every run's data by a step)."""
+    config = cartpole_config(tmp_path, steps=310, eval_every=100000)
+    step, calls = train_module.Acting.step, []
+
+    def recorded(self, states, prefill):
+        calls.append(prefill)
+        return step(self, states, prefill)
+
+    monkeypatch.setattr(train_module.Acting, "step", recorded)
+    train_module.train(config, types.SimpleNamespace(signum=None))
+    assert calls == [True] * config.prefill + [False] * (310 - config.prefill)
+
+
 def test_in_words():
     assert train_module.in_words(["a"]) == "a"
     assert train_module.in_words(["a", "b"]) == "a and b"
@@ -539,17 +612,40 @@ def test_the_prefill_warning_reckons_with_the_last_step_past_steps():
     assert warn(steps=299, prefill=300).startswith("warning: --steps 299 ends within")
 
 
+def test_a_resume_saves_its_restored_step_once_the_owed_work_is_done(tmp_path, monkeypatch):
+    """Resumed owing a row (a stop within step 300's updates), the run pays and writes it,
+    then is killed before the next multiple of checkpoint_every: the next resume starts from
+    a checkpoint that owes nothing, and row 300 is written once (QA: twice, the kill's
+    resume doing the owed work again)."""
+    config = cartpole_config(tmp_path, steps=500, log_every=100, eval_every=100000)
+    train_module.train(config, stop_during_updates(monkeypatch, step=300, paid=1))
+    monkeypatch.undo()
+
+    def killed(self, states, prefill):
+        raise Killed
+
+    monkeypatch.setattr(train_module.Acting, "step", killed)  # at its first policy step
+    with pytest.raises(Killed):
+        train_module.train(config, types.SimpleNamespace(signum=None))
+    saved = json.loads((tmp_path / "checkpoints/300/loop/metadata").read_text())
+    assert train_module.owed_work(saved, 500) == []
+    monkeypatch.undo()
+    train_module.train(config, types.SimpleNamespace(signum=None))
+    assert [row["step"] for row in read_metrics(tmp_path / "metrics.jsonl")] == [300, 400, 500]
+
+
 def test_a_lower_checkpoint_every_on_resume_takes_effect_at_once(tmp_path):
     """The next checkpoint comes from this start's `checkpoint_every`, not the saved run's
-    schedule (QA: lowered from 1000 to 100, the next save still waited for step 1000)."""
+    schedule (QA: lowered from 1000 to 100, the next save still waited for step 1000), on
+    its multiples from a restored step that is none (450: 500, not 550)."""
     run = lambda **kw: train_module.train(
         cartpole_config(tmp_path, log_every=1000, eval_every=100000, **kw),
         types.SimpleNamespace(signum=None),
     )
-    run(steps=400, checkpoint_every=1000)
+    run(steps=450, checkpoint_every=1000)
     run(steps=700, checkpoint_every=100, checkpoint_keep=10)
     steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
-    assert steps == [0, 400, 500, 600, 700]
+    assert steps == [0, 450, 500, 600, 700]
 
 
 def test_a_log_row_that_fails_stays_owed_after_the_error_checkpoint(tmp_path, monkeypatch):
@@ -598,6 +694,31 @@ def test_a_row_whose_file_write_fails_keeps_its_metrics_for_the_resumed_run(tmp_
     rows = read_metrics(tmp_path / "failed" / "metrics.jsonl")
     assert [row["step"] for row in rows] == [300, 500] and "model_loss" in rows[1]
     assert _comparable(rows) == _comparable(read_metrics(tmp_path / "whole" / "metrics.jsonl"))
+
+
+def test_an_eval_whose_row_cannot_be_written_is_redone_by_the_resumed_run(tmp_path, monkeypatch):
+    """metrics.jsonl cannot be written at step 500, where an evaluation ran: the evaluation
+    stays owed in the error checkpoint, and the resumed run's row 500 holds one (mutation
+    testing: it counted as done, and its results were lost with the row)."""
+    config = cartpole_config(tmp_path, steps=500, log_every=250, eval_every=250)
+    write = train_module.Logger.write
+
+    def full_disk_at_500(self, step):
+        if step == 500:
+            raise OSError(28, "No space left on device")
+        return write(self, step)
+
+    monkeypatch.setattr(train_module.Logger, "write", full_disk_at_500)
+    with pytest.raises(OSError, match="No space left"):
+        train_module.train(config, types.SimpleNamespace(signum=None))
+    saved = json.loads((tmp_path / "checkpoints/500/loop/metadata").read_text())
+    assert train_module.owed_work(saved, 500) == ["the evaluation", "the log row"]
+    monkeypatch.undo()
+    train_module.train(config, types.SimpleNamespace(signum=None))
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [(row["step"], "eval_return" in row, "model_loss" in row) for row in rows] == [
+        (300, True, True), (500, True, True)
+    ]  # fmt: skip
 
 
 def test_an_eval_that_fails_is_redone_with_the_same_draws_after_the_error_checkpoint(
