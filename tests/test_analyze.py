@@ -486,30 +486,19 @@ def test_plot_aggregate_draws_the_iqm_interval_and_the_four_aggregates():
     np.testing.assert_array_equal(points[0].get_xdata(), [2.0, 3.0, 0.5, 0.4])
 
 
-def test_plot_aggregate_draws_an_iqm_outside_its_few_draws_interval():
-    """`--reps 1` can leave the IQM outside its interval: the bar reaches the point instead
-    of a negative length (QA: matplotlib raised, after aggregate.json was written)."""
+@pytest.mark.parametrize("interval, bar", [([1.6, 2.5], [1.5, 2.5]), ([0.5, 1.4], [0.5, 1.5])])
+def test_plot_aggregate_draws_an_iqm_outside_its_few_draws_interval(interval, bar):
+    """`--reps 1` can leave the IQM below or above its interval: the bar reaches the point
+    instead of a negative length past it (QA: matplotlib raised, after aggregate.json was
+    written)."""
     agg = {"tasks": 3, "gamer_median": 2.0, "gamer_mean": 3.0, "record_mean": 0.5,
-           "clipped_record_mean": 0.4, "iqm": 1.5, "iqm_ci": [1.6, 2.5],
+           "clipped_record_mean": 0.4, "iqm": 1.5, "iqm_ci": interval,
            "iqm_seeds_per_task": 1}  # fmt: skip
     ax = Figure().add_subplot()
     analyze.plot_aggregate(ax, agg)
     (errorbar,) = ax.containers
     _, _, (bars,) = errorbar
-    np.testing.assert_array_equal(bars.get_segments()[0][:, 0], [1.5, 2.5])
-
-
-def test_plot_aggregate_draws_an_iqm_above_its_few_draws_interval():
-    """The IQM can also land above its `--reps 1` interval: the bar then reaches up to the
-    point, not down to a negative length past it (matplotlib raises on one)."""
-    agg = {"tasks": 3, "gamer_median": 2.0, "gamer_mean": 3.0, "record_mean": 0.5,
-           "clipped_record_mean": 0.4, "iqm": 1.5, "iqm_ci": [0.5, 1.4],
-           "iqm_seeds_per_task": 1}  # fmt: skip
-    ax = Figure().add_subplot()
-    analyze.plot_aggregate(ax, agg)
-    (errorbar,) = ax.containers
-    _, _, (bars,) = errorbar
-    np.testing.assert_array_equal(bars.get_segments()[0][:, 0], [0.5, 1.5])
+    np.testing.assert_array_equal(bars.get_segments()[0][:, 0], bar)
 
 
 def test_a_runs_own_subfolders_are_not_searched_for_runs(tmp_path):

@@ -669,6 +669,19 @@ def test_a_log_row_that_fails_stays_owed_after_the_error_checkpoint(tmp_path, mo
     assert [row["step"] for row in read_metrics(tmp_path / "metrics.jsonl")] == [300, 500, 600]
 
 
+def metrics_file_full_at(monkeypatch, step: int) -> None:
+    """Every seed's row of `step` fails to be written, as on a full disk (`Logger.write`
+    patched; `monkeypatch.undo()` lifts it)."""
+    write = train_module.Logger.write
+
+    def full_disk(self, at):
+        if at == step:
+            raise OSError(28, "No space left on device")
+        return write(self, at)
+
+    monkeypatch.setattr(train_module.Logger, "write", full_disk)
+
+
 def test_a_row_whose_file_write_fails_keeps_its_metrics_for_the_resumed_run(tmp_path, monkeypatch):
     """metrics.jsonl cannot be written at step 500 (a full disk): the error checkpoint still
     holds the row's train metrics and returns, and the resumed run's row 500 is the one an
@@ -679,14 +692,7 @@ def test_a_row_whose_file_write_fails_keeps_its_metrics_for_the_resumed_run(tmp_
         cartpole_config(tmp_path / "whole", **settings), types.SimpleNamespace(signum=None)
     )
     config = cartpole_config(tmp_path / "failed", **settings)
-    write = train_module.Logger.write
-
-    def full_disk_at_500(self, step):
-        if step == 500:
-            raise OSError(28, "No space left on device")
-        return write(self, step)
-
-    monkeypatch.setattr(train_module.Logger, "write", full_disk_at_500)
+    metrics_file_full_at(monkeypatch, 500)
     with pytest.raises(OSError, match="No space left"):
         train_module.train(config, types.SimpleNamespace(signum=None))
     monkeypatch.undo()
@@ -701,14 +707,7 @@ def test_an_eval_whose_row_cannot_be_written_is_redone_by_the_resumed_run(tmp_pa
     stays owed in the error checkpoint, and the resumed run's row 500 holds one (mutation
     testing: it counted as done, and its results were lost with the row)."""
     config = cartpole_config(tmp_path, steps=500, log_every=250, eval_every=250)
-    write = train_module.Logger.write
-
-    def full_disk_at_500(self, step):
-        if step == 500:
-            raise OSError(28, "No space left on device")
-        return write(self, step)
-
-    monkeypatch.setattr(train_module.Logger, "write", full_disk_at_500)
+    metrics_file_full_at(monkeypatch, 500)
     with pytest.raises(OSError, match="No space left"):
         train_module.train(config, types.SimpleNamespace(signum=None))
     saved = json.loads((tmp_path / "checkpoints/500/loop/metadata").read_text())
