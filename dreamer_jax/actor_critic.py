@@ -24,7 +24,7 @@ from dreamer_jax.networks import (
     get_feat,
     unit_normal,
 )
-from dreamer_jax.world_model import WorldModel
+from dreamer_jax.world_model import WorldModel, cast_step_kernels
 
 Params = Any
 sg = jax.lax.stop_gradient
@@ -74,14 +74,24 @@ def imagine(
 
     Gradients reach `actor_params` through the straight-through / reparameterized actions
     and the dynamics (used by dynamics backprop); pass stopped params to cut that path.
+    `wm_params` are the world model's, stopped: the loop gets its Dense kernels already cast
+    to their compute dtype (`cast_step_kernels`).
     """
     start_feat = get_feat(start)
+    first_action = jnp.zeros((*start.deter.shape[:-1], actor.num_actions), jnp.float32)
+    _, probe = jax.eval_shape(
+        lambda: world_model.apply(
+            wm_params, start, first_action, key, method=WorldModel.img_step,
+            mutable=["dense_inputs", "perturbations"],
+        )
+    )  # fmt: skip
+    step_params = cast_step_kernels(wm_params, probe["perturbations"])
 
     def step(carry, step_key):
         state, feat = carry
         action_key, dyn_key = jax.random.split(step_key)
         action = actor_sample(actor.apply(actor_params, sg(feat)), action_key)
-        state = world_model.apply(wm_params, state, action, dyn_key, method=WorldModel.img_step)
+        state = world_model.apply(step_params, state, action, dyn_key, method=WorldModel.img_step)
         feat = get_feat(state)
         return (state, feat), (state, feat, action)
 

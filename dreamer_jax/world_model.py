@@ -150,6 +150,25 @@ def observe(
     return posterior, model.apply(params, posterior.deter, method=WorldModel.prior_logits)
 
 
+def cast_step_kernels(params: Params, dense_outputs: Params) -> Params:
+    """`params` with the kernel of each Dense layer of one loop step cast to the dtype the
+    layer computes in (bf16 under `precision: bf16`), for passing into the loop.
+
+    `dense_outputs` is the `"perturbations"` collection of one step traced with `jax.eval_shape`
+    (`networks.Dense`): one output per layer, in the layer's compute dtype. Each Dense casts
+    its kernel itself, but XLA did not hoist that cast out of the imagination loop, nor out of
+    the observe scan's backward loop, whose `jax.checkpoint` recomputes it: every step cast
+    every kernel again (8 seeds on the H200: 4.4 ms of a 62 ms update; docs/benchmarks.md).
+    For kernels whose gradient is not taken through the loop (stopped, or computed after it
+    as `posterior_scan` does): a cast kernel's gradient would be summed in its own dtype.
+    """
+    flat = flatten_dict(params)
+    for path, output in flatten_dict(dense_outputs).items():  # path: (*layer, "y")
+        kernel = ("params", *path[:-1], "kernel")
+        flat[kernel] = flat[kernel].astype(output.dtype)
+    return unflatten_dict(flat)
+
+
 def posterior_scan(
     model: WorldModel,
     params: Params,
@@ -186,6 +205,8 @@ def posterior_scan(
     )
 
     def scan(params, perturbations, initial, action, embed, is_first, keys):
+        params = cast_step_kernels(params, probe["perturbations"])
+
         def body(params, perturbation, prev, step_inputs):
             variables = {**params, "perturbations": perturbation}
             post, recorded = apply_step(variables, prev, step_inputs, ["dense_inputs"])

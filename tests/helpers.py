@@ -55,6 +55,14 @@ def traced_eqns(fn, *args) -> list:
     return [eqn for eqn, _, _ in bench.jaxpr_equations(fn, *args)]
 
 
+def looped_eqns(fn, *args) -> list:
+    """The equations of `fn`'s jaxpr (nested ones included) that run inside a loop, more than
+    once per call."""
+    import bench  # noqa: PLC0415  (see traced_eqns)
+
+    return [eqn for eqn, trips, _ in bench.jaxpr_equations(fn, *args) if trips > 1]
+
+
 def product_input_dtypes(fn, *args) -> set[jnp.dtype]:
     """The operand dtypes of every matmul and convolution `fn` runs (nested jaxprs too)."""
     return {
