@@ -399,13 +399,45 @@ def next_multiple(step: int, every: int) -> int:
     return (step // every + 1) * every
 
 
+class Stopwatch:
+    """The host's wall time in each part of the run loop since the last row, which gets them
+    as `time_<part>`: fractions of its interval, `time_other` the rest (the loop itself).
+
+    `policy` is the policy step to its action on the host, `update` the updates until their
+    results are ready (so `policy` never waits on one), `batch` the replay batches, `replay`
+    the steps added to the replays, `env` the envs' steps, `eval`, `log` and `checkpoint`.
+    """
+
+    PARTS = ("env", "policy", "replay", "batch", "update", "eval", "log", "checkpoint")
+
+    def __init__(self):
+        self.seconds = dict.fromkeys(self.PARTS, 0.0)
+
+    @contextlib.contextmanager
+    def __call__(self, part: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[part] += time.perf_counter() - start
+
+    def fractions(self, interval: float) -> dict[str, float]:
+        """Each part's share of the `interval` seconds since the last row."""
+        shares = {f"time_{part}": seconds / interval for part, seconds in self.seconds.items()}
+        return {**shares, "time_other": max(0.0, 1.0 - sum(shares.values()))}
+
+    def reset(self) -> None:
+        self.seconds = dict.fromkeys(self.PARTS, 0.0)
+
+
 class Acting:
     """Steps the one pool of N × `envs` envs (seed i's envs are rows `i·E … i·E + E − 1`):
     uniform random actions during the prefill, then every seed's policy in one jitted call;
     adds each seed's steps to its own replay."""
 
-    def __init__(self, agent, config, env, replays, seed_states, sharding):
+    def __init__(self, agent, config, env, replays, seed_states, sharding, stopwatch):
         self.agent, self.env, self.replays, self.sharding = agent, env, replays, sharding
+        self.stopwatch = stopwatch
         self.num_seeds, self.envs = len(replays), config.envs
         # Every input of the jitted policy placed like its outputs: one compile, not three.
         act_keys = _wrap_key([seed_state["act_key"] for seed_state in seed_states])
@@ -422,26 +454,32 @@ class Acting:
         ]
 
     def step(self, states: TrainState, prefill: bool) -> None:
-        record = replay_record(self.obs, self.prev_action, self.spec)
-        for i, replay in enumerate(self.replays):
-            rows = {k: v[i * self.envs : (i + 1) * self.envs] for k, v in record.items()}
-            for episode in replay.add(rows):
-                self.episode_returns[i].append(float(episode["reward"].sum()))
+        with self.stopwatch("replay"):
+            record = replay_record(self.obs, self.prev_action, self.spec)
+            for i, replay in enumerate(self.replays):
+                rows = {k: v[i * self.envs : (i + 1) * self.envs] for k, v in record.items()}
+                for episode in replay.add(rows):
+                    self.episode_returns[i].append(float(episode["reward"].sum()))
+        with self.stopwatch("policy"):
+            action = self._action(states, prefill)
+        with self.stopwatch("env"):
+            self.obs = self.env.step(action)
+        self.prev_action = action
+
+    def _action(self, states: TrainState, prefill: bool) -> np.ndarray:
+        """`[N·E, A]`: uniform random in the prefill, else every seed's policy."""
         if prefill:
-            action = np.concatenate(
+            return np.concatenate(
                 [self.env.random_actions(rng, self.envs) for rng in self.random_rngs]
             )
-        else:
-            # The observation goes in as numpy: jit's own transfer is cheaper than a
-            # `device_put` first (0.3 ms of 0.8 ms per policy step, CPU, docs/benchmarks.md),
-            # and an uncommitted input keeps the one compile.
-            obs = policy_inputs(self.obs, self.agent.obs_key, self.num_seeds)
-            action, self.carry, self.act_keys = self.agent.act_seeds(
-                states, obs, self.carry, self.act_keys, mode="train"
-            )
-            action = np.asarray(action).reshape(self.env.num_envs, -1)
-        self.obs = self.env.step(action)
-        self.prev_action = action
+        # The observation goes in as numpy: jit's own transfer is cheaper than a `device_put`
+        # first (0.3 ms of 0.8 ms per policy step, CPU, docs/benchmarks.md), and an
+        # uncommitted input keeps the one compile.
+        obs = policy_inputs(self.obs, self.agent.obs_key, self.num_seeds)
+        action, self.carry, self.act_keys = self.agent.act_seeds(
+            states, obs, self.carry, self.act_keys, mode="train"
+        )
+        return np.asarray(action).reshape(self.env.num_envs, -1)
 
     def clear_returns(self) -> None:
         """Forgets the returns a written row has logged."""
@@ -467,8 +505,9 @@ class Learning:
     with one jitted update of all seeds on a batch `[N, B, T, ...]` from their replays.
     Holds the train states `[N, ...]`, which it replaces after every update."""
 
-    def __init__(self, agent, config, replays, sharding, loop, logger: Logger, states):
+    def __init__(self, agent, config, replays, sharding, loop, logger: Logger, states, stopwatch):
         self.agent, self.config, self.replays, self.sharding = agent, config, replays, sharding
+        self.stopwatch = stopwatch
         self.states = states
         self.logger = logger  # the first seed's: its lines go above the progress bar
         self.compile_announced = False  # the first update of this process compiles
@@ -528,16 +567,21 @@ class Learning:
             # Checked one update late, so the host never waits on the update in flight.
             if self.last_metrics is not None:
                 self._check_finite(step)
-            batches = [next(dataset) for dataset in self.datasets]
-            batch = {k: np.stack([b[k] for b in batches]) for k in batches[0]}
-            # Replaced at once: an error in a later update leaves the states that match
-            # the counters for the checkpoint saved after it.
-            self.states, self.last_metrics = self.agent.train_seeds(
-                self.states, jax.device_put(batch, self.sharding)
-            )
+            with self.stopwatch("batch"):
+                batches = [next(dataset) for dataset in self.datasets]
+                batch = {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+                batch = jax.device_put(batch, self.sharding)
+            with self.stopwatch("update"):
+                # Replaced at once: an error in a later update leaves the states that match
+                # the counters for the checkpoint saved after it.
+                self.states, self.last_metrics = self.agent.train_seeds(self.states, batch)
             self.metrics.append(self.last_metrics)
             self.updates += 1
             self.owed -= 1
+        with self.stopwatch("update"):
+            # Waited for here, not in the next policy step, so that the row's `time_update`
+            # holds the updates' device time (the policy would wait on them anyway).
+            jax.block_until_ready(self.last_metrics)
 
     def _check_finite(self, step: int) -> None:
         """Stops the run (NonFiniteError) once every seed's last `max_nonfinite` updates were
@@ -681,8 +725,9 @@ class Logging:
 
     TICK_SECONDS = 0.5  # how often the progress bar moves between rows
 
-    def __init__(self, config, loggers, replays, loop):
+    def __init__(self, config, loggers, replays, loop, stopwatch):
         self.config, self.loggers, self.replays = config, loggers, replays
+        self.stopwatch = stopwatch
         self.seeds = run_seeds(config)
         # A resumed run's changed log_every applies at once, unless a row is owed.
         self.next_log = loop["next_log"]
@@ -722,6 +767,7 @@ class Logging:
         }
         if step > self.clock_step:  # not a resumed run's row of its restored step
             speed["fps"] = (step - self.clock_step) * self.config.action_repeat / seconds
+            speed |= self.stopwatch.fractions(seconds)
         per_seed = zip(
             self.loggers, learning.row_metrics(), acting.episode_returns, self.replays,
             strict=True,
@@ -744,6 +790,7 @@ class Logging:
         self.next_log = next_multiple(step, self.config.log_every)
         self.last_row = step
         self.clock, self.clock_step, self.clock_updates = now, step, learning.updates
+        self.stopwatch.reset()
 
     def write_rows(self, step: int) -> None:
         """Each seed's buffered scalars as its row of `step`, shown in the progress (alone,
@@ -944,10 +991,11 @@ def _train(
         # A start that could not open its loggers (e.g. wandb online offline) is no start.
         record_start(logdir, run_info, step)
         print(_start_line(config, replays, sharding), flush=True)
-        acting = Acting(agent, config, env, replays, loop["seeds"], sharding)
-        learning = Learning(agent, config, replays, sharding, loop, loggers[0], states)
+        stopwatch = Stopwatch()
+        acting = Acting(agent, config, env, replays, loop["seeds"], sharding, stopwatch)
+        learning = Learning(agent, config, replays, sharding, loop, loggers[0], states, stopwatch)
         evaluating = Evaluating(agent, config, eval_env, replays, loggers, loop, sharding)
-        logging = Logging(config, loggers, replays, loop)
+        logging = Logging(config, loggers, replays, loop, stopwatch)
         pieces = (acting, learning, evaluating, logging)
         checkpointing = Checkpointing(checkpointer, config, loggers, pieces, loop, resumed)
         stopping = lambda: stop.signum is not None
@@ -1103,6 +1151,7 @@ def _run_loop(
 ) -> int:
     """Acts, learns, evaluates, logs and checkpoints from `step` until `config.steps` or
     `stopping()`; returns the step it ended at, saved."""
+    watch = logging.stopwatch
     try:
         if checkpointing.saved is None:
             # Step 0 is saved before any data: a run killed in its prefill then resumes,
@@ -1113,17 +1162,20 @@ def _run_loop(
             # error inside one, or a stop request, keeps it owed, and the resumed run does it
             # at this same step (its restored one) before it acts.
             learning.train(step, stopping)
-            evaluated = evaluating.due(step, learning) and evaluating.run(
-                learning.states, step, stopping
-            )
-            if logging.due(step, learning):
-                logging.write(step, acting, learning)
-            elif evaluated:  # a row of its own: the next row's would replace its results
-                logging.write_rows(step)
+            with watch("eval"):
+                evaluated = evaluating.due(step, learning) and evaluating.run(
+                    learning.states, step, stopping
+                )
+            with watch("log"):
+                if logging.due(step, learning):
+                    logging.write(step, acting, learning)
+                elif evaluated:  # a row of its own: the next row's would replace its results
+                    logging.write_rows(step)
             if evaluated:
                 evaluating.done(step)
             logging.tick(step)
-            checkpointing.tick(step)
+            with watch("checkpoint"):
+                checkpointing.tick(step)
             if step >= config.steps or stopping():
                 break
             acting.step(learning.states, prefill=step < config.prefill)

@@ -172,6 +172,7 @@ for logdir in map(pathlib.Path, sys.argv[4:]):
     name = logdir.name
     files = sorted(logdir.rglob("metrics.jsonl")) if logdir.exists() else []
     seeds, fps_means, ups_means, rows_first, fps_steady, ups_steady = [], [], [], [], [], []
+    time_shares = {}
     for path in files:
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         rows = [r for r in rows if r.get("step", 0) > prefill and r.get("fps") is not None]
@@ -189,6 +190,9 @@ for logdir in map(pathlib.Path, sys.argv[4:]):
         if not rows_first:
             rows_first = [{k: r.get(k) for k in ("step", "fps", "updates_per_sec", "updates")}
                           for r in rows]
+            # Where the loop's wall time went (the same for every seed: one loop).
+            parts = sorted(k for k in steady[0] if k.startswith("time_"))
+            time_shares = {k: sum(r[k] for r in steady) / len(steady) for k in parts}
     row = status.get(name, {})
     result[name] = {
         "rc": row.get("rc"), "wall_s": row.get("seconds"), "timeout_s": row.get("timeout_s"),
@@ -201,13 +205,15 @@ for logdir in map(pathlib.Path, sys.argv[4:]):
         "updates_per_sec_without_first_row": (
             sum(ups_steady) / len(ups_steady) if ups_steady else None),
         "rows_first_seed": rows_first,
+        "time_shares_without_first_row": time_shares,
     }
     r = result[name]
     print(f"{name}: rc {r['rc']}, {r['seeds_with_rows']} seeds with {r['rows_per_seed']} rows "
           f"past the prefill, frames/s (sum over seeds) {r['frames_per_sec']}, "
           f"updates/s {r['updates_per_sec']}; without the first row "
           f"{r['frames_per_sec_without_first_row']} frames/s, "
-          f"{r['updates_per_sec_without_first_row']} updates/s")
+          f"{r['updates_per_sec_without_first_row']} updates/s; wall time: "
+          + ", ".join(f"{k[5:]} {v:.1%}" for k, v in time_shares.items()))
 out.write_text(json.dumps(result, indent=1))
 EOF
 }

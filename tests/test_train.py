@@ -100,6 +100,14 @@ def test_classic_debug_run_end_to_end(tmp_path):
     last = rows[-1]
     expected_updates = saved["pretrain"] + (last["step"] - saved["prefill"]) // 10
     assert abs(last["updates"] - expected_updates) <= 1
+    # Where each row's wall time went: shares of its interval, the loop's own rest included.
+    for row in rows:
+        shares = {k: v for k, v in row.items() if k.startswith("time_")}
+        assert set(shares) == {f"time_{part}" for part in (*train_module.Stopwatch.PARTS, "other")}
+        assert all(0 <= share <= 1 for share in shares.values())
+        np.testing.assert_allclose(sum(shares.values()), 1.0, rtol=1e-9)
+    assert all(last[f"time_{part}"] > 0 for part in ("env", "policy", "replay", "batch", "update"))
+    assert any(row["time_eval"] > 0 for row in rows) and any(row["time_log"] > 0 for row in rows)
 
     assert list(logdir.glob("events.out.tfevents.*"))
     assert (logdir / "wandb").is_dir()  # offline wandb by default, inside the logdir
@@ -173,7 +181,11 @@ CLASSIC += ["--wandb.mode", "disabled", "--checkpoint_every", "400", "--log_ever
 
 def _comparable(rows):
     """metrics.jsonl without the wall-clock fields."""
-    return [{k: v for k, v in row.items() if k not in ("fps", "updates_per_sec")} for row in rows]
+    clock = ("fps", "updates_per_sec")
+    return [
+        {k: v for k, v in row.items() if k not in clock and not k.startswith("time_")}
+        for row in rows
+    ]
 
 
 @pytest.mark.slow
@@ -595,6 +607,22 @@ def test_the_prefill_is_exactly_prefill_random_policy_steps(tmp_path, monkeypatc
     monkeypatch.setattr(train_module.Acting, "step", recorded)
     train_module.train(config, types.SimpleNamespace(signum=None))
     assert calls == [True] * config.prefill + [False] * (310 - config.prefill)
+
+
+def test_stopwatch_shares_each_part_of_a_rows_interval(monkeypatch):
+    clock = iter([10.0, 11.5, 20.0, 20.5, 30.0, 31.0])  # perf_counter at each start and end
+    monkeypatch.setattr(train_module.time, "perf_counter", lambda: next(clock))
+    stopwatch = train_module.Stopwatch()
+    for part in ("env", "update", "env"):
+        with stopwatch(part):
+            pass
+    shares = stopwatch.fractions(8.0)  # env 1.5 + 1.0 s, update 0.5 s of 8 s
+    assert shares == {
+        **{f"time_{part}": 0.0 for part in train_module.Stopwatch.PARTS},
+        "time_env": 2.5 / 8, "time_update": 0.5 / 8, "time_other": 5.0 / 8,
+    }  # fmt: skip
+    stopwatch.reset()
+    assert stopwatch.fractions(1.0)["time_other"] == 1.0
 
 
 def test_in_words():
@@ -1121,7 +1149,9 @@ def test_acting_records_at_each_step_the_action_chosen_at_the_step_before():
     ]  # fmt: skip
     agent = types.SimpleNamespace(initial_carry=lambda envs, num: np.zeros((num, envs)))
     config = types.SimpleNamespace(envs=env.num_envs // seeds)
-    acting = train_module.Acting(agent, config, env, replays, seed_states, None)
+    acting = train_module.Acting(
+        agent, config, env, replays, seed_states, None, train_module.Stopwatch()
+    )
     for _ in range(20):
         acting.step(None, prefill=True)
     rows = 0
@@ -1863,7 +1893,9 @@ def test_the_progress_bar_moves_between_rows_at_most_every_tick(monkeypatch):
     clock = [100.0]
     monkeypatch.setattr(train_module.time, "perf_counter", lambda: clock[0])
     loop = {"step": 0, "updates": 0, "next_log": 0, "last_row": None}
-    logging = train_module.Logging(make_config(["classic", "debug"]), [logger], [], loop)
+    logging = train_module.Logging(
+        make_config(["classic", "debug"]), [logger], [], loop, train_module.Stopwatch()
+    )
     for step in range(1, 9):  # 0.2 s per step: one tick every 3 steps
         clock[0] += 0.2
         logging.tick(step)
@@ -1914,7 +1946,9 @@ def test_learning_owes_train_steps_per_train_every_crossed_and_the_pretraining_o
     replay = types.SimpleNamespace(ready=True, dataset=lambda: iter(()))
     loop = {"updates": 0, "updates_owed": 0, "seeds": [{}]}
     logger = types.SimpleNamespace(message=lambda text: None)
-    learning = train_module.Learning(None, config, [replay], None, loop, logger, None)
+    learning = train_module.Learning(
+        None, config, [replay], None, loop, logger, None, train_module.Stopwatch()
+    )
     owed = {}
     for step in range(3, 601, 3):  # as the loop calls it, after each policy step
         learning.owe(step)
@@ -1936,7 +1970,9 @@ def test_learning_owes_nothing_until_every_seeds_replay_can_be_sampled():
     loop = {"updates": 0, "updates_owed": 0, "seeds": [{}, {}]}
     messages = []
     logger = types.SimpleNamespace(message=messages.append)
-    learning = train_module.Learning(None, config, replays, None, loop, logger, None)
+    learning = train_module.Learning(
+        None, config, replays, None, loop, logger, None, train_module.Stopwatch()
+    )
     for step in (300, 310, 320):
         learning.owe(step)
     assert learning.owed == 0 and len(messages) == 1
