@@ -6,8 +6,8 @@
 #   GPU_CHECK_SMOKE=1 PYTHON=/tmp/gpusim/bin/python bash scripts/gpu_check.sh   # tiny, CPU
 #
 # Runs, each under `timeout` (a failure or a timeout is recorded and the next step runs),
-# what the many-seed targets need first; GPU_CHECK_PARTS (default "learner e2e policy flags
-# seeds conv") picks and orders the parts after step 0:
+# what the many-seed targets need first; GPU_CHECK_PARTS (default "learner e2e policy collector
+# flags seeds conv") picks and orders the parts after step 0:
 #   0. nvidia-smi -L, jax version and devices, the project's imports;
 #   learner: the learner, bf16, Atari preset, scripts/bench.py --num_seeds N, 20 updates, for
 #      the first two of $GPU_CHECK_SEEDS (default 1 8 2 4 16), each with a jax.profiler trace
@@ -16,13 +16,17 @@
 #      with the kernels per update, the costliest named by their HLO op and source line, and
 #      the 50-step loops' costliest) -> learner_seeds.json;
 #   e2e: end to end on Atari Boxing, bf16, one env per seed: 1 seed, then 8 seeds -> e2e.json
-#      (frames/s summed over seeds and updates/s of the metrics rows past the prefill);
+#      (frames/s summed over seeds and updates/s of the metrics rows past the prefill, and the
+#      rows' `time_*` shares: where the run loop's wall time went);
 #   policy: the jitted policy step of the first two seed counts, one env per seed, as the
 #      acting loop calls it (scripts/bench.py --policy: dispatch and time to the action), in
 #      log.txt;
-#   flags: the $GPU_CHECK_FLAG_SEEDS-seed learner (default 8) under each XLA_FLAGS variant of
-#      $GPU_CHECK_FLAGS (";"-separated; default: while loops inside CUDA graphs, and cuBLAS
-#      instead of Triton for every dot) -> learner_seeds.json, each run with its xla_flags;
+#   collector: envpool's Atari Boxing steps alone, random actions, 1 and 8 envs (the host's
+#      share of a policy step), scripts/bench.py --collector, in log.txt;
+#   flags: the $GPU_CHECK_FLAG_SEEDS-seed learner (default 1) under each XLA_FLAGS variant of
+#      $GPU_CHECK_FLAGS (";"-separated; default: cuBLAS instead of Triton for every dot, whose
+#      gemm fusions pad the loops' kernels in every step) -> learner_seeds.json, each run with
+#      its xla_flags;
 #   seeds: the learner for the other seed counts of $GPU_CHECK_SEEDS;
 #   conv: the image encoder and decoder, forward + backward at the Atari batch, bf16: the
 #      matmul lowering against flax's convolutions (cuDNN there), scripts/bench_conv.py, in
@@ -115,7 +119,7 @@ if [ "$SMOKE" = 1 ]; then
 else
     PRESET=(--configs atari)
     SEEDS="${GPU_CHECK_SEEDS:-1 8 2 4 16}"
-    FLAG_SEEDS="${GPU_CHECK_FLAG_SEEDS:-8}"
+    FLAG_SEEDS="${GPU_CHECK_FLAG_SEEDS:-1}"
     UPDATES=20
     # The atari preset's prefill is 50k policy steps (pretrain 1, already the minimum); cut
     # to 5k so that these short runs reach the training phase: random Boxing episodes are
@@ -131,10 +135,12 @@ else
     CONV=(--sizes atari --repeats 3)
 fi
 
-# XLA flag variants for the `flags` part: whole while loops (the scans) inside CUDA graphs,
-# so the host stops launching each iteration; every dot through cuBLAS instead of Triton
-# gemm fusions (which pad their operands in every scan step). Unknown flags fail that step.
-FLAGS="${GPU_CHECK_FLAGS:---xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL;--xla_gpu_enable_triton_gemm=false}"
+# XLA flag variants for the `flags` part: every dot through cuBLAS instead of Triton gemm
+# fusions, which pad the loops' kernels in every step (2.3 ms of one seed's 14.6 ms of kernels
+# on 2026-11-29; 8 seeds: 1.02x). Whole while loops in CUDA graphs
+# (--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL) gave 8 seeds nothing that day.
+# Unknown flags fail that step.
+FLAGS="${GPU_CHECK_FLAGS:---xla_gpu_enable_triton_gemm=false}"
 
 merge_bench() {
     "$PY" - "$WORK/bench" "$STEPS" "$OUT/learner_seeds.json" <<'EOF'
@@ -225,7 +231,7 @@ say "gpu_check: smoke=$SMOKE budget=${BUDGET}s python=$PY out=$OUT"
     du -sh "$ROOT/.whl" || echo "no .whl (scripts/gpu_wheels.sh builds it)"
 } 2>&1 | tee -a "$LOG"
 # Timeouts: each step's cap, and what the e2e runs hold back from the steps before them.
-PARTS="${GPU_CHECK_PARTS:-learner e2e policy flags seeds conv}"
+PARTS="${GPU_CHECK_PARTS:-learner e2e policy collector flags seeds conv}"
 E2E1_CAP=150 E2E8_CAP=180 E2E1_MIN=130 E2E8_MIN=160
 # Held back for the e2e runs by every step before them (none once they ran, or if not asked).
 E2E=0
@@ -320,6 +326,15 @@ part_policy() {
     done
 }
 
+# envpool alone: what one policy step's env step costs this machine's CPU.
+part_collector() {
+    local envs
+    for envs in 1 8; do
+        run_step "collector_$envs" 40 0 "$PY" scripts/bench.py "${PRESET[@]}" --collector \
+            --task atari_boxing --envs "$envs" --no-record
+    done
+}
+
 # Convolutions: matmul lowering vs flax/cuDNN.
 part_conv() {
     run_step conv 60 0 "$PY" scripts/bench_conv.py "${CONV[@]}" --precision bf16
@@ -327,8 +342,8 @@ part_conv() {
 
 for part in $PARTS; do
     case "$part" in
-        learner | e2e | policy | flags | seeds | conv) "part_$part" ;;
-        *) say "unknown part '$part' in GPU_CHECK_PARTS (learner e2e policy flags seeds conv)" ;;
+        learner | e2e | policy | collector | flags | seeds | conv) "part_$part" ;;
+        *) say "unknown part '$part' in GPU_CHECK_PARTS (learner e2e policy collector flags seeds conv)" ;;
     esac
 done
 
