@@ -566,6 +566,8 @@ class Learning:
         while self.owed > 0 and not stop():
             # Checked one update late, so the host never waits on the update in flight.
             if self.last_metrics is not None:
+                with self.stopwatch("update"):  # the previous update's device time
+                    jax.block_until_ready(self.last_metrics)
                 self._check_finite(step)
             with self.stopwatch("batch"):
                 batches = [next(dataset) for dataset in self.datasets]
@@ -580,7 +582,9 @@ class Learning:
             self.owed -= 1
         with self.stopwatch("update"):
             # Waited for here, not in the next policy step, so that the row's `time_update`
-            # holds the updates' device time (the policy would wait on them anyway).
+            # holds the updates' device time. The policy waits on them anyway; only the
+            # replays' work and the policy's dispatch no longer overlap the last update
+            # (about 1 ms of an update cycle's 60-140 ms on the H200).
             jax.block_until_ready(self.last_metrics)
 
     def _check_finite(self, step: int) -> None:

@@ -158,7 +158,8 @@ def cast_step_kernels(params: Params, dense_outputs: Params) -> Params:
     (`networks.Dense`): one output per layer, in the layer's compute dtype. Each Dense casts
     its kernel itself, but XLA did not hoist that cast out of the imagination loop, nor out of
     the observe scan's backward loop, whose `jax.checkpoint` recomputes it: every step cast
-    every kernel again (8 seeds on the H200: 4.4 ms of a 62 ms update; docs/benchmarks.md).
+    every kernel again (8 seeds on the H200: about 3.6 ms of a 62 ms update;
+    docs/benchmarks.md).
     For kernels whose gradient is not taken through the loop (stopped, or computed after it
     as `posterior_scan` does): a cast kernel's gradient would be summed in its own dtype.
     """

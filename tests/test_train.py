@@ -2054,3 +2054,38 @@ def test_the_eval_row_holds_the_mean_return_and_length_of_the_evaluated_episodes
     train_module.train(cartpole_config(tmp_path, steps=300), types.SimpleNamespace(signum=None))
     (row,) = read_metrics(tmp_path / METRICS)
     assert (row["step"], row["eval_return"], row["eval_length"]) == (300, 3.0, 20.0)
+
+
+def test_time_update_holds_every_updates_device_time_not_only_the_last(monkeypatch):
+    """With several updates owed in one call (pretraining, `train_steps` > 1), each one's
+    device time counts as `time_update`, not only the last's (review: the earlier ones were
+    waited for by the next update's finiteness check, outside every section)."""
+    clock = [0.0]
+    monkeypatch.setattr(train_module.time, "perf_counter", lambda: clock[0])
+
+    class Pending:  # a device result: reading it waits for its update (1 s), once
+        def __init__(self):
+            self.ready = False
+
+        def block_until_ready(self):
+            if not self.ready:
+                clock[0] += 1.0
+                self.ready = True
+            return self
+
+        def __array__(self, dtype=None, copy=None):
+            self.block_until_ready()
+            return np.zeros(1, np.int32)
+
+    pending = lambda states, batch: (states, {"nonfinite_streak": Pending()})
+    agent = types.SimpleNamespace(train_seeds=pending)
+    config = make_config(["classic", "debug"], {"pretrain": 3, "max_nonfinite": 5})
+    batch = {"vector": np.zeros((2, 2), np.float32)}
+    replay = types.SimpleNamespace(ready=True, dataset=lambda: iter([batch] * 10))
+    loop = {"updates": 0, "updates_owed": 3, "seeds": [{}]}
+    logger = types.SimpleNamespace(message=lambda text: None)
+    stopwatch = train_module.Stopwatch()
+    learning = train_module.Learning(agent, config, [replay], None, loop, logger, {}, stopwatch)
+    learning.train(300, lambda: False)
+    assert learning.updates == 3
+    assert stopwatch.seconds["update"] == 3.0, stopwatch.seconds["update"]
