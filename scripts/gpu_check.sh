@@ -39,10 +39,12 @@
 # Time: the whole script keeps to GPU_CHECK_BUDGET seconds (default 560). Each step's timeout
 # is its own cap, cut to what the budget leaves after the time held back for the e2e runs
 # still to come; a step with under 30 s left is skipped (steps.tsv says so), so a slow
-# compile costs the last parts first. On an H200 the default parts reach the first `flags`
-# variant; a second call on the still-warm machine can run the rest, e.g.
+# compile costs the last parts first. On an H200 the default parts reach the `collector` part
+# (2026-11-29, before it was added: the first `flags` variant); a second call on the still-warm
+# machine can run the rest, e.g.
 # `GPU_CHECK_PARTS="flags seeds" GPU_CHECK_BUDGET=240 bash scripts/gpu_check.sh`. One bench call is mostly start-up plus the ~35 s compile of
-# train_step. The run tool's timeout_s should be about BUDGET + 40.
+# train_step. The run tool's timeout_s should be about BUDGET + 40; it hands an idle machine
+# back after about 30 s, so make the second call at once (a fresh start costs about 30 s).
 set -uo pipefail  # no -e: every step runs whatever the previous one did
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
