@@ -391,7 +391,10 @@ def bench_determinism(config, updates: int) -> tuple[list[tuple[str, str]], dict
     figures = {
         "updates": updates,
         "bit_identical": not differing,
+        "leaves": len(sum(runs[0], [])),
+        "leaves_differing": len(differing),
         "max_abs_difference": max(differing, default=0.0),
+        "leaves_differing_from_single_seed": len(to_single),
         "max_abs_difference_to_single_seed": max(to_single, default=0.0),
     }
     rows = [
@@ -400,7 +403,7 @@ def bench_determinism(config, updates: int) -> tuple[list[tuple[str, str]], dict
             "bit-identical",
             "yes"
             if not differing
-            else f"no: {len(differing)} of {len(sum(runs[0], []))} leaves differ",
+            else f"no: {len(differing)} of {figures['leaves']} leaves differ",
         ),
         ("max abs difference", f"{figures['max_abs_difference']:.3g}"),
     ]
@@ -581,12 +584,17 @@ def check_mode_options(argv: list[str], mode: str) -> None:
             runs = " or ".join(
                 "the learner (default)" if m == "learner" else f"--{m}" for m in modes
             )
-            raise BenchError(f"{option} does nothing with --{mode}: it applies to {runs}")
+            used = "the learner (default)" if mode == "learner" else f"--{mode}"
+            raise BenchError(f"{option} does nothing with {used}: it applies to {runs}")
 
 
 def check_outputs(json_path: pathlib.Path | None, profile_dir: str | None) -> None:
     """BenchError or DirectoryError (one line) unless `--json`'s folder exists and is writable
     and `--profile`'s can be made: known before the benchmark runs, not after."""
+    if json_path is not None and profile_dir is not None:
+        profile = pathlib.Path(profile_dir).resolve()
+        if json_path.resolve() in (profile, *profile.parents):  # --profile would make it a folder
+            raise BenchError(f"--json {json_path} is the --profile directory or a folder above it")
     if json_path is not None:
         if json_path.is_dir():
             raise BenchError(f"--json {json_path} is a directory")
@@ -606,10 +614,10 @@ def main(argv: list[str]) -> int:
         options, config_args = _parser().parse_known_args(argv)
         config = load_config(config_args)
         check_mode_options(argv, options.mode)
-        check_outputs(options.json, options.profile)
         check_task(config)
         # As training refuses it: a state that cannot fit would fail in its allocation.
         check_state_fits(synthetic_agent(config)[0], config, memory_bytes())
+        check_outputs(options.json, options.profile)  # last: it makes --profile's folder
         run(config, options)
     except (BenchError, ConfigError, DirectoryError, RunError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -40,9 +40,11 @@ import json
 import pathlib
 import re
 import sys
+import zlib
 from typing import NamedTuple
 
 from dreamer_jax.config import ConfigError, OneLineParser
+from dreamer_jax.startup import quiet_on_broken_pipe
 
 HLO_FILE = "train_step.hlo.txt.gz"  # what scripts/bench.py --profile DIR writes into DIR
 # `%name = shape opcode(`, the head of an HLO instruction line (`ROOT` marks a result).
@@ -58,7 +60,10 @@ def load_events(path: pathlib.Path) -> list[dict]:
         path = traces[-1]
     with gzip.open(path, "rt") as file:
         trace = json.load(file)
-    return trace["traceEvents"] if isinstance(trace, dict) else trace
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    if not isinstance(events, list) or not all(isinstance(e, dict) for e in events):
+        raise ValueError("not a Chrome/Perfetto trace (a list of event objects)")
+    return events
 
 
 def _frame_tables(lines: list[str]) -> dict[str, dict[int, str]]:
@@ -167,7 +172,7 @@ def summarize(events: list[dict], top: int = 12, timelines: int = 8) -> list[dic
     by_line = collections.defaultdict(list)
     for e in events:
         if e.get("ph") == "X" and "dur" in e:
-            by_line[(e["pid"], e.get("tid"))].append(e)
+            by_line[(e.get("pid"), e.get("tid"))].append(e)
     lines = []
     for key, line in by_line.items():
         intervals = [(e["ts"], e["ts"] + e["dur"]) for e in line]
@@ -301,6 +306,7 @@ def _positive(text: str) -> int:
     return int(text)
 
 
+@quiet_on_broken_pipe
 def main(argv: list[str]) -> int:
     parser = OneLineParser(
         prog="trace_summary.py", description=__doc__.split("\n\n")[0], add_help=False
@@ -329,7 +335,7 @@ def main(argv: list[str]) -> int:
                "--loop": args.loop}  # fmt: skip
     try:
         events = load_events(pathlib.Path(argv[0]))
-    except (OSError, ValueError, KeyError) as error:
+    except (OSError, EOFError, zlib.error, ValueError, KeyError) as error:
         print(f"error: cannot read a trace from {argv[0]}: {error}", file=sys.stderr)
         return 1
     if hlo_path is None and (pathlib.Path(argv[0]) / HLO_FILE).is_file():
@@ -338,13 +344,16 @@ def main(argv: list[str]) -> int:
         hlo = load_hlo(hlo_path) if hlo_path is not None else {}
         if hlo_path is not None and not hlo:
             raise ValueError("it holds no HLO instruction")
-    except (OSError, UnicodeDecodeError, EOFError, ValueError) as error:
+    except (OSError, UnicodeDecodeError, EOFError, zlib.error, ValueError) as error:
         print(f"error: cannot read HLO text from {hlo_path}: {error}", file=sys.stderr)
         return 1
     if options["--updates"] is not None:
         print_kernels(events, options["--updates"], options["--loop"], options["--top"], hlo)
         return 0
-    for line in summarize(events, options["--top"], options["--timelines"]):
+    lines = summarize(events, options["--top"], options["--timelines"])
+    if not lines:
+        print("no complete ('X') events with a duration in the trace")
+    for line in lines:
         busy, span = line["busy_us"], line["span_us"]
         print(f"\n{line['timeline']}: {line['events']} events, busy {busy / 1e3:.1f} ms "
               f"of a {span / 1e3:.1f} ms span ({100 * busy / max(span, 1e-9):.0f} %)")  # fmt: skip

@@ -63,9 +63,12 @@ def test_learner_determinism_observe_policy_and_flops_modes_on_cpu(tmp_path):
     # The update's HLO beside the trace names its ops: the observe scan's loop, for one.
     assert (tmp_path / "train_step.hlo.txt.gz").is_file()
     assert " while · " in summary.stdout and "world_model.py:" in summary.stdout
-    determinism = _bench("--determinism", "--updates", "2")
+    determinism = _bench("--determinism", "--updates", "2", "--json", str(tmp_path / "d"))
     assert determinism.returncode == 0, determinism.stderr[-2000:]
     assert "| bit-identical | yes |" in determinism.stdout  # CPU XLA is deterministic
+    figures = json.loads((tmp_path / "d").read_text())
+    assert figures["bit_identical"] and figures["leaves"] > 100
+    assert figures["leaves_differing"] == figures["leaves_differing_from_single_seed"] == 0
     observe = _bench(
         "--observe", "--updates", "2", "--num_seeds", "2", "--json", str(tmp_path / "o")
     )
@@ -162,11 +165,13 @@ def one_line_error(capsys) -> str:
         (["--task", "nope"], "unknown task 'nope'"),
         (["--json", "{tmp}/missing/x.json"], "--json {tmp}/missing/x.json: no folder"),
         (["--json", "{tmp}"], "--json {tmp} is a directory"),
+        (["--json", "{tmp}/p", "--profile", "{tmp}/p"], "--json {tmp}/p is the --profile dir"),
+        (["--json", "{tmp}/p", "--profile", "{tmp}/p/q"], "--json {tmp}/p is the --profile"),
         (["--profile", "{tmp}/file/trace"], "--profile directory {tmp}/file/trace is not"),
         (["--rssm.deter", "200000"], "needs 1341.9 GiB, and an update at least twice that"),
         (["--collector", "--profile", "{tmp}/p"], "--profile does nothing with --collector: it"),
         (["--flops", "--updates=3"], "--updates does nothing with --flops: it applies to the"),
-        (["--data_steps", "9"], "--data_steps does nothing with --learner: it applies to --data"),
+        (["--data_steps", "9"], "--data_steps does nothing with the learner (default): it applies"),
     ],
 )
 def test_bad_arguments_are_one_line_before_anything_runs(
@@ -176,6 +181,13 @@ def test_bad_arguments_are_one_line_before_anything_runs(
     args = [arg.format(tmp=tmp_path) for arg in args]
     assert bench.main([*args, "--configs", "classic", "debug"]) == 2
     assert fragment.format(tmp=tmp_path) in one_line_error(capsys)
+
+
+def test_a_profile_folder_is_not_made_when_another_check_fails(no_benchmark, tmp_path, capsys):
+    argv = ["--profile", str(tmp_path / "prof"), "--task", "nope", "--configs", "classic", "debug"]
+    assert bench.main(argv) == 2
+    assert "unknown task 'nope'" in one_line_error(capsys)
+    assert not (tmp_path / "prof").exists()
 
 
 def test_options_and_config_overrides_are_told_apart():

@@ -225,3 +225,29 @@ def test_without_gpu_kernels_the_hlo_named_xla_cpu_ops_stand_in_loops_left_out(t
     assert "    0.007 ms    2x  loop_concatenate_fusion.1  bf16[8,30,30,36] fusion · " in out
     trace_summary.print_kernels(events, updates=1, loop=None, top=3, hlo={})
     assert capsys.readouterr().out == "no GPU kernels in the trace (--hlo names XLA:CPU's ops)\n"
+
+
+def test_a_corrupt_or_truncated_or_misshapen_trace_is_one_error_line(tmp_path, capsys):
+    whole = gzip.compress(json.dumps({"traceEvents": _events() * 200}).encode())
+    corrupt = bytearray(whole)
+    corrupt[100:164] = bytes(range(64))
+    misshapen = gzip.compress(b"[1, 2]")
+    for name, data in [("truncated", whole[: len(whole) // 2]), ("corrupt", corrupt),
+                       ("misshapen", misshapen)]:  # fmt: skip
+        path = tmp_path / f"{name}.json.gz"
+        path.write_bytes(bytes(data))
+        assert trace_summary.main([str(path)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: cannot read a trace from {path}: ") and err.count("\n") == 1
+        hlo = tmp_path / "t.json.gz"
+        hlo.write_bytes(gzip.compress(json.dumps(_events()).encode()))
+        assert trace_summary.main([str(hlo), "--hlo", str(path)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: cannot read HLO text from {path}: ") or "no HLO" in err
+
+
+def test_a_trace_without_complete_events_says_so(tmp_path, capsys):
+    path = tmp_path / "t.json.gz"
+    path.write_bytes(gzip.compress(json.dumps([{"ph": "M", "name": "x", "pid": 1}]).encode()))
+    assert trace_summary.main([str(path)]) == 0
+    assert "no complete ('X') events" in capsys.readouterr().out
