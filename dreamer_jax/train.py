@@ -411,7 +411,7 @@ class Stopwatch:
     PARTS = ("env", "policy", "replay", "batch", "update", "eval", "log", "checkpoint")
 
     def __init__(self):
-        self.seconds = dict.fromkeys(self.PARTS, 0.0)
+        self.reset()
 
     @contextlib.contextmanager
     def __call__(self, part: str):

@@ -581,11 +581,13 @@ def check_mode_options(argv: list[str], mode: str) -> None:
     for option, modes in OPTION_MODES.items():
         given = any(arg == option or arg.startswith(f"{option}=") for arg in argv)
         if given and mode not in modes:
-            runs = " or ".join(
-                "the learner (default)" if m == "learner" else f"--{m}" for m in modes
-            )
-            used = "the learner (default)" if mode == "learner" else f"--{mode}"
-            raise BenchError(f"{option} does nothing with {used}: it applies to {runs}")
+            runs = " or ".join(map(_mode_name, modes))
+            raise BenchError(f"{option} does nothing with {_mode_name(mode)}: it applies to {runs}")
+
+
+def _mode_name(mode: str) -> str:
+    """A benchmark mode as the command line selects it."""
+    return "the learner (default)" if mode == "learner" else f"--{mode}"
 
 
 def check_outputs(json_path: pathlib.Path | None, profile_dir: str | None) -> None:
