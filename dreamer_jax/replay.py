@@ -29,9 +29,13 @@ count toward `capacity` until they finish.
 Every finished episode is written to `<directory>/{index:08d}-{length}.npz` (compressed),
 where `index` continues from the largest index already in the directory, so lexicographic
 order is chronological order across restarts. Files are written to a hidden temp name and
-renamed atomically. The replay never deletes or modifies a file it did not just write, so
-two replays must not share a directory. `set_aside_after` moves (never deletes) the files of
-episodes that finished after a checkpoint, for a run resumed from it.
+renamed atomically, in order, by a worker thread: compressing and syncing a long episode
+takes tens of milliseconds that the acting loop does not wait for. `flush()` waits until
+every finished episode's file is on disk (a checkpoint calls it first); a write that failed
+is raised by the next `add`, `add_episode` or `flush`, and by every `flush` after it. The
+replay never deletes or modifies a file it did not just write, so two replays must not share
+a directory. `set_aside_after` moves (never deletes) the files of episodes that finished
+after a checkpoint, for a run resumed from it.
 """
 
 from __future__ import annotations
@@ -156,6 +160,10 @@ class Replay:
         self._skipped_files = 0
 
         self._executor: ThreadPoolExecutor | None = None
+        # The episode files being written, oldest first, and the first write that failed.
+        self._writer: ThreadPoolExecutor | None = None
+        self._writes: collections.deque = collections.deque()
+        self._write_error: BaseException | None = None
         # Batches drawn by `dataset()` but not yet returned: (copy in progress, Generator
         # state before the draw), oldest first.
         self._pending: collections.deque = collections.deque()
@@ -175,6 +183,7 @@ class Replay:
         Returns:
           The finished episodes, each value [L, ...] (read-only, shared with storage).
         """
+        self._check_writes()  # a failed episode file stops the run at the next step
         num_envs = len(step_batch["is_last"])
         if self._ongoing is None:
             self._ongoing = [[] for _ in range(num_envs)]
@@ -225,8 +234,28 @@ class Replay:
     # ------------------------------------------------------------------------------ disk
 
     def _save(self, episode: dict[str, np.ndarray], length: int) -> None:
+        """Queues the episode's file; its name (index) is fixed now, in the caller's order."""
+        self._check_writes()
         name = f"{self._next_index:08d}-{length}.npz"
         self._next_index += 1
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="replay-save")
+        self._writes.append(self._writer.submit(self._write, episode, name))
+
+    def _check_writes(self, wait: bool = False) -> None:
+        """Collects the finished writes (all of them if `wait`); raises the first failure."""
+        while self._writes and (wait or self._writes[0].done()):
+            error = self._writes.popleft().exception()
+            self._write_error = self._write_error or error
+        if self._write_error is not None:
+            raise self._write_error
+
+    def flush(self) -> None:
+        """Waits until every finished episode's file is written. Raises the first write that
+        failed (then on every call: the files and the replay no longer agree)."""
+        self._check_writes(wait=True)
+
+    def _write(self, episode: dict[str, np.ndarray], name: str) -> None:
         final = self._directory / name
         temp = self._directory / f".{name}.tmp"
         # Compressed: Atari frames shrink ~10x, which matters over 2e6+ steps on disk.
@@ -385,8 +414,13 @@ class Replay:
             yield future.result()
 
     def close(self) -> None:
-        """Stops the `dataset()` worker. The Generator rewinds to its state before the
-        oldest batch drawn but not yet returned, so a resume redraws exactly those."""
+        """Waits for the episode files being written (a failed write is not raised here:
+        `flush` raises it) and stops the `dataset()` worker. The Generator rewinds to its
+        state before the oldest batch drawn but not yet returned, so a resume redraws exactly
+        those."""
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer = None
         if self._executor is None:
             return
         self._executor.shutdown(wait=True, cancel_futures=True)

@@ -643,7 +643,10 @@ class Learning:
 
     def seed_states(self) -> list[dict]:
         """Each seed's part of the checkpoint: the metrics no row has logged yet, and its
-        replay's sampling stream and position (episodes stored, next file index)."""
+        replay's sampling stream and position (episodes stored, next file index), once the
+        files of all its finished episodes are on disk (a failed one is raised)."""
+        for replay in self.replays:
+            replay.flush()
         return [
             {
                 "pending_metrics": sums,

@@ -3,7 +3,7 @@
     python scripts/bench.py --configs atari [--precision bf16] [--updates 20] [--no-record]
     python scripts/bench.py --configs atari --num_seeds 8 --json out.json  # 8 seeds at once
     python scripts/bench.py --configs atari --num_seeds 8 --profile /tmp/prof  # + a trace
-    python scripts/bench.py --collector --configs atari --envs 8   # env steps/s alone
+    python scripts/bench.py --collector --configs atari --num_seeds 8  # envs + replays
     python scripts/bench.py --replay --configs atari               # replay memory and waits
     python scripts/bench.py --determinism --configs atari --num_seeds 2  # bit-identical?
     python scripts/bench.py --data_age --configs atari --envs 16 [--replay.ongoing true]
@@ -112,23 +112,56 @@ def peak_memory_bytes() -> tuple[str, int]:
 
 
 def bench_collector(config, seconds: float = 10.0) -> tuple[list[tuple[str, str]], dict]:
-    """Env steps/s of the vector env alone, with random actions."""
-    from dreamer_jax.envs import VectorEnv
+    """The acting loop's host side, as in a run's prefill: `train.Acting` steps one pool of
+    N seeds × `envs` envs with random actions and adds each seed's steps to its own replay,
+    which saves finished episodes to a temporary folder as a run does. Env steps/s summed
+    over all envs, and per loop step the time in the envs and in the replays."""
+    import tempfile
 
-    env = VectorEnv(config.task, config.envs, config.seed, config.time_limit, config.action_repeat)
-    rng = np.random.default_rng(0)
-    env.reset()
-    steps, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        env.step(env.random_actions(rng))
-        steps += env.num_envs
-    rate = steps / (time.perf_counter() - start)
+    from dreamer_jax import train
+    from dreamer_jax.api import make_agent
+
+    seeds, envs = run_seeds(config), config.envs
+    env = train.make_env(config, envs, seeds)
+    stopwatch = train.Stopwatch()
+    with tempfile.TemporaryDirectory() as folder:
+        spec = env.step_spec
+        replays = [
+            train._open_replay(config, pathlib.Path(folder, str(seed)), spec, seed, None, 0)
+            for seed in seeds
+        ]
+        seed_states = train._fresh_loop(config)["seeds"]
+        acting = train.Acting(
+            make_agent(config), config, env, replays, seed_states, seed_sharding(len(seeds)),
+            stopwatch,
+        )  # fmt: skip
+        for _ in range(20):  # warm-up: envpool's first steps are slower
+            acting.step(None, prefill=True)
+        stopwatch.reset()
+        loop_steps, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            acting.step(None, prefill=True)
+            loop_steps += 1
+        elapsed = time.perf_counter() - start
+        for replay in replays:
+            replay.close()
+        episodes = sum(replay.next_index for replay in replays)
     env.close()
-    figures = {"envs": config.envs, "env_steps_per_sec": rate,
-               "frames_per_sec": rate * config.action_repeat}  # fmt: skip
+    rate = loop_steps * env.num_envs / elapsed
+    ms = {part: 1000 * stopwatch.seconds[part] / loop_steps for part in ("env", "replay")}
+    figures = {
+        "seeds": len(seeds), "envs": envs, "env_steps_per_sec": rate,
+        "frames_per_sec": rate * config.action_repeat, "loop_step_ms": 1000 * elapsed / loop_steps,
+        "env_ms": ms["env"], "replay_ms": ms["replay"], "episodes_saved": episodes,
+    }  # fmt: skip
     return [
-        ("envs", str(config.envs)),
+        ("envs", f"{len(seeds)} seed(s) × {envs} env(s) in one pool, random actions"),
         ("collector", f"{rate:.0f} env steps/s ({rate * config.action_repeat:.0f} frames/s)"),
+        (
+            "per loop step",
+            f"{figures['loop_step_ms']:.3f} ms: envs {ms['env']:.3f} ms, replays "
+            f"{ms['replay']:.3f} ms ({episodes} episodes saved)",
+        ),
     ], figures
 
 

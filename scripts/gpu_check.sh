@@ -21,8 +21,8 @@
 #   policy: the jitted policy step of the first two seed counts, one env per seed, as the
 #      acting loop calls it (scripts/bench.py --policy: dispatch and time to the action), in
 #      log.txt;
-#   collector: envpool's Atari Boxing steps alone, random actions, 1 and 8 envs (the host's
-#      share of a policy step), scripts/bench.py --collector, in log.txt;
+#   collector: the acting loop's host side (envpool's Atari Boxing steps with random actions,
+#      and the replays), 1 and 8 seeds of one env, scripts/bench.py --collector, in log.txt;
 #   flags: the $GPU_CHECK_FLAG_SEEDS-seed learner (default 1) under each XLA_FLAGS variant of
 #      $GPU_CHECK_FLAGS (";"-separated; default: cuBLAS instead of Triton for every dot, whose
 #      gemm fusions pad the loops' kernels in every step) -> learner_seeds.json, each run with
@@ -328,12 +328,13 @@ part_policy() {
     done
 }
 
-# envpool alone: what one policy step's env step costs this machine's CPU.
+# The acting loop's host side (envpool and the replays): what a policy step costs this
+# machine's CPU besides the policy.
 part_collector() {
-    local envs
-    for envs in 1 8; do
-        run_step "collector_$envs" 40 0 "$PY" scripts/bench.py "${PRESET[@]}" --collector \
-            --task atari_boxing --envs "$envs" --no-record
+    local n
+    for n in 1 8; do
+        run_step "collector_$n" 40 0 "$PY" scripts/bench.py "${PRESET[@]}" --collector \
+            --task atari_boxing --num_seeds "$n" --no-record
     done
 }
 

@@ -91,16 +91,33 @@ def test_learner_determinism_observe_policy_and_flops_modes_on_cpu(tmp_path):
 @pytest.mark.parametrize(
     "mode, keys",
     [
-        ("--collector", {"envs", "env_steps_per_sec", "frames_per_sec"}),
-        ("--replay", {"num_steps", "bytes_per_step", "sample_ms", "median_wait_ms"}),
+        (
+            ["--collector", "--num_seeds", "2"],
+            {
+                "seeds",
+                "envs",
+                "env_steps_per_sec",
+                "frames_per_sec",
+                "loop_step_ms",
+                "env_ms",
+                "replay_ms",
+                "episodes_saved",
+            },
+        ),  # fmt: skip
+        (["--replay"], {"num_steps", "bytes_per_step", "sample_ms", "median_wait_ms"}),
     ],
 )
 def test_collector_and_replay_write_their_figures(tmp_path, mode, keys):
-    result = _bench(mode, "--json", str(tmp_path / "f"))
+    result = _bench(*mode, "--json", str(tmp_path / "f"))
     assert result.returncode == 0, result.stderr[-2000:]
     figures = json.loads((tmp_path / "f").read_text())
-    assert figures["mode"] == mode[2:] and keys <= set(figures)
+    assert figures["mode"] == mode[0][2:] and keys <= set(figures)
     assert all(figures[key] > 0 for key in keys)
+    if "seeds" in figures:  # one loop step steps every seed's envs
+        assert figures["seeds"] == 2
+        steps_per_sec = 1000 * figures["seeds"] * figures["envs"] / figures["loop_step_ms"]
+        assert figures["env_steps_per_sec"] == pytest.approx(steps_per_sec)
+        assert figures["env_ms"] + figures["replay_ms"] < figures["loop_step_ms"]
 
 
 def test_unknown_config_key_exits_2():

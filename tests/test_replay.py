@@ -227,6 +227,7 @@ def test_save_load_round_trip(tmp_path):
     replay = make_replay(tmp_path, minlen=4, length=4)
     for j, n in enumerate([6, 3, 8]):  # the 3-step episode is saved but not stored
         replay.add_episode(make_episode(n, offset=1000 * j))
+    replay.flush()  # the files are written by a worker thread
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["00000000-6.npz", "00000001-3.npz", "00000002-8.npz"]
     originals = {name: (tmp_path / name).read_bytes() for name in names}
@@ -236,15 +237,68 @@ def test_save_load_round_trip(tmp_path):
     for got, ref in zip(reloaded.episodes, replay.episodes, strict=True):
         assert_episodes_equal(got, ref)
     reloaded.add_episode(make_episode(5, offset=5000))
+    reloaded.flush()
     assert (tmp_path / "00000003-5.npz").exists()
     assert {name: (tmp_path / name).read_bytes() for name in names} == originals
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temp files left
+
+
+def test_episode_files_are_written_by_a_worker_in_order_and_flush_waits(tmp_path, monkeypatch):
+    """add_episode returns before its file is written (the acting loop does not wait for the
+    compression and fsync); files land in index order, and flush() waits for all of them."""
+    savez, release, writers = np.savez_compressed, threading.Event(), []
+
+    def slow_savez(file, **arrays):
+        writers.append(threading.current_thread().name)
+        assert release.wait(10)
+        return savez(file, **arrays)
+
+    monkeypatch.setattr(np, "savez_compressed", slow_savez)
+    replay = make_replay(tmp_path)
+    start = time.perf_counter()
+    replay.add_episode(make_episode(6))
+    replay.add_episode(make_episode(7, offset=1000))
+    assert time.perf_counter() - start < 5  # not blocked on the writes
+    assert replay.next_index == 2 and replay.stats["num_episodes"] == 2  # stored at once
+    assert not any(p.name.endswith(".npz") for p in tmp_path.iterdir())
+    release.set()
+    replay.flush()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00000000-6.npz", "00000001-7.npz"]
+    assert writers and all(name.startswith("replay-save") for name in writers)
+    replay.close()
+
+
+def test_a_failed_episode_write_is_raised_at_the_next_step_and_every_flush(tmp_path, monkeypatch):
+    """A write that fails (a full disk) stops the caller at its next add, and every flush
+    after it raises it: a checkpoint taken then would count an episode that is not on disk.
+    close() still returns. The half-written temp file is removed, and no later file queued."""
+
+    def full_disk(file, **arrays):
+        file.write(b"part of an episode")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez_compressed", full_disk)
+    replay = make_replay(tmp_path)
+    replay.add_episode(make_episode(6))
+    with pytest.raises(OSError, match="No space left"):
+        replay.flush()
+    step = {key: value[:1] for key, value in make_episode(3).items()}  # not its last step
+    with pytest.raises(OSError, match="No space left"):
+        replay.add(step)
+    with pytest.raises(OSError, match="No space left"):
+        replay.add_episode(make_episode(6))
+    assert replay.next_index == 1
+    with pytest.raises(OSError, match="No space left"):
+        replay.flush()
+    replay.close()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_load_keeps_newest_within_capacity(tmp_path):
     replay = make_replay(tmp_path)
     for j, n in enumerate([10, 10, 10, 10]):
         replay.add_episode(make_episode(n, offset=1000 * j))
+    replay.flush()
     reloaded = make_replay(tmp_path, capacity=25)
     assert [int(ep["reward"][0]) // 1000 for ep in reloaded.episodes] == [2, 3]
     assert reloaded.stats["loaded"] == 2 and len(list(tmp_path.iterdir())) == 4
@@ -259,6 +313,7 @@ def test_load_budget_takes_an_older_episode_that_fits_exactly(tmp_path):
     replay = make_replay(tmp_path)
     replay.add_episode(make_episode(10))  # older
     replay.add_episode(make_episode(11, offset=1000))  # newer
+    replay.flush()
     exact = make_replay(tmp_path, capacity=21)  # 11 + 10 == 21
     assert exact.stats["loaded"] == 2 and exact.stats["num_steps"] == 21
     short = make_replay(tmp_path, capacity=20)  # 10 > 20 - 11: stop after the newest
@@ -269,6 +324,7 @@ def test_load_budget_takes_an_older_episode_that_fits_exactly(tmp_path):
 def test_unreadable_files_are_skipped_and_untouched(tmp_path):
     replay = make_replay(tmp_path)
     replay.add_episode(make_episode(10))
+    replay.flush()
     valid = (tmp_path / "00000000-10.npz").read_bytes()
     bad = {
         "00000005-10.npz": valid[: len(valid) // 2],
@@ -290,13 +346,16 @@ def test_unreadable_files_are_skipped_and_untouched(tmp_path):
     for name, data in bad.items():
         assert (tmp_path / name).read_bytes() == data
     reloaded.add_episode(make_episode(10))
+    reloaded.flush()
     assert (tmp_path / "00000008-10.npz").exists()  # the index skips past unreadable files
 
 
 def test_running_out_of_memory_while_loading_is_not_taken_for_a_bad_file(tmp_path, monkeypatch):
     """A MemoryError is the machine's, not the file's: it stops the load (train names it)
     instead of skipping every file as unreadable and training on a smaller replay."""
-    make_replay(tmp_path).add_episode(make_episode(10))
+    replay = make_replay(tmp_path)
+    replay.add_episode(make_episode(10))
+    replay.flush()
 
     def no_memory(*args, **kwargs):
         raise MemoryError("Unable to allocate 1.00 GiB")
@@ -317,6 +376,7 @@ def record_cartpole(directory, steps: int = 120) -> tuple[Replay, dict]:
         action = env.random_actions(rng).astype(np.uint8)  # the action leading to the next step
         step = env.step(action)
     env.close()
+    replay.flush()
     return replay, env.step_spec
 
 
@@ -365,6 +425,7 @@ def test_load_skips_only_files_off_spec(tmp_path, change, message):
     with pytest.raises(ValueError, match=message) as error:
         reloaded.add_episode(foreign)
     assert "\n" not in str(error.value)
+    reloaded.flush()
     assert sorted(tmp_path.iterdir()) == files and reloaded.stats == stats  # refused whole
 
 

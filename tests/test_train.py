@@ -8,6 +8,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 import types
 
 import jax
@@ -373,7 +374,7 @@ def test_a_row_averages_the_train_metrics_but_logs_running_counts_as_they_stand(
     learning = object.__new__(train_module.Learning)
     learning.sums = [{"count": 0, "sums": {}}, {"count": 0, "sums": {}}]
     replay = types.SimpleNamespace(
-        get_rng_state=lambda: {}, stats={"num_episodes": 0}, next_index=0
+        get_rng_state=lambda: {}, stats={"num_episodes": 0}, next_index=0, flush=lambda: None
     )
     learning.replays = [replay, replay]
     update = lambda loss, total: {
@@ -804,6 +805,32 @@ def test_each_checkpoint_first_closes_every_seeds_open_wandb_row(tmp_path, monke
     assert [events[i][1] for i in saves] == [0, 200, 400, 600]
     for i in saves:
         assert events[i - 2 : i] == [("commit", "seed_0"), ("commit", "seed_1")]
+
+
+def test_each_checkpoint_waits_for_the_episode_files_it_counts(tmp_path, monkeypatch):
+    """Episode files are written by each replay's worker thread; a checkpoint counts an
+    episode (`replay_next_index`) only once its file is on disk, else a kill right after the
+    checkpoint would resume without it."""
+    config = cartpole_config(tmp_path, steps=600, checkpoint_every=100, num_seeds=2)
+    write, save, checked = train_module.Replay._write, train_module.Checkpointer.save, []
+
+    def slow_write(self, episode, name):
+        time.sleep(0.05)
+        return write(self, episode, name)
+
+    def checked_save(self, step, states, loop):
+        for index, seed_state in enumerate(loop["seeds"]):
+            folder = tmp_path / f"seed_{index}" / "replay"
+            names = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+            counted = seed_state.get("replay_next_index", 0)
+            assert [int(name[:8]) for name in names] == list(range(counted)), (step, names)
+            checked.append(counted)
+        return save(self, step, states, loop)
+
+    monkeypatch.setattr(train_module.Replay, "_write", slow_write)
+    monkeypatch.setattr(train_module.Checkpointer, "save", checked_save)
+    train_module.train(config, types.SimpleNamespace(signum=None))
+    assert len(checked) == 2 * 7 and checked[-1] > 10  # steps 0, 100, ..., 600 of both seeds
 
 
 def test_a_full_disk_mid_run_is_one_line_naming_the_file_and_exit_2(tmp_path, monkeypatch, capsys):
