@@ -28,7 +28,9 @@ opcode, its jax scope (transformations and Flax modules, e.g.
 the source line that emitted it; the kernels' time per update is also summed by scope.
 Trace events are matched by name (a GPU kernel carries its
 fusion's name with `.` written `_`) or by their `hlo_op`; cuBLAS kernels and command buffers
-mostly stay unnamed.
+mostly stay unnamed. An XLA kernel of a GPU trace that the HLO does not name means the HLO is
+another program's (another seed count's, say, whose kernels are partly named alike): a
+warning says so and nothing is named from it.
 """
 
 from __future__ import annotations
@@ -128,6 +130,19 @@ def load_hlo(path: pathlib.Path) -> dict[str, HloOp]:
         ops[name] = HloOp(shape, opcode, scope, source or "")
         ops.setdefault(name.replace(".", "_"), ops[name])
     return ops
+
+
+# Kernels XLA:GPU generates carry their HLO op's name, e.g. `loop_add_fusion_12`,
+# `input_reduce_fusion`, `gemm_fusion_dot_39`, `wrapped_concatenate`; library kernels (cuBLAS'
+# `nvjet_…`, `cutlass…`, `memcpy…`) do not.
+_XLA_KERNEL = re.compile(r"fusion|^(input|loop|wrapped|triton)_")
+
+
+def foreign_kernels(kernels: list[dict], hlo: dict[str, HloOp]) -> list[str]:
+    """The names of the XLA-generated kernels that the HLO does not name: with the traced
+    program's HLO there are none (library kernels aside), so any says it is another's."""
+    names = {e["name"] for e in kernels if describe(e, hlo) is None}
+    return sorted(name for name in names if _XLA_KERNEL.search(name))
 
 
 def describe(event: dict, hlo: dict[str, HloOp]) -> HloOp | None:
@@ -259,6 +274,13 @@ def print_kernels(
     if not kernels:
         print("no GPU kernels in the trace" + ("" if hlo else " (--hlo names XLA:CPU's ops)"))
         return
+    foreign = foreign_kernels(kernels, hlo) if hlo and what == "GPU kernels" else []
+    if foreign:
+        print(
+            f"warning: {len(foreign)} of the trace's XLA kernels are not in the --hlo file "
+            f"(e.g. {foreign[0]}): is it the traced program's HLO? Their names are left out."
+        )
+        hlo = {}
     small = [e["dur"] for e in kernels if e["dur"] < 5]
     total = sum(e["dur"] for e in kernels)
     counts = collections.Counter(e["name"] for e in kernels)

@@ -207,6 +207,30 @@ def test_main_names_kernels_from_an_hlo_file_or_fails_clearly(tmp_path, capsys):
     assert trace_summary.main([str(trace), "--hlo"]) == 2
 
 
+def test_an_hlo_of_another_program_is_told_and_names_nothing(tmp_path, capsys):
+    """XLA's kernels of a GPU trace all carry names of the traced program's HLO; one the HLO
+    lacks means another program's HLO, whose alike names would mislabel the kernels.
+    Library kernels (cuBLAS) are never in the HLO and say nothing."""
+    (tmp_path / "f.hlo.txt").write_text(_HLO)
+    hlo = trace_summary.load_hlo(tmp_path / "f.hlo.txt")
+    events = _kernels(1)
+    names = {"a": "loop_concatenate_fusion_1", "b": "nvjet_sm90_tst_128x16", "c": "memcpy32"}
+    for e in events:
+        e["name"] = names.get(e["name"], e["name"])
+    assert trace_summary.foreign_kernels(trace_summary.gpu_kernels(events), hlo) == []
+    trace_summary.print_kernels(events, updates=1, loop=None, top=5, hlo=hlo)
+    out = capsys.readouterr().out
+    assert "warning" not in out and "loop_concatenate_fusion_1  bf16[8,30,30,36]" in out
+    events[-2]["name"] = "input_reduce_fusion_7"  # the last `d`: a kernel of another program
+    trace_summary.print_kernels(events, updates=1, loop=None, top=5, hlo=hlo)
+    out = capsys.readouterr().out
+    assert out.startswith(
+        "warning: 1 of the trace's XLA kernels are not in the --hlo file (e.g. "
+        "input_reduce_fusion_7): is it the traced program's HLO? Their names are left out.\n"
+    )
+    assert "bf16[8,30,30,36]" not in out and "by jax scope" not in out
+
+
 def test_without_gpu_kernels_the_hlo_named_xla_cpu_ops_stand_in_loops_left_out(tmp_path, capsys):
     hlo_path = tmp_path / "f.hlo.txt"
     hlo_path.write_text(_HLO)
