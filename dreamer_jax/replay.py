@@ -32,7 +32,8 @@ order is chronological order across restarts. Files are written to a hidden temp
 renamed atomically, in order, by a worker thread: compressing and syncing a long episode
 takes tens of milliseconds that the acting loop does not wait for. `flush()` waits until
 every finished episode's file is on disk (a checkpoint calls it first); a write that failed
-is raised by the next `add`, `add_episode` or `flush`, and by every `flush` after it. The
+is raised by the next `add`, `add_episode` or `flush`, and by every `flush` after it, and the
+episodes queued after it are not written (the files stay an unbroken run of indices). The
 replay never deletes or modifies a file it did not just write, so two replays must not share
 a directory. `set_aside_after` moves (never deletes) the files of episodes that finished
 after a checkpoint, for a run resumed from it.
@@ -164,6 +165,7 @@ class Replay:
         self._writer: ThreadPoolExecutor | None = None
         self._writes: collections.deque = collections.deque()
         self._write_error: BaseException | None = None
+        self._write_failed = threading.Event()  # set by the writer: it skips the rest
         # Batches drawn by `dataset()` but not yet returned: (copy in progress, Generator
         # state before the draw), oldest first.
         self._pending: collections.deque = collections.deque()
@@ -256,6 +258,9 @@ class Replay:
         self._check_writes(wait=True)
 
     def _write(self, episode: dict[str, np.ndarray], name: str) -> None:
+        if self._write_failed.is_set():
+            # Skipped: the folder stays an unbroken run of indices up to the failed one.
+            return
         final = self._directory / name
         temp = self._directory / f".{name}.tmp"
         # Compressed: Atari frames shrink ~10x, which matters over 2e6+ steps on disk.
@@ -265,6 +270,7 @@ class Replay:
                 f.flush()
                 os.fsync(f.fileno())
         except BaseException:
+            self._write_failed.set()
             temp.unlink(missing_ok=True)  # ours, half written (a full disk)
             raise
         os.replace(temp, final)

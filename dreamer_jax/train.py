@@ -868,16 +868,20 @@ class Checkpointing:
         if self.unsaved(step):
             self.save(step)
 
-    def save_after_error(self, step: int) -> None:
-        """After an unexpected error, the work done since the last checkpoint (steps, or
+    def save_after_error(self, step: int, error: BaseException) -> None:
+        """After an unexpected `error`, the work done since the last checkpoint (steps, or
         the owed updates of a resumed run's restored step), when the states are intact (not
-        donated to the failed update, all finite). Never raises: the error is told."""
+        donated to the failed update, all finite). Never raises: a new error is told."""
         try:
             if not self.unsaved(step) or not _restorable(self.learning.states):
                 return
             self.save(step)
-        except Exception as error:  # e.g. the device failed: the first error matters
-            print(f"warning: could not save a checkpoint after the error: {error}", file=sys.stderr)
+        except Exception as failure:  # e.g. the device failed: the first error matters
+            if failure is not error:  # a replay's failed write refuses every checkpoint
+                print(
+                    f"warning: could not save a checkpoint after the error: {failure}",
+                    file=sys.stderr,
+                )
             return
         print(f"saved a checkpoint at step {step} before stopping on the error", file=sys.stderr)
 
@@ -1194,7 +1198,7 @@ def _run_loop(
     except Exception as error:
         logging.end_progress()
         if not isinstance(error, CheckpointError | NonFiniteError):
-            checkpointing.save_after_error(step)
+            checkpointing.save_after_error(step, error)
         asked = out_of_memory(error)
         if asked is not None:
             raise RunError(out_of_memory_message(config, error, asked)) from error

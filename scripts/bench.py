@@ -37,6 +37,7 @@ A bad option, an unknown task or a `--json`/`--profile` path that cannot be writ
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gzip
 import json
@@ -124,12 +125,13 @@ def bench_collector(config, seconds: float = 10.0) -> tuple[list[tuple[str, str]
     seeds, envs = run_seeds(config), config.envs
     env = train.make_env(config, envs, seeds)
     stopwatch = train.Stopwatch()
-    with tempfile.TemporaryDirectory() as folder:
-        spec = env.step_spec
-        replays = [
-            train._open_replay(config, pathlib.Path(folder, str(seed)), spec, seed, None, 0)
-            for seed in seeds
-        ]
+    with tempfile.TemporaryDirectory() as folder, contextlib.ExitStack() as opened:
+        opened.callback(env.close)
+        replays = []
+        for seed in seeds:  # each closed (its writes waited for) before the folder goes
+            folder_of_seed = pathlib.Path(folder, str(seed))
+            replays.append(train._open_replay(config, folder_of_seed, env.step_spec, seed, None, 0))
+            opened.callback(replays[-1].close)
         seed_states = train._fresh_loop(config)["seeds"]
         acting = train.Acting(
             make_agent(config), config, env, replays, seed_states, seed_sharding(len(seeds)),
@@ -144,9 +146,8 @@ def bench_collector(config, seconds: float = 10.0) -> tuple[list[tuple[str, str]
             loop_steps += 1
         elapsed = time.perf_counter() - start
         for replay in replays:
-            replay.close()
+            replay.flush()  # a failed episode write fails the benchmark
         episodes = sum(replay.next_index for replay in replays)
-    env.close()
     rate = loop_steps * env.num_envs / elapsed
     ms = {part: 1000 * stopwatch.seconds[part] / loop_steps for part in ("env", "replay")}
     figures = {

@@ -265,21 +265,33 @@ def test_episode_files_are_written_by_a_worker_in_order_and_flush_waits(tmp_path
     replay.flush()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["00000000-6.npz", "00000001-7.npz"]
     assert writers and all(name.startswith("replay-save") for name in writers)
+    release.clear()  # close() waits for a write still in progress, too
+    replay.add_episode(make_episode(8, offset=2000))
+    threading.Timer(0.3, release.set).start()
     replay.close()
+    assert (tmp_path / "00000002-8.npz").exists()
 
 
 def test_a_failed_episode_write_is_raised_at_the_next_step_and_every_flush(tmp_path, monkeypatch):
     """A write that fails (a full disk) stops the caller at its next add, and every flush
     after it raises it: a checkpoint taken then would count an episode that is not on disk.
-    close() still returns. The half-written temp file is removed, and no later file queued."""
+    close() still returns. The half-written temp file is removed, the episodes queued behind
+    it are not written (the folder keeps an unbroken run of indices), and none is queued."""
+    savez, release, calls = np.savez_compressed, threading.Event(), []
 
-    def full_disk(file, **arrays):
+    def full_disk_once(file, **arrays):
+        calls.append(file.name)
+        if len(calls) > 1:  # the disk has room again: only skipping keeps this file away
+            return savez(file, **arrays)
+        assert release.wait(10)  # until the second episode is queued behind this one
         file.write(b"part of an episode")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(np, "savez_compressed", full_disk)
+    monkeypatch.setattr(np, "savez_compressed", full_disk_once)
     replay = make_replay(tmp_path)
     replay.add_episode(make_episode(6))
+    replay.add_episode(make_episode(7))
+    release.set()
     with pytest.raises(OSError, match="No space left"):
         replay.flush()
     step = {key: value[:1] for key, value in make_episode(3).items()}  # not its last step
@@ -287,7 +299,7 @@ def test_a_failed_episode_write_is_raised_at_the_next_step_and_every_flush(tmp_p
         replay.add(step)
     with pytest.raises(OSError, match="No space left"):
         replay.add_episode(make_episode(6))
-    assert replay.next_index == 1
+    assert replay.next_index == 2
     with pytest.raises(OSError, match="No space left"):
         replay.flush()
     replay.close()
