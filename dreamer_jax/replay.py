@@ -419,6 +419,18 @@ class Replay:
             future, _ = self._pending.popleft()
             yield future.result()
 
+    def upcoming(self) -> dict[str, np.ndarray]:
+        """The batch the `dataset()` iterator returns next, once its copy is done (blocks
+        until then), for a caller that prepares it ahead. The iterator still returns it, and
+        until then it counts as not returned (`get_rng_state`, `close`).
+
+        Raises:
+          RuntimeError: `dataset()` has not returned a batch yet (none is drawn ahead).
+        """
+        if not self._pending:
+            raise RuntimeError("replay.upcoming() before the dataset() returned a batch")
+        return self._pending[0][0].result()
+
     def close(self) -> None:
         """Waits for the episode files being written (a failed write is not raised here:
         `flush` raises it) and stops the `dataset()` worker. The Generator rewinds to its

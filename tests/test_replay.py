@@ -513,6 +513,23 @@ def three_episode_replay(prefetch: int):
     return replay
 
 
+def test_upcoming_is_the_next_batch_and_leaves_it_unreturned():
+    """`upcoming()` is the very batch the iterator returns next; it does not count as
+    returned, so a checkpoint's state and close() still redraw it."""
+    replay = three_episode_replay(prefetch=2)
+    batches = replay.dataset()
+    with pytest.raises(RuntimeError, match="before the dataset"):
+        replay.upcoming()
+    next(batches)
+    state = replay.get_rng_state()
+    upcoming = replay.upcoming()
+    assert replay.get_rng_state() == state
+    assert next(batches) is upcoming
+    upcoming = replay.upcoming()
+    replay.close()  # rewinds to before `upcoming`'s draw
+    np.testing.assert_array_equal(take(replay, 1)[0], upcoming["reward"])
+
+
 def test_dataset_resume_redraws_unconsumed_batches():
     fresh = lambda: three_episode_replay(prefetch=3)
     expected = take(fresh(), 4)

@@ -807,6 +807,28 @@ def test_each_checkpoint_first_closes_every_seeds_open_wandb_row(tmp_path, monke
         assert events[i - 2 : i] == [("commit", "seed_0"), ("commit", "seed_1")]
 
 
+def test_each_update_gets_its_batch_prepared_during_the_update_before(tmp_path, monkeypatch):
+    """While the device runs an update, the next update's batch is stacked and sent ahead
+    (`Replay.upcoming`): every update but the first gets it, and it is exactly the stack of
+    the batches the replays' iterators return at that update."""
+    config = cartpole_config(tmp_path, steps=600, num_seeds=2)
+    device_batch, checked = train_module.Learning._device_batch, []
+
+    def checked_device_batch(self, batches):
+        prepared = self.prepared[1] if self.prepared is not None else None
+        batch = device_batch(self, batches)
+        for key in batches[0]:
+            want = np.stack([b[key] for b in batches])
+            np.testing.assert_array_equal(np.asarray(batch[key]), want, err_msg=key)
+        checked.append(batch is prepared)  # the prepared one, not made again
+        return batch
+
+    monkeypatch.setattr(train_module.Learning, "_device_batch", checked_device_batch)
+    loop = train_module.train(config, types.SimpleNamespace(signum=None))
+    assert len(checked) == loop["updates"] > 10
+    assert checked == [False] + [True] * (len(checked) - 1)
+
+
 def test_each_checkpoint_waits_for_the_episode_files_it_counts(tmp_path, monkeypatch):
     """Episode files are written by each replay's worker thread; a checkpoint counts an
     episode (`replay_next_index`) only once its file is on disk, else a kill right after the
