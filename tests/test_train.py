@@ -2131,7 +2131,9 @@ def test_time_update_holds_every_updates_device_time_not_only_the_last(monkeypat
     agent = types.SimpleNamespace(train_seeds=pending)
     config = make_config(["classic", "debug"], {"pretrain": 3, "max_nonfinite": 5})
     batch = {"vector": np.zeros((2, 2), np.float32)}
-    replay = types.SimpleNamespace(ready=True, dataset=lambda: iter([batch] * 10))
+    replay = types.SimpleNamespace(
+        ready=True, dataset=lambda: iter([batch] * 10), upcoming=lambda: batch
+    )
     loop = {"updates": 0, "updates_owed": 3, "seeds": [{}]}
     logger = types.SimpleNamespace(message=lambda text: None)
     stopwatch = train_module.Stopwatch()
