@@ -585,16 +585,24 @@ class Learning:
             self.updates += 1
             self.owed -= 1
             with self.stopwatch("batch"):
-                # While the device runs the update: the next one's batch, which `next()` will
-                # return then (drawn already; the draws and the replays' streams are unchanged).
-                upcoming = [replay.upcoming() for replay in self.replays]
-                self.prepared = upcoming, self._stack_on_device(upcoming)
+                self._prepare_next()
         with self.stopwatch("update"):
             # Waited for here, not in the next policy step, so that the row's `time_update`
             # holds the updates' device time. The policy waits on them anyway; only the
             # replays' work and the policy's dispatch no longer overlap the last update
             # (about 1 ms of an update cycle's 60-140 ms on the H200).
             jax.block_until_ready(self.last_metrics)
+
+    def _prepare_next(self) -> None:
+        """The next update's batch on the device, made while the device runs this one: the
+        batch each replay's iterator returns next, drawn already (the draws and the replays'
+        streams are unchanged). A copy that failed is left to the `next()` that returns it,
+        if one does: the batch prepared after a run's last update is never used."""
+        try:
+            upcoming = [replay.upcoming() for replay in self.replays]
+        except Exception:
+            return
+        self.prepared = upcoming, self._stack_on_device(upcoming)
 
     def _device_batch(self, batches: list[dict]) -> Any:
         """The batch `[N, B, T, ...]` of the seeds' `batches` on the device: the one prepared

@@ -829,6 +829,22 @@ def test_each_update_gets_its_batch_prepared_during_the_update_before(tmp_path, 
     assert checked == [False] + [True] * (len(checked) - 1)
 
 
+def test_a_batch_that_fails_to_be_prepared_fails_only_the_update_that_needs_it(
+    tmp_path, monkeypatch
+):
+    """Preparing waits on a batch before any update needs it (review: a copy that failed
+    after the run's last update failed a run that needed no more batches). Such an error is
+    left to `next()`: here every preparation fails, and the run trains as before."""
+
+    def broken(self):
+        raise RuntimeError("a chunk copy failed")
+
+    monkeypatch.setattr(train_module.Replay, "upcoming", broken)
+    config = cartpole_config(tmp_path, steps=500, num_seeds=2)
+    loop = train_module.train(config, types.SimpleNamespace(signum=None))
+    assert loop["step"] == 500 and loop["updates"] > 10
+
+
 def test_each_checkpoint_waits_for_the_episode_files_it_counts(tmp_path, monkeypatch):
     """Episode files are written by each replay's worker thread; a checkpoint counts an
     episode (`replay_next_index`) only once its file is on disk, else a kill right after the
