@@ -17,7 +17,7 @@
 #      the 50-step loops' costliest) -> learner_seeds.json;
 #   e2e: end to end on Atari Boxing, bf16, one env per seed: 1 seed, then 8 seeds -> e2e.json
 #      (frames/s summed over seeds and updates/s of the metrics rows past the prefill, and the
-#      rows' `time_*` shares: where the run loop's wall time went);
+#      rows' `time_*` shares, also as ms per loop step: where the run loop's wall time went);
 #   policy: the jitted policy step of the first two seed counts, one env per seed, as the
 #      acting loop calls it (scripts/bench.py --policy: dispatch and time to the action), in
 #      log.txt;
@@ -172,6 +172,7 @@ EOF
 summarize_e2e() {
     "$PY" - "$STEPS" "$OUT/e2e.json" "$PREFILL" /tmp/e2e1 /tmp/e2e8 <<'EOF'
 import csv, json, math, pathlib, sys
+import yaml
 steps, out, prefill = sys.argv[1], pathlib.Path(sys.argv[2]), int(sys.argv[3])
 status = {r["step"]: r for r in csv.DictReader(open(steps), delimiter="\t")}
 result = {"prefill": prefill, "note": "rows with step > prefill; fps = frames/s of one seed "
@@ -180,7 +181,7 @@ for logdir in map(pathlib.Path, sys.argv[4:]):
     name = logdir.name
     files = sorted(logdir.rglob("metrics.jsonl")) if logdir.exists() else []
     seeds, fps_means, ups_means, rows_first, fps_steady, ups_steady = [], [], [], [], [], []
-    time_shares = {}
+    time_shares, time_ms = {}, {}
     for path in files:
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         rows = [r for r in rows if r.get("step", 0) > prefill and r.get("fps") is not None]
@@ -201,6 +202,13 @@ for logdir in map(pathlib.Path, sys.argv[4:]):
             # Where the loop's wall time went (the same for every seed: one loop).
             parts = sorted(k for k in steady[0] if k.startswith("time_"))
             time_shares = {k: sum(r[k] for r in steady) / len(steady) for k in parts}
+            # The same as milliseconds per loop step (one policy step of every seed's envs).
+            config = yaml.safe_load((path.parent / "config.yaml").read_text())
+            frames = config["action_repeat"] * config["envs"]  # one seed's, per loop step
+            loop_ms = [1000 * frames / r["fps"] for r in steady]
+            time_ms = {k: sum(r[k] * ms for r, ms in zip(steady, loop_ms)) / len(steady)
+                       for k in parts}  # fmt: skip
+            time_ms["loop_step"] = sum(loop_ms) / len(loop_ms)
     row = status.get(name, {})
     result[name] = {
         "rc": row.get("rc"), "wall_s": row.get("seconds"), "timeout_s": row.get("timeout_s"),
@@ -214,6 +222,7 @@ for logdir in map(pathlib.Path, sys.argv[4:]):
             sum(ups_steady) / len(ups_steady) if ups_steady else None),
         "rows_first_seed": rows_first,
         "time_shares_without_first_row": time_shares,
+        "ms_per_loop_step_without_first_row": time_ms,
     }
     r = result[name]
     print(f"{name}: rc {r['rc']}, {r['seeds_with_rows']} seeds with {r['rows_per_seed']} rows "
@@ -222,6 +231,9 @@ for logdir in map(pathlib.Path, sys.argv[4:]):
           f"{r['frames_per_sec_without_first_row']} frames/s, "
           f"{r['updates_per_sec_without_first_row']} updates/s; wall time: "
           + ", ".join(f"{k[5:]} {v:.1%}" for k, v in time_shares.items()))
+    if time_ms:
+        print(f"{name}: ms per loop step {time_ms['loop_step']:.2f}: " + ", ".join(
+            f"{k[5:]} {v:.2f}" for k, v in time_ms.items() if k.startswith("time_")))
 out.write_text(json.dumps(result, indent=1))
 EOF
 }
