@@ -114,6 +114,17 @@ def imagine(
     return Imagination(states, feats, actions, rewards, discounts, weights)
 
 
+def reinforce_rollout_params(actor: Actor, params: Params, feat: jax.Array) -> Params:
+    """The actor's parameters for an imagination that takes no gradient through them
+    (REINFORCE): stopped, so XLA skips that work, and with each Dense kernel already cast to
+    its compute dtype, which the loop would otherwise cast again in every step (as the world
+    model's, `cast_step_kernels`). `feat` `[..., F]`: any features, for the layers' shapes."""
+    probe = jax.eval_shape(
+        lambda: actor.apply(params, feat, mutable=["dense_inputs", "perturbations"])[1]
+    )
+    return cast_step_kernels(sg(params), probe["perturbations"])
+
+
 def critic_value(critic: ScalarHead, params: Params, feats: jax.Array) -> jax.Array:
     """Mean of the critic's unit-variance Normal, `[...]`."""
     return critic.apply(params, feats)

@@ -35,6 +35,7 @@ from dreamer_jax.actor_critic import (
     imagine,
     make_actor,
     make_critic,
+    reinforce_rollout_params,
     resolve_actor_grad,
 )
 from dreamer_jax.config import Config
@@ -231,10 +232,12 @@ class Agent:
 
         # Actor, through imagination from every posterior state of the batch.
         start, start_is_terminal = imagination_start(posterior, batch["is_terminal"])
+        start_feat = get_feat(start)
 
         def actor_objective(actor_params):
-            # REINFORCE needs no gradient through the rollout: cut it so XLA skips that work.
-            rollout_params = actor_params if self.actor_grad != "reinforce" else sg(actor_params)
+            rollout_params = actor_params
+            if self.actor_grad == "reinforce":  # no gradient through the rollout
+                rollout_params = reinforce_rollout_params(self.actor, actor_params, start_feat)
             seq = imagine(
                 self.world_model,
                 sg(wm_params),

@@ -237,16 +237,19 @@ def test_bf16_computes_in_bf16_with_fp32_params():
 def test_bf16_loops_get_the_rssm_kernels_already_cast():
     # Each Dense casts its fp32 kernel to bf16; inside the imagination loop and the observe
     # scan's backward loop (which recomputes the step) XLA did not hoist those casts, so every
-    # step cast every kernel again. The loops now get the RSSM's kernels cast once before them.
+    # step cast every kernel again. The loops now get the RSSM's kernels cast once before them,
+    # and the imagination loop the actor's under REINFORCE.
     agent = vector_agent(tiny_config(precision="bf16"))
     state = agent.init(jax.random.key(5))
     batch = structured_batch(agent.config.dataset.batch, agent.config.dataset.length)
     rssm = state.wm_params["params"]["rssm"]
     kernels = {layer["kernel"].shape for layer in [*rssm.values(), rssm["cell"]["Dense_0"]]
                if "kernel" in layer}  # fmt: skip
-    # Told apart by shape; the actor's kernels are cast in the imagination loop (small).
-    kernels -= {kernel.shape for kernel in jax.tree.leaves(state.actor_params)}
     assert len(kernels) >= 4  # img_in, the GRU's Dense, obs_out, logits, ...
+    # Under REINFORCE (discrete actions) the actor's are cast before the imagination loop too
+    # (those of its bf16 layers: all but the fp32 output layer).
+    assert agent.actor_grad == "reinforce"
+    kernels |= {layer["kernel"].shape for layer in state.actor_params["params"]["MLP_0"].values()}
 
     def casts(eqns):
         return {
