@@ -232,12 +232,12 @@ class Agent:
 
         # Actor, through imagination from every posterior state of the batch.
         start, start_is_terminal = imagination_start(posterior, batch["is_terminal"])
-        start_feat = get_feat(start)
 
         def actor_objective(actor_params):
             rollout_params = actor_params
             if self.actor_grad == "reinforce":  # no gradient through the rollout
-                rollout_params = reinforce_rollout_params(self.actor, actor_params, start_feat)
+                feat = get_feat(start)  # for the layers' shapes
+                rollout_params = reinforce_rollout_params(self.actor, actor_params, feat)
             seq = imagine(
                 self.world_model,
                 sg(wm_params),
